@@ -1,0 +1,34 @@
+"""lmcore: a readable, fast GPT-2 stack: model, tokenizer, generation engine, trainer.
+
+Public names are imported lazily so ``import lmcore`` stays cheap (a service that only tokenizes
+never pays for the engine's imports).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "GPT": "lmcore.model",
+    "GPTConfig": "lmcore.config",
+    "PRESETS": "lmcore.config",
+    "load_model": "lmcore.checkpoint",
+    "save_pretrained": "lmcore.checkpoint",
+    "Tokenizer": "lmcore.tokenizer",
+    "SamplingParams": "lmcore.sampling",
+    "generate": "lmcore.generate",
+    "Completion": "lmcore.generate",
+    "Engine": "lmcore.engine",
+    "FewShotPrompt": "lmcore.fewshot",
+    "score": "lmcore.scoring",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lmcore' has no attribute {name!r}")

@@ -1,0 +1,187 @@
+"""The GPT-2 model: token + position embeddings, a stack of transformer blocks, tied output head.
+
+Reading guide (the concepts from the seed reading list, where they live):
+
+* **Tokenization** turns text into integer ids (``lmcore.tokenizer``); the model only sees ids.
+* **Embeddings**: ``wte`` maps each id to a learned ``n_embd``-wide vector, ``wpe`` adds a learned
+  vector per position (GPT-2 has no sinusoids: positions are learned like words).
+* **Attention**: every token builds a query, a key and a value; the query-key dot products say how
+  much each earlier token matters, and the softmax-weighted sum of values updates the token. A
+  causal mask keeps token t from seeing tokens after t (a decoder predicts the future, so it must
+  not read it).
+* **Heads**: the ``n_embd`` channels are split into ``n_head`` independent attention heads of
+  ``head_dim`` channels, each free to learn a different relation (syntax, coreference, copying).
+* **Feed-forward network**: a 2-layer MLP (4x wider, GELU) applied to every position on its own.
+* **Transformer block**: attention then MLP, each wrapped as ``x + f(LayerNorm(x))`` (pre-LN, as
+  GPT-2 moved the LayerNorm to the input of each sub-block), and a final LayerNorm at the top.
+* **Logits**: the final vectors are projected onto the vocabulary: one raw score per token id;
+  softmax turns them into next-token probabilities.
+* **Weight tying**: that output projection *is* the input embedding matrix (``lm_head.weight is
+  wte.weight``): a token's vector is used both to read it and to predict it, saving
+  ``vocab_size * n_embd`` parameters (38M of GPT-2 small's 124M).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention; one fused Linear makes q, k and v for all heads."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.head_dim = config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, C = x.shape
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        q, k, v = qkv.split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        return q, k, v
+
+    def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
+        B, _, T, _ = y.shape
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_embd)  # (B, nh, T, hs) -> (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split_heads(x)
+        # softmax(q k^T / sqrt(hs)) v, with the causal mask; SDPA picks a fused kernel.
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, T, hs)
+        return self.merge_heads(y)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: n_embd -> 4*n_embd -> GELU(tanh) -> n_embd."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2 used the tanh approximation of GELU ("gelu_new" in transformers); exact erf GELU
+        # differs by ~1e-3 and would break logit parity.
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    """GPT-2: ``forward(idx)`` maps token ids ``(B, T)`` to next-token logits ``(B, T, vocab_size)``."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying: one Parameter, two uses (embedding lookup in, logits projection out).
+        self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: residual projections shrink by 1/sqrt(2*n_layer) so the residual
+        # stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count; the tied head is counted once (it is the same tensor as wte)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.wte.weight.dtype
+
+    def embed(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Token + position embeddings: idx (B, T), pos (T,) or (B, T) -> (B, T, C)."""
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {T} tokens is longer than the model's context of {self.config.block_size}"
+            )
+        pos = torch.arange(T, device=idx.device)  # (T,)
+        x = self.embed(idx, pos)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        return self.lm_head(x)  # (B, T, vocab_size)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy; positions whose target is ``ignore_index`` do not count."""
+        logits = self(idx)  # (B, T, V)
+        return F.cross_entropy(
+            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index
+        )
+
+    # --- checkpoint I/O (implemented in lmcore.checkpoint) -------------------------------------
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``config.json`` + ``model.safetensors`` in Hugging Face's GPT-2 layout."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device="cpu") -> GPT:
+        from .checkpoint import load_model
+
+        return load_model(path, dtype=dtype, device=device)
