@@ -1,0 +1,95 @@
+"""Shared fixtures: the real GPT-2 vocabulary, free ports, a real redis-server, torch threads.
+
+Area-specific fixtures live next to their tests (``tests/<area>_fixtures.py`` or in the test file).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+GPT2_TIKTOKEN = ROOT.parent / "shared" / "fixtures" / "gpt2.tiktoken"
+
+# Two cores, many processes: tests run torch on one intra-op thread, like one engine's decode loop.
+torch.set_num_threads(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def gpt2_tiktoken_path(tmp_path: Path) -> Path:
+    """A private copy of the real GPT-2 rank file (the shared fixture is never touched)."""
+    if not GPT2_TIKTOKEN.is_file():
+        pytest.skip(f"{GPT2_TIKTOKEN} not found")
+    dst = tmp_path / "gpt2.tiktoken"
+    shutil.copyfile(GPT2_TIKTOKEN, dst)
+    return dst
+
+
+class RedisServer:
+    """A real ``redis-server`` on a free port with append-only persistence in a temp dir."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path):
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed")
+    d = tmp_path / "redis"
+    d.mkdir()
+    server = RedisServer(d)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def cuda_available() -> bool:
+    return torch.cuda.is_available() and os.environ.get("LMSTACK_SKIP_CUDA") != "1"
