@@ -1,0 +1,270 @@
+"""``lmstack serve``: the whole platform on one machine, as supervised local processes.
+
+Children (each the same command a container in ``docker-compose.yml`` runs):
+
+    redis-server            private, append-only, in <data-dir>/redis   (unless LMSTACK_REDIS_URL is set)
+    python -m services.tokenizer
+    python -m services.inference
+    python -m services.finetune            fine-tuning API
+    python -m services.finetune.worker     one worker
+
+Supervision policy: a child that exits on its own is reported and restarted, with a back-off; if
+one crashes more than ``MAX_RESTARTS`` times within ``RESTART_WINDOW_S`` the supervisor stops
+everything and exits 1 (a crash loop is a bug to read about, not to hide). Ctrl-C or SIGTERM stops
+all children cleanly: SIGTERM (each service drains in-flight RPCs), then SIGKILL after the grace
+period. Children run in their own sessions, so a terminal's Ctrl-C reaches only the supervisor,
+which then stops them in order.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MAX_RESTARTS = 3
+RESTART_WINDOW_S = 60.0
+READY_TIMEOUT_S = 120.0
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "pycode"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", action="append", default=[], metavar="[NAME=]PATH",
+                   help="model directory to serve (repeatable; default: the built-in 'pycode' model). "
+                        "A Hugging Face gpt2 directory works: --model gpt2=/path/to/gpt2")
+    p.add_argument("--host", default="127.0.0.1", help="address the services listen on")
+    p.add_argument("--inference-port", type=int, default=50051)
+    p.add_argument("--tokenizer-port", type=int, default=50052)
+    p.add_argument("--finetune-port", type=int, default=50053)
+    p.add_argument("--metrics-port", type=int, default=9101,
+                   help="first Prometheus port: inference, tokenizer, fine-tuning API, worker follow on; "
+                        "0 disables metrics")
+    p.add_argument("--data-dir", default=os.environ.get("LMSTACK_DATA_DIR", "data"),
+                   help="where the model store, datasets and the private Redis live (default ./data)")
+    p.add_argument("--redis-port", type=int, default=0, help="port of the private redis-server (0: a free one)")
+    p.add_argument("--no-finetune", action="store_true", help="serve only tokenizer and inference")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--api-key", action="append", default=[], help="require this API key (repeatable)")
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    endpoint: str = ""  # host:port of its gRPC server, "" for processes without one
+    metrics_port: int = 0
+    proc: subprocess.Popen | None = None
+    crashes: list[float] = field(default_factory=list)
+
+    def start(self, log_dir: Path) -> None:
+        log = open(log_dir / f"{self.name}.log", "ab")
+        self.proc = subprocess.Popen(
+            self.argv, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=REPO_ROOT,
+        )
+        log.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def terminate(self) -> None:
+        if self.alive():
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        if self.alive():
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model_arg(models: list[str]) -> str:
+    if not models:
+        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+            raise SystemExit(f"lmstack: the default model is missing ({DEFAULT_MODEL_DIR}); pass --model PATH")
+        return f"pycode={DEFAULT_MODEL_DIR}"
+    out = []
+    for m in models:
+        name, sep, path = m.partition("=")
+        path = path if sep else name
+        if not Path(path).expanduser().is_dir():
+            raise SystemExit(f"lmstack: model directory not found: {path}")
+        out.append(f"{name}={Path(path).expanduser().resolve()}" if sep else str(Path(path).expanduser().resolve()))
+    return ",".join(out)
+
+
+def finetune_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("services.finetune") is not None
+
+
+def plan(args) -> tuple[list[Child], str | None]:
+    """The children to run, in start order, and the Redis URL the fine-tuning parts use."""
+    if not finetune_available():
+        args.no_finetune = True
+    data = Path(args.data_dir).expanduser().resolve()
+    store = data / "models"
+    store.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    metrics = (lambda i: args.metrics_port + i) if args.metrics_port else (lambda i: 0)
+    common = {"LMSTACK_HOST": args.host, "LMSTACK_MODEL_STORE": str(store)}
+    if args.api_key:
+        common["LMSTACK_API_KEYS"] = ",".join(args.api_key)
+    models = _model_arg(args.model)
+    children: list[Child] = []
+    redis_url = None
+    if not args.no_finetune:
+        redis_url = os.environ.get("LMSTACK_REDIS_URL")
+        if not redis_url:
+            if shutil.which("redis-server") is None:
+                raise SystemExit(
+                    "lmstack: fine-tuning needs Redis. Set LMSTACK_REDIS_URL=redis://host:port/0, install "
+                    "redis-server (apt install redis-server / brew install redis), or pass --no-finetune."
+                )
+            port = args.redis_port or _free_port()
+            (data / "redis").mkdir(exist_ok=True)
+            children.append(Child("redis", [
+                "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data / "redis"),
+                "--appendonly", "yes", "--save", "", "--protected-mode", "no"], {}, endpoint=""))
+            redis_url = f"redis://127.0.0.1:{port}/0"
+        common["LMSTACK_REDIS_URL"] = redis_url
+        common["LMSTACK_DATA_DIR"] = str(data)
+    children.append(Child("tokenizer", [py, "-m", "services.tokenizer"], {
+        **common, "LMSTACK_PORT": str(args.tokenizer_port), "LMSTACK_METRICS_PORT": str(metrics(1)),
+        "LMSTACK_MODELS": models}, f"{args.host}:{args.tokenizer_port}", metrics(1)))
+    children.append(Child("inference", [py, "-m", "services.inference"], {
+        **common, "LMSTACK_PORT": str(args.inference_port), "LMSTACK_METRICS_PORT": str(metrics(0)),
+        "LMSTACK_MODELS": models, "LMSTACK_MAX_BATCH_SIZE": str(args.max_batch_size)},
+        f"{args.host}:{args.inference_port}", metrics(0)))
+    if not args.no_finetune:
+        children.append(Child("finetune", [py, "-m", "services.finetune"], {
+            **common, "LMSTACK_PORT": str(args.finetune_port), "LMSTACK_METRICS_PORT": str(metrics(2)),
+            "LMSTACK_MODELS": models}, f"{args.host}:{args.finetune_port}", metrics(2)))
+        children.append(Child("worker", [py, "-m", "services.finetune.worker"], {
+            **common, "LMSTACK_METRICS_PORT": str(metrics(3)), "LMSTACK_MODELS": models}, "", metrics(3)))
+    return children, redis_url
+
+
+def _serving(endpoint: str) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(endpoint) as ch:
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+class Supervisor:
+    def __init__(self, children: list[Child], log_dir: Path, grace_s: float = 15.0):
+        self.children = children
+        self.log_dir = log_dir
+        self.grace_s = grace_s
+        self.stopping = False
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.stopping = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        try:
+            for child in self.children:
+                child.start(self.log_dir)
+            if not self._wait_ready():
+                return 1
+            self._print_endpoints()
+            return self._watch()
+        finally:
+            self.stop_all()
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        pending = [c for c in self.children if c.endpoint]
+        while pending and not self.stopping:
+            for child in list(pending):
+                if not child.alive():
+                    print(f"lmstack: {child.name} exited with code {child.proc.returncode} while starting; "
+                          f"see {self.log_dir / (child.name + '.log')}", file=sys.stderr)
+                    return False
+                if _serving(child.endpoint):
+                    pending.remove(child)
+            if time.monotonic() > deadline:
+                names = ", ".join(c.name for c in pending)
+                print(f"lmstack: {names} not ready after {READY_TIMEOUT_S:.0f}s; logs in {self.log_dir}",
+                      file=sys.stderr)
+                return False
+            time.sleep(0.2)
+        return not self.stopping
+
+    def _print_endpoints(self) -> None:
+        print("lmstack is serving:", flush=True)
+        for c in self.children:
+            where = f"grpc {c.endpoint}" if c.endpoint else ("redis " + c.argv[2] if c.name == "redis" else "-")
+            metrics = f"  metrics http://{c.endpoint.split(':')[0] or '127.0.0.1'}:{c.metrics_port}/metrics" \
+                if c.metrics_port else ""
+            print(f"  {c.name:<10} {where}{metrics}  (pid {c.proc.pid})", flush=True)
+        print(f"logs: {self.log_dir}   Ctrl-C stops everything", flush=True)
+
+    def _watch(self) -> int:
+        while not self.stopping:
+            for child in self.children:
+                if self.stopping or child.alive():
+                    continue
+                code = child.proc.returncode
+                now = time.monotonic()
+                child.crashes = [t for t in child.crashes if now - t < RESTART_WINDOW_S] + [now]
+                log = self.log_dir / f"{child.name}.log"
+                if len(child.crashes) > MAX_RESTARTS:
+                    print(f"lmstack: {child.name} crashed {len(child.crashes)} times in "
+                          f"{RESTART_WINDOW_S:.0f}s (last exit code {code}); stopping everything. See {log}",
+                          file=sys.stderr, flush=True)
+                    return 1
+                print(f"lmstack: {child.name} exited with code {code}; restarting (see {log})",
+                      file=sys.stderr, flush=True)
+                time.sleep(0.5 * len(child.crashes))
+                child.start(self.log_dir)
+            time.sleep(0.2)
+        return 0
+
+    def stop_all(self) -> None:
+        # Reverse start order: services drain before Redis goes away.
+        for child in reversed(self.children):
+            child.terminate()
+        deadline = time.monotonic() + self.grace_s
+        for child in reversed(self.children):
+            while child.alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            child.kill()
+        print("lmstack: stopped", flush=True)
+
+
+def run(args) -> int:
+    children, _ = plan(args)
+    log_dir = Path(args.data_dir).expanduser().resolve() / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return Supervisor(children, log_dir).run()
