@@ -21,6 +21,12 @@ _EXPORTS = {
     "Engine": "lmcore.engine",
     "FewShotPrompt": "lmcore.fewshot",
     "score": "lmcore.scoring",
+    "Trainer": "lmcore.trainer",
+    "TrainConfig": "lmcore.trainer",
+    "train_from_scratch": "lmcore.trainer",
+    "LoRAConfig": "lmcore.lora",
+    "apply_lora": "lmcore.lora",
+    "load_adapter_model": "lmcore.lora",
 }
 
 __all__ = sorted(_EXPORTS)
