@@ -1,0 +1,113 @@
+"""Service settings: one pydantic-settings class per server, read from flags and ``LMSTACK_*`` variables.
+
+Precedence: command-line flags, then environment variables, then defaults. Field ``max_batch_size``
+is ``--max-batch-size`` on the command line and ``LMSTACK_MAX_BATCH_SIZE`` in the environment.
+List fields take comma-separated values in either place (``--models small=/m/small,tiny=/m/tiny``
+or ``LMSTACK_API_KEYS=k1,k2``) or a JSON list.
+
+Reuse (the fine-tuning service does)::
+
+    class FineTuneSettings(ServiceSettings):
+        redis_url: str = "redis://127.0.0.1:6379/0"
+
+    settings = FineTuneSettings.from_args(argv)   # flags + LMSTACK_* env
+
+``ServiceSettings`` carries what every server built by ``services.server`` needs: host, port,
+API keys, metrics port, message size, shutdown grace period, torch threads, log level.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a 1M-token EncodeBatch fits; gRPC's own default is 4 MiB
+
+
+def _split_list(value):
+    """Accept ``"a,b"``, ``["a,b", "c"]`` or a JSON list string; return a flat list of stripped items."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.strip()
+        if value.startswith("["):
+            import json
+
+            value = json.loads(value)
+        else:
+            value = [value]
+    out: list[str] = []
+    for item in value:
+        out.extend(part.strip() for part in str(item).split(",") if part.strip())
+    return out
+
+
+class ServiceSettings(BaseSettings):
+    """Settings shared by every lmstack gRPC server."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LMSTACK_", extra="ignore", cli_kebab_case=True, cli_implicit_flags=True,
+        cli_ignore_unknown_args=False,
+    )
+
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for all interfaces)")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="accepted API keys; when set, every RPC except health and reflection needs "
+                    "'authorization: Bearer <key>' metadata",
+    )
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics HTTP port; 0 disables it")
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0,
+                                   description="largest request or response message, in bytes")
+    grace_period_s: float = Field(10.0, ge=0, description="on SIGTERM, how long in-flight RPCs may finish")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads (the decode loop's cores)")
+    log_level: str = Field("INFO", description="logging level")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v):
+        return _split_list(v)
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None, **overrides):
+        """Settings from ``argv`` flags (``None``: no flags) over ``LMSTACK_*`` env over defaults."""
+        if argv is None:
+            return cls(**overrides)
+        return cls(_cli_parse_args=list(argv), **overrides)
+
+
+class ModelServiceSettings(ServiceSettings):
+    """Settings of a server that serves models by name (tokenizer and inference services)."""
+
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="model directories as name=path pairs or plain paths (named after the directory); "
+                    "comma-separated",
+    )
+    default_model: str = Field("", description="model used when a request names none (default: the first)")
+    model_store: str = Field("", description="model store directory scanned for fine-tuned models "
+                                             "(ft:<base>:<suffix>:<id> subdirectories)")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, v):
+        return _split_list(v)
+
+
+class TokenizerSettings(ModelServiceSettings):
+    """``python -m services.tokenizer``: models may also be tokenizer files (``.tiktoken``, ``tokenizer.json``)."""
+
+    port: int = Field(50052, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+
+
+class InferenceSettings(ModelServiceSettings):
+    """``python -m services.inference``."""
+
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    max_batch_size: int = Field(16, ge=1, description="most requests each engine decodes in one step")
+    max_waiting: int = Field(64, ge=0, description="most requests queued per engine before "
+                                                   "RESOURCE_EXHAUSTED")
+    device: str = Field("cpu", description="torch device for the models (cpu, cuda, cuda:1)")

@@ -1,0 +1,1 @@
+"""The inference service: ``python -m services.inference`` (see ``handler`` for the logic)."""

@@ -1,0 +1,37 @@
+"""``python -m services.inference [--port 50051] [--models name=path,...] [--model-store DIR] ...``
+
+Every flag is also an ``LMSTACK_*`` environment variable (``services.config.InferenceSettings``):
+``--max-batch-size``, ``--max-waiting``, ``--api-keys``, ``--metrics-port``, ``--torch-threads``...
+"""
+
+from __future__ import annotations
+
+import sys
+
+from services.config import InferenceSettings
+from services.metrics import InferenceMetrics
+from services.server import GrpcServer, run_service
+
+from .handler import InferenceHandler, inference_registry
+from .servicer import add_to_server
+
+
+async def setup(server: GrpcServer):
+    import torch
+
+    torch.set_num_threads(server.settings.torch_threads)
+    registry = inference_registry(server.settings)
+    metrics = InferenceMetrics(server.metrics_registry, registry)
+    server.state.registry = registry
+    server.state.handler = InferenceHandler(registry, metrics)
+    add_to_server(server, server.state.handler)
+    return registry.load_all, registry.close
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = InferenceSettings.from_args(sys.argv[1:] if argv is None else argv)
+    run_service(settings, "inference", setup)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""InferenceHandler: protobuf in, lmcore (Engine, FewShotPrompt, score), protobuf out.
+
+No transport code: the gRPC servicer and a Ray Serve deployment call the same methods. Each served
+model has its own ``lmcore.Engine`` (continuous batching over a KV cache) driven by an
+``AsyncEngine`` background task; ``complete_stream`` yields a chunk per engine output as it is
+produced, and ``complete`` is the same stream gathered. When the consumer stops early (client
+cancel, deadline, disconnect), closing the stream aborts the engine request, which frees its slot
+before the next step.
+
+Validation policy: what lmcore validates (``SamplingParams`` fields, prompt styles) is left to it
+(its ``ValueError``s become ``INVALID_ARGUMENT``); the handler checks what is about the request
+rather than the model: an empty prompt, both prompt forms at once, token ids outside the
+vocabulary, too many or empty stop strings, and prompt + max_tokens beyond the context (checked
+here so the message names both numbers before anything is queued).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from services.config import InferenceSettings
+from services.errors import InvalidArgument
+from services.gen.lmstack.v1 import common_pb2
+from services.gen.lmstack.v1 import inference_pb2 as pb
+from services.metrics import InferenceMetrics
+from services.models import Entry, ModelRegistry, ModelSpec, parse_model_specs, resolve_base
+
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
+                   "presence_penalty", "frequency_penalty", "seed", "logprobs", "ignore_eos")
+FLOAT_FIELDS = {"temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"}
+MAX_STOP_STRINGS = 8
+MAX_SCORE_CHOICES = 64
+
+
+# --- loading ---------------------------------------------------------------------------------------
+@dataclass
+class ServedModel:
+    """One model as served: weights, tokenizer, its engine and the engine's asyncio driver."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    engine: Any
+    async_engine: Any = None
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.block_size
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) requests, for the queue gauges."""
+        stats = getattr(self.engine, "stats", None)
+        stats = stats() if callable(stats) else stats
+        if isinstance(stats, dict):
+            running = stats.get("running", stats.get("num_running"))
+            waiting = stats.get("waiting", stats.get("num_waiting"))
+            if running is not None and waiting is not None:
+                return int(running), int(waiting)
+        return int(self.engine.num_unfinished()), 0
+
+
+def _accepted_kwargs(fn, **kwargs) -> dict:
+    params = inspect.signature(fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def make_loader(settings: InferenceSettings):
+    """The registry loader: a model directory (or store adapter) -> ServedModel with an Engine."""
+
+    def load(spec: ModelSpec, registry: ModelRegistry) -> ServedModel:
+        from lmcore import Engine, load_model
+
+        if spec.is_adapter:
+            try:
+                from lmcore.lora import load_adapter_model
+            except ImportError:
+                raise ValueError(f"{spec.path}: LoRA adapters need lmcore.lora, which is not installed") from None
+            base = resolve_base(spec, registry)
+            model = load_adapter_model(base.obj.model if base is not None else spec.base_model, spec.path)
+        else:
+            model = load_model(spec.path, device=settings.device)
+        if getattr(model, "tokenizer", None) is None:
+            raise ValueError(f"{spec.path}: no tokenizer files (tokenizer.json or vocab.json + merges.txt); "
+                             "save the model with its tokenizer")
+        engine = Engine(model, **_accepted_kwargs(Engine, tokenizer=model.tokenizer,
+                                                  max_batch_size=settings.max_batch_size,
+                                                  max_waiting=settings.max_waiting))
+        return ServedModel(spec.name, model, model.tokenizer, engine)
+
+    return load
+
+
+async def _maybe_await(value):
+    if inspect.isawaitable(value):
+        await value
+
+
+async def start_engine(entry: Entry) -> None:
+    from lmcore.engine import AsyncEngine
+
+    served: ServedModel = entry.obj
+    served.async_engine = AsyncEngine(served.engine)
+    await _maybe_await(served.async_engine.start())
+
+
+async def stop_engine(entry: Entry) -> None:
+    served: ServedModel = entry.obj
+    if served.async_engine is not None:
+        await _maybe_await(served.async_engine.stop())
+
+
+def inference_registry(settings: InferenceSettings) -> ModelRegistry:
+    return ModelRegistry(parse_model_specs(settings.models), make_loader(settings), settings.default_model,
+                         settings.model_store, start_entry=start_engine, close_entry=stop_engine)
+
+
+# --- protobuf <-> lmcore ---------------------------------------------------------------------------
+def sampling_params(sp: common_pb2.SamplingParams, extra_stop: list[str] | tuple = ()):
+    """``lmstack.v1.SamplingParams`` -> ``lmcore.SamplingParams``; unset fields keep lmcore's defaults."""
+    from lmcore import SamplingParams
+
+    kw: dict[str, Any] = {}
+    for f in SAMPLING_FIELDS:
+        if sp.HasField(f):
+            v = getattr(sp, f)
+            # float32 on the wire: 0.7 arrives as 0.699999988; give lmcore the number the user wrote.
+            kw[f] = float(f"{v:.7g}") if f in FLOAT_FIELDS else v
+    stops = list(sp.stop)
+    if len(stops) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"too many stop strings: {len(stops)} given, at most {MAX_STOP_STRINGS}")
+    if any(s == "" for s in stops):
+        raise InvalidArgument("stop strings must not be empty")
+    if stops or extra_stop:
+        kw["stop"] = stops + [s for s in extra_stop if s not in stops]
+    return SamplingParams(**kw)
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.token_bytes(int(token_id)).decode("utf-8", errors="replace")
+
+
+def logprobs_pb(items, tokenizer) -> list[common_pb2.TokenLogprob]:
+    """lmcore's per-token logprobs -> ``TokenLogprob`` messages.
+
+    Accepts each item as an object or dict with ``token_id``, ``logprob`` and ``top_logprobs``
+    (a dict id -> logprob or a list of (id, logprob) pairs / objects).
+    """
+    out = []
+    for item in items or ():
+        get = item.get if isinstance(item, dict) else (lambda k, d=None, _i=item: getattr(_i, k, d))
+        tid = int(get("token_id"))
+        top = get("top_logprobs", None) or get("top", None) or ()
+        pairs = top.items() if isinstance(top, dict) else [
+            (t if isinstance(t, tuple | list) else (t.token_id, t.logprob)) for t in top]
+        out.append(common_pb2.TokenLogprob(
+            token_id=tid, token=_token_text(tokenizer, tid), logprob=float(get("logprob")),
+            top_logprobs=[common_pb2.TopLogprob(token_id=int(i), token=_token_text(tokenizer, i),
+                                                logprob=float(lp)) for i, lp in pairs]))
+    return out
+
+
+def model_info(entry: Entry) -> pb.ModelInfo:
+    served: ServedModel = entry.obj
+    cfg = served.model.config
+    return pb.ModelInfo(name=entry.name, context_length=cfg.block_size, vocab_size=cfg.vocab_size,
+                        parameters=served.model.num_parameters(), n_layer=cfg.n_layer, n_head=cfg.n_head,
+                        n_embd=cfg.n_embd, is_default=entry.is_default, source=entry.spec.source,
+                        base_model=entry.spec.base_model)
+
+
+# --- the handler -----------------------------------------------------------------------------------
+class InferenceHandler:
+    """Complete, CompleteStream, FewShot, Score and ListModels over the registry's engines."""
+
+    def __init__(self, registry: ModelRegistry, metrics: InferenceMetrics | None = None):
+        self.registry = registry
+        self.metrics = metrics
+
+    async def _served(self, model: str) -> tuple[str, ServedModel]:
+        entry = self.registry.lookup(model) or await self.registry.get(model)
+        return entry.name, entry.obj
+
+    @staticmethod
+    def _prompt_ids(req: pb.CompleteRequest, served: ServedModel) -> list[int]:
+        if req.prompt and req.prompt_token_ids:
+            raise InvalidArgument("give either prompt or prompt_token_ids, not both")
+        if req.prompt_token_ids:
+            ids = list(req.prompt_token_ids)
+            vocab = served.model.config.vocab_size
+            bad = [i for i in ids if i < 0 or i >= vocab]
+            if bad:
+                raise InvalidArgument(f"prompt_token_ids {bad[:5]} out of range: this model's ids are 0..{vocab - 1}")
+            return ids
+        if not req.prompt:
+            raise InvalidArgument("prompt is empty: give prompt text or prompt_token_ids")
+        if req.allow_special:
+            return served.tokenizer.encode(req.prompt, allowed_special="all")
+        return served.tokenizer.encode(req.prompt)
+
+    @staticmethod
+    def _check_context(n_prompt: int, max_tokens: int, served: ServedModel) -> None:
+        ctx = served.context_length
+        if n_prompt + max_tokens > ctx:
+            raise InvalidArgument(
+                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {n_prompt + max_tokens} exceeds "
+                f"the model's context of {ctx} tokens: shorten the prompt or lower max_tokens")
+
+    async def _generate(self, name: str, served: ServedModel, ids: list[int], params) -> AsyncIterator:
+        """The engine's outputs for one request, with metrics; closing it early aborts the request."""
+        start, first, n, finished = time.perf_counter(), None, 0, False
+        try:
+            async with aclosing(served.async_engine.stream(ids, params)) as outputs:
+                async for out in outputs:
+                    if out.new_token_ids and first is None:
+                        first = time.perf_counter()
+                    n += len(out.new_token_ids)
+                    finished = finished or out.finished
+                    yield out
+        finally:
+            if self.metrics is not None:
+                if finished:
+                    self.metrics.finished(name, start, first, time.perf_counter(), len(ids), n)
+                else:
+                    self.metrics.aborted.labels(name).inc()
+
+    async def complete_stream(self, req: pb.CompleteRequest) -> AsyncIterator[pb.CompleteChunk]:
+        name, served = await self._served(req.model)
+        params = sampling_params(req.sampling)
+        ids = self._prompt_ids(req, served)
+        self._check_context(len(ids), params.max_tokens, served)
+        completion = 0
+        async with aclosing(self._generate(name, served, ids, params)) as outputs:
+            async for out in outputs:
+                completion += len(out.new_token_ids)
+                chunk = pb.CompleteChunk(text=out.text or "", token_ids=out.new_token_ids)
+                if out.logprobs:
+                    chunk.logprobs.extend(logprobs_pb(out.logprobs, served.tokenizer))
+                if out.finished:
+                    chunk.finish_reason = out.finish_reason or ""
+                    chunk.usage.CopyFrom(common_pb2.Usage(prompt_tokens=len(ids), completion_tokens=completion,
+                                                          total_tokens=len(ids) + completion))
+                yield chunk
+
+    async def complete(self, req: pb.CompleteRequest) -> pb.CompleteResponse:
+        resp = pb.CompleteResponse(model=req.model or self.registry.default)
+        text: list[str] = []
+        async with aclosing(self.complete_stream(req)) as chunks:
+            async for chunk in chunks:
+                text.append(chunk.text)
+                resp.token_ids.extend(chunk.token_ids)
+                resp.logprobs.extend(chunk.logprobs)
+                if chunk.finish_reason:
+                    resp.finish_reason = chunk.finish_reason
+                    resp.usage.CopyFrom(chunk.usage)
+        resp.text = "".join(text)
+        return resp
+
+    async def few_shot(self, req: pb.FewShotRequest) -> pb.FewShotResponse:
+        from lmcore import FewShotPrompt, SamplingParams
+
+        name, served = await self._served(req.model)
+        if not req.query.strip():
+            raise InvalidArgument("query is empty: give the input to answer")
+        params = sampling_params(req.sampling)
+        examples = [(e.input, e.output) for e in req.examples]
+        kw = {"style": req.style} if req.style else {}
+        prompt = FewShotPrompt(req.instruction, examples, **kw)
+        budget = served.context_length - params.max_tokens
+        if budget <= 0:
+            self._check_context(1, params.max_tokens, served)
+        rendered = prompt.render(req.query, served.tokenizer, budget)
+        stop = [rendered.stop] if isinstance(rendered.stop, str) else list(rendered.stop or ())
+        if stop:
+            merged = list(params.stop or []) + [s for s in stop if s not in (params.stop or [])]
+            params = SamplingParams(**{**params.model_dump(), "stop": merged})
+        ids = list(rendered.token_ids)
+        self._check_context(len(ids), params.max_tokens, served)
+        text, n, finish = [], 0, ""
+        async with aclosing(self._generate(name, served, ids, params)) as outputs:
+            async for out in outputs:
+                text.append(out.text or "")
+                n += len(out.new_token_ids)
+                if out.finished:
+                    finish = out.finish_reason or ""
+        return pb.FewShotResponse(text="".join(text).strip(), examples_used=rendered.examples_used,
+                                  prompt_tokens=len(ids), completion_tokens=n, finish_reason=finish,
+                                  prompt=rendered.text, model=name)
+
+    async def score(self, req: pb.ScoreRequest) -> pb.ScoreResponse:
+        from lmcore import score
+
+        name, served = await self._served(req.model)
+        choices = list(req.choices)
+        if not choices:
+            raise InvalidArgument("choices is empty: give at least one continuation to score")
+        if len(choices) > MAX_SCORE_CHOICES:
+            raise InvalidArgument(f"too many choices: {len(choices)} given, at most {MAX_SCORE_CHOICES}")
+        if any(c == "" for c in choices):
+            raise InvalidArgument("choices must not be empty strings")
+        tok = served.tokenizer
+        # GPT-2 has no BOS token; <|endoftext|> stands in for "start of document" when there is no context.
+        context_ids = tok.encode(req.context) if req.context else [tok.eos_id]
+        continuations = [tok.encode(c) for c in choices]
+        longest = len(context_ids) + max(len(c) for c in continuations)
+        if longest > served.context_length:
+            raise InvalidArgument(f"context + longest choice is {longest} tokens, past the model's context of "
+                                  f"{served.context_length}")
+        results = await asyncio.to_thread(score, served.model, context_ids, continuations)
+        out = pb.ScoreResponse(model=name)
+        for text, ids, r in zip(choices, continuations, results):
+            out.choices.append(pb.ChoiceScore(text=text, logprob=float(r.logprob),
+                                              token_logprobs=[float(x) for x in r.token_logprobs],
+                                              num_tokens=len(ids)))
+        out.best = max(range(len(results)), key=lambda i: results[i].logprob)
+        return out
+
+    async def list_models(self, req: pb.ListModelsRequest) -> pb.ListModelsResponse:
+        await self.registry.refresh()
+        return pb.ListModelsResponse(models=[model_info(e) for e in self.registry.entries()])

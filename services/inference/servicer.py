@@ -1,0 +1,40 @@
+"""The gRPC adapter for InferenceHandler: one line per RPC, no logic."""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+
+from services.gen.lmstack.v1 import inference_pb2_grpc
+
+from .handler import InferenceHandler
+
+SERVICE_NAME = "lmstack.v1.InferenceService"
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, handler: InferenceHandler):
+        self.handler = handler
+
+    async def Complete(self, request, context):
+        return await self.handler.complete(request)
+
+    async def CompleteStream(self, request, context):
+        # aclosing: a cancelled call closes the handler's stream at once, aborting the engine request.
+        async with aclosing(self.handler.complete_stream(request)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def FewShot(self, request, context):
+        return await self.handler.few_shot(request)
+
+    async def Score(self, request, context):
+        return await self.handler.score(request)
+
+    async def ListModels(self, request, context):
+        return await self.handler.list_models(request)
+
+
+def add_to_server(server, handler: InferenceHandler) -> None:
+    """Register the inference service on a ``services.server.GrpcServer``."""
+    server.add_service(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(handler),
+                       SERVICE_NAME)

@@ -1,0 +1,237 @@
+"""The model registry: which models a server serves, by name, loaded once.
+
+Models come from two places:
+
+* **Configured** directories (``--models name=path,...``; a plain path is named after its directory
+  or file stem). The first is the default unless ``--default-model`` names another.
+* The **model store** (``--model-store``), where fine-tuning jobs publish their results as
+  subdirectories named like ``ft:<base>:<suffix>:<id>``: either a full model directory
+  (``config.json`` + weights + tokenizer) or a LoRA adapter directory (``adapter_config.json`` whose
+  ``base_model`` names a served model or a path). Adapters are loaded through
+  ``lmcore.lora.load_adapter_model`` when that module exists; the adapter shares the base's weights.
+
+``refresh()`` rescans the store and loads entries it has not seen; the services call it on every
+ListModels and whenever a request names an unknown model, so a freshly published fine-tune is
+served on the next request without a restart. Entries that fail to load are logged and retried
+only when their directory changes. Loading runs in a worker thread, never on the event loop.
+
+The registry is generic over what it loads: the inference service loads models with engines
+(``services.inference.handler.load_served_model``), the tokenizer service only tokenizers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import NotFound, Unavailable
+
+log = logging.getLogger("lmstack.models")
+
+ADAPTER_CONFIG = "adapter_config.json"
+MODEL_CONFIG = "config.json"
+
+
+@dataclass
+class ModelSpec:
+    """Where a served model comes from."""
+
+    name: str
+    path: Path
+    source: str = "config"  # "config" or "store"
+    base_model: str = ""  # for LoRA adapters: the base model's name (or path) from adapter_config.json
+
+    @property
+    def is_adapter(self) -> bool:
+        return (self.path / ADAPTER_CONFIG).is_file()
+
+
+def parse_model_specs(items: list[str]) -> list[ModelSpec]:
+    """``["small=/models/small", "/models/tiny"]`` -> specs named ``small`` and ``tiny``."""
+    specs: list[ModelSpec] = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            path = name
+            p = Path(path)
+            name = p.stem if p.is_file() else p.name
+        name, path = name.strip(), path.strip()
+        if not name or not path:
+            raise ValueError(f"bad model spec {item!r}: expected name=path or a path")
+        if any(s.name == name for s in specs):
+            raise ValueError(f"model name {name!r} given twice in --models")
+        specs.append(ModelSpec(name, Path(path).expanduser()))
+    return specs
+
+
+def read_adapter_base(path: Path) -> str:
+    try:
+        meta = json.loads((path / ADAPTER_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path / ADAPTER_CONFIG}: unreadable ({e})") from None
+    base = meta.get("base_model") or meta.get("base_model_name_or_path") or ""
+    if not base:
+        raise ValueError(f"{path / ADAPTER_CONFIG}: no base_model field")
+    return str(base)
+
+
+@dataclass
+class Entry:
+    """A loaded model: ``obj`` is whatever the loader returned (a ServedModel, a Tokenizer, ...)."""
+
+    spec: ModelSpec
+    obj: Any
+    is_default: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+# loader(spec, registry) -> obj. Runs in a worker thread. For adapters, registry.lookup(base) finds the base.
+Loader = Callable[[ModelSpec, "ModelRegistry"], Any]
+
+
+class ModelRegistry:
+    """Name -> loaded model, with a default, a model store and ``refresh()``.
+
+    ``start_entry``/``close_entry`` are optional coroutines run on the event loop after a load
+    (start an engine's background task) and at ``close()``.
+    """
+
+    def __init__(self, specs: list[ModelSpec], loader: Loader, default: str = "", store: str | Path = "",
+                 start_entry=None, close_entry=None):
+        if not specs and not store:
+            raise ValueError("no models configured: pass --models name=path (or LMSTACK_MODELS) "
+                             "and/or --model-store")
+        if default and specs and default not in {s.name for s in specs}:
+            raise ValueError(f"--default-model {default!r} is not one of the configured models "
+                             f"{[s.name for s in specs]}")
+        self.specs = specs
+        self.loader = loader
+        self.default = default or (specs[0].name if specs else "")
+        self.store = Path(store).expanduser() if store else None
+        self.start_entry = start_entry
+        self.close_entry = close_entry
+        self._entries: dict[str, Entry] = {}
+        self._failed: dict[str, float] = {}  # store entry name -> mtime when it last failed
+        self._lock = asyncio.Lock()
+        self.loaded = False
+
+    # --- lookups --------------------------------------------------------------------------------
+    def entries(self) -> list[Entry]:
+        """Loaded entries, the default first, then configured order, then store entries by name."""
+        return sorted(self._entries.values(), key=lambda e: (not e.is_default, e.spec.source != "config",
+                                                            e.spec.source != "config" and e.name))
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries()]
+
+    def lookup(self, name: str) -> Entry | None:
+        """The loaded entry for ``name`` (empty: the default), or None. Never blocks."""
+        return self._entries.get(name or self.default)
+
+    async def get(self, name: str) -> Entry:
+        """The entry for ``name``; an unknown name triggers a store rescan before ``NotFound``."""
+        entry = self._entries.get(name or self.default)
+        if entry is not None:
+            return entry
+        if not self.loaded:
+            raise Unavailable("models are still loading; retry shortly (health turns SERVING when ready)")
+        if not name and not self.default:
+            raise NotFound("no default model: this server serves only the model store; name a model "
+                           f"(served: {self.names()})")
+        await self.refresh()
+        entry = self._entries.get(name or self.default)
+        if entry is None:
+            raise NotFound(f"model {name!r} not found; served models: {self.names()}")
+        return entry
+
+    # --- loading --------------------------------------------------------------------------------
+    async def load_all(self) -> None:
+        """Load every configured model (failures are fatal: a misconfigured server must not start),
+        then whatever the store holds (failures there are logged and skipped)."""
+        async with self._lock:
+            for spec in self.specs:
+                await self._load(spec)
+        self.loaded = True
+        await self.refresh()
+
+    async def _load(self, spec: ModelSpec) -> Entry:
+        log.info("loading model %r from %s", spec.name, spec.path)
+        obj = await asyncio.to_thread(self.loader, spec, self)
+        entry = Entry(spec, obj, is_default=spec.name == self.default)
+        if self.start_entry is not None:
+            await self.start_entry(entry)
+        self._entries[spec.name] = entry
+        return entry
+
+    def scan_store(self) -> list[ModelSpec]:
+        """Store subdirectories that hold a complete model or adapter and are not yet loaded."""
+        if self.store is None or not self.store.is_dir():
+            return []
+        found = []
+        for d in sorted(self.store.iterdir()):
+            if not d.is_dir() or d.name.startswith(".") or d.name.endswith((".tmp", ".partial")):
+                continue
+            if d.name in self._entries:
+                continue
+            if not ((d / MODEL_CONFIG).is_file() or (d / ADAPTER_CONFIG).is_file()):
+                continue  # still being written, or not a model
+            found.append(ModelSpec(d.name, d, source="store"))
+        return found
+
+    async def refresh(self) -> list[str]:
+        """Load store entries that appeared since the last scan; returns the names newly loaded."""
+        if self.store is None or not self.loaded:
+            return []
+        new: list[str] = []
+        async with self._lock:
+            for spec in self.scan_store():
+                mtime = _mtime(spec.path)
+                if self._failed.get(spec.name) == mtime:
+                    continue
+                try:
+                    if spec.is_adapter:
+                        spec.base_model = read_adapter_base(spec.path)
+                    await self._load(spec)
+                    self._failed.pop(spec.name, None)
+                    new.append(spec.name)
+                except Exception as e:  # a bad store entry must not take the server down
+                    self._failed[spec.name] = mtime
+                    log.warning("model store entry %s not served: %s", spec.path, e)
+        return new
+
+    async def close(self) -> None:
+        for entry in list(self._entries.values()):
+            if self.close_entry is not None:
+                await self.close_entry(entry)
+        self._entries.clear()
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return max([path.stat().st_mtime, *(f.stat().st_mtime for f in path.iterdir())])
+    except OSError:
+        return 0.0
+
+
+def resolve_base(spec: ModelSpec, registry: ModelRegistry):
+    """For an adapter spec: the loaded base entry if ``base_model`` names one (by name or path), else None."""
+    base = spec.base_model
+    entry = registry.lookup(base) if base else None
+    if entry is not None:
+        return entry
+    for e in registry.entries():
+        try:
+            if Path(base).expanduser().resolve() == e.spec.path.resolve():
+                return e
+        except OSError:
+            continue
+    return None

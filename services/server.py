@@ -1,0 +1,229 @@
+"""The shared ``grpc.aio`` server stack every lmstack service runs on.
+
+``GrpcServer(settings, component)`` builds a server with, in order of a request's path:
+
+1. ``ErrorBoundary`` (``services.errors``): exceptions become status codes, logged once, counted in
+   ``lmstack_<component>_rpc_*`` metrics.
+2. ``ApiKeyAuth``: when ``settings.api_keys`` is non-empty, every RPC but health and reflection
+   needs ``authorization: Bearer <key>`` metadata, else ``UNAUTHENTICATED``.
+3. Your servicers, plus the ``grpc.health.v1`` health service and server reflection.
+
+Messages up to ``settings.max_message_bytes`` (64 MiB by default) are accepted and sent both ways.
+Health reports ``NOT_SERVING`` from ``start()`` until you call ``set_serving()`` (after models
+load), and again from the moment shutdown begins. ``stop()`` is graceful: it stops accepting new
+RPCs and lets in-flight ones finish within ``settings.grace_period_s``.
+
+Reuse (the fine-tuning service's ``__main__`` is this shape)::
+
+    from services.server import GrpcServer, run_service
+
+    async def setup(server: GrpcServer):
+        handler = FineTuneHandler(...)                      # plain class: protobuf in, protobuf out
+        server.add_service(finetune_pb2_grpc.add_FineTuningServiceServicer_to_server,
+                           FineTuningServicer(handler), "lmstack.v1.FineTuningService")
+        async def ready():                                  # after start(): load what takes time
+            await handler.connect()
+        async def cleanup():                                # after the graceful stop
+            await handler.close()
+        return ready, cleanup
+
+    def main(argv=None):
+        run_service(FineTuneSettings.from_args(sys.argv[1:] if argv is None else argv), "finetune", setup)
+
+``run_service`` configures logging and torch threads, starts the server, awaits ``ready``, marks
+health ``SERVING`` and waits for SIGTERM/SIGINT, then drains and calls ``cleanup``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import types
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from .config import ServiceSettings
+from .errors import ErrorBoundary, Unauthenticated
+from .metrics import RpcMetrics
+
+log = logging.getLogger("lmstack.server")
+
+# RPCs that never need an API key: load balancers probe health, tools discover services.
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """gRPC options for servers and clients: message size limits both ways."""
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+class ApiKeyAuth(grpc.aio.ServerInterceptor):
+    """Checks ``authorization: Bearer <key>`` against the configured keys (constant-time compare)."""
+
+    def __init__(self, api_keys: list[str]):
+        self.keys = [k.encode() for k in api_keys]
+
+    def allowed(self, metadata) -> bool:
+        value = next((v for k, v in (metadata or ()) if k == "authorization"), "")
+        value = value.decode() if isinstance(value, bytes) else value
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        token_b = token.strip().encode()
+        return any(hmac.compare_digest(token_b, k) for k in self.keys)
+
+    async def intercept_service(self, continuation, details):
+        if not self.keys or details.method.startswith(OPEN_METHOD_PREFIXES):
+            return await continuation(details)
+        if self.allowed(details.invocation_metadata):
+            return await continuation(details)
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        has_md = any(k == "authorization" for k, _ in (details.invocation_metadata or ()))
+        message = ("invalid API key" if has_md else
+                   "missing API key: send metadata 'authorization: Bearer <key>'")
+
+        async def deny(request, context):
+            raise Unauthenticated(message)
+
+        async def deny_stream(request, context):
+            raise Unauthenticated(message)
+            yield  # unreachable: makes this an async generator
+
+        kw = dict(request_deserializer=handler.request_deserializer,
+                  response_serializer=handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(deny_stream, **kw)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(deny, **kw)
+        return None  # client-streaming RPCs: gRPC answers UNIMPLEMENTED; lmstack defines none
+
+
+class GrpcServer:
+    """A ``grpc.aio`` server with lmstack's interceptors, health, reflection and metrics."""
+
+    def __init__(self, settings: ServiceSettings, component: str, registry: CollectorRegistry | None = None):
+        self.settings = settings
+        self.component = component
+        self.metrics_registry = registry or CollectorRegistry()
+        self.rpc_metrics = RpcMetrics(component, self.metrics_registry)
+        self.server = grpc.aio.server(
+            interceptors=[ErrorBoundary(self.rpc_metrics), ApiKeyAuth(settings.api_keys)],
+            options=channel_options(settings.max_message_bytes),
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service_names: list[str] = []
+        self.port: int | None = None
+        self._metrics_http = None
+        self._stopped = asyncio.Event()
+        self.state = types.SimpleNamespace()  # the service's objects (registry, handler), for tests and tools
+
+    def add_service(self, add_to_server: Callable, servicer, service_name: str) -> None:
+        """Register a servicer (``add_XServicer_to_server``) under its full name (``lmstack.v1.X``)."""
+        add_to_server(servicer, self.server)
+        self.service_names.append(service_name)
+
+    def add_generic_handlers(self, handlers) -> None:
+        """Register ``grpc.GenericRpcHandler``s (e.g. the benchmark's echo service); same interceptors."""
+        self.server.add_generic_rpc_handlers(tuple(handlers))
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    async def start(self) -> int:
+        """Bind and start serving (health ``NOT_SERVING`` until ``set_serving``); returns the port."""
+        reflection.enable_server_reflection(
+            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], self.server)
+        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind {self.settings.host}:{self.settings.port}")
+        await self.set_serving(False)
+        await self.server.start()
+        if self.settings.metrics_port:
+            self._metrics_http, _ = start_http_server(self.settings.metrics_port, self.settings.host,
+                                                      registry=self.metrics_registry)
+        log.info("lmstack %s listening on %s (metrics: %s)", self.component, self.address,
+                 self.settings.metrics_port or "off")
+        return self.port
+
+    async def set_serving(self, serving: bool = True) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: health NOT_SERVING, refuse new RPCs, let in-flight ones finish within ``grace``."""
+        grace = self.settings.grace_period_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+        self._stopped.set()
+        log.info("lmstack %s stopped", self.component)
+
+    async def wait_for_signal(self, signals=(signal.SIGTERM, signal.SIGINT)) -> None:
+        """Block until one of ``signals`` arrives (or ``stop()`` is called elsewhere), then ``stop()``."""
+        loop = asyncio.get_running_loop()
+        got = asyncio.Event()
+        for sig in signals:
+            loop.add_signal_handler(sig, got.set)
+        waiters = [asyncio.ensure_future(got.wait()), asyncio.ensure_future(self._stopped.wait())]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        if not self._stopped.is_set():
+            log.info("lmstack %s: signal received, draining for up to %.0fs", self.component,
+                     self.settings.grace_period_s)
+            await self.stop()
+
+
+Setup = Callable[[GrpcServer], Awaitable[tuple[Callable[[], Awaitable] | None, Callable[[], Awaitable] | None]]]
+
+
+def configure_process(settings: ServiceSettings) -> None:
+    """Logging format and level, and torch's intra-op threads when torch is in use."""
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(settings.torch_threads)
+
+
+async def serve(settings: ServiceSettings, component: str, setup: Setup) -> None:
+    server = GrpcServer(settings, component)
+    ready, cleanup = await setup(server)
+    await server.start()
+    try:
+        if ready is not None:
+            await ready()
+        await server.set_serving(True)
+        log.info("lmstack %s ready", component)
+        await server.wait_for_signal()
+    finally:
+        if not server._stopped.is_set():
+            await server.stop()
+        if cleanup is not None:
+            await cleanup()
+
+
+def run_service(settings: ServiceSettings, component: str, setup: Setup) -> None:
+    """The body of a service's ``__main__``: configure, serve until SIGTERM, drain, clean up."""
+    configure_process(settings)
+    asyncio.run(serve(settings, component, setup))

@@ -1,0 +1,1 @@
+"""The tokenizer service: ``python -m services.tokenizer`` (see ``handler`` for the logic)."""

@@ -1,0 +1,114 @@
+"""Fixtures for the service tests: tiny real checkpoints on disk and real servers on free ports.
+
+``ServerThread`` runs a service's real ``setup`` (the one its ``__main__`` uses) on a real
+``grpc.aio`` server in a private event loop thread, so tests talk to it over real channels and can
+still look at its engines (``server.state.registry``). One test per service also runs the real
+``python -m services.<name>`` process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from services import protogen
+
+protogen.generate()  # no-op when the stubs are fresh (make install builds them)
+
+from conftest import GPT2_TIKTOKEN, free_port  # noqa: E402
+
+from services.server import GrpcServer  # noqa: E402
+
+
+class ServerThread:
+    """A service on 127.0.0.1:<free port> in a background event loop; ``stop()`` drains it."""
+
+    def __init__(self, settings, component: str, setup):
+        self.settings = settings.model_copy(update={"host": "127.0.0.1", "port": settings.port or free_port()})
+        self.component = component
+        self.setup = setup
+        self.server: GrpcServer | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"{component}-server")
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.settings.port}"
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as e:  # surfaced by start()
+            self._error = e
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self.server = GrpcServer(self.settings, self.component)
+        ready, cleanup = await self.setup(self.server)
+        await self.server.start()
+        if ready is not None:
+            await ready()
+        await self.server.set_serving(True)
+        self._ready.set()
+        await self._stop.wait()
+        await self.server.stop(grace=2.0)
+        if cleanup is not None:
+            await cleanup()
+
+    def start(self, timeout: float = 120.0) -> ServerThread:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError(f"{self.component} server did not become ready in {timeout}s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def call(self, fn, timeout: float = 30.0):
+        """Run ``fn()`` (a coroutine factory or plain function) on the server's loop; return its result."""
+
+        async def run():
+            result = fn()
+            return await result if asyncio.iscoroutine(result) else result
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.loop is not None and self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(30)
+
+
+def gpt2_tokenizer():
+    from lmcore import Tokenizer
+
+    if not GPT2_TIKTOKEN.is_file():
+        pytest.skip(f"{GPT2_TIKTOKEN} not found")
+    return Tokenizer.from_file(GPT2_TIKTOKEN)
+
+
+def save_tiny_model(path: Path, seed: int, tokenizer, **overrides) -> Path:
+    """A random tiny GPT (GPT-2's vocabulary, 2 layers, 64 wide) saved with its tokenizer."""
+    from lmcore import GPT, GPTConfig, save_pretrained
+
+    torch.manual_seed(seed)
+    cfg = GPTConfig.from_preset("tiny", **{"vocab_size": tokenizer.vocab_size, **overrides})
+    save_pretrained(GPT(cfg), path, tokenizer=tokenizer)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny model directories: ``tiny`` (context 128) and ``tiny-b`` (different weights, context 96)."""
+    root = tmp_path_factory.mktemp("models")
+    tok = gpt2_tokenizer()
+    return {"tiny": save_tiny_model(root / "tiny", 0, tok),
+            "tiny-b": save_tiny_model(root / "tiny-b", 1, tok, block_size=96)}
