@@ -102,7 +102,7 @@ def train_from_scratch(
     vocab_size = vocab_size or base.vocab_size
     block_size = block_size or base.block_size
 
-    tokenizer = Tokenizer.train([str(f) for f in files], vocab_size, special_tokens=["<|endoftext|>"])
+    tokenizer = Tokenizer.train(list(files), vocab_size, special_tokens=["<|endoftext|>"])
     tokens = encode_documents(tokenizer, read_text_files(files))
     blocks = TokenBlocks(tokens, block_size)
     train_set, eval_set = train_eval_split(blocks, eval_fraction, seed)

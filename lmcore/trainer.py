@@ -404,9 +404,14 @@ def _python_rng_from_json(state: list) -> tuple:
 
 # --- from scratch -----------------------------------------------------------------------------
 
-from .scratch import ScratchResult, train_from_scratch  # noqa: E402  (re-exported entry point)
+
+def train_from_scratch(data_file, out_dir, preset: str = "tiny", **kwargs):
+    """Train a tokenizer and a GPT on text files into a model directory (see ``lmcore.scratch``)."""
+    from .scratch import train_from_scratch as run
+
+    return run(data_file, out_dir, preset=preset, **kwargs)
 
 __all__ = [
     "TrainConfig", "Trainer", "TrainEvent", "TrainResult", "evaluate_loss", "lr_at", "param_groups",
-    "latest_checkpoint", "list_checkpoints", "read_checkpoint_state", "train_from_scratch", "ScratchResult",
+    "latest_checkpoint", "list_checkpoints", "read_checkpoint_state", "train_from_scratch",
 ]
