@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
+from .kv_cache import CacheBatch
 
 
 class CausalSelfAttention(nn.Module):
@@ -67,6 +68,46 @@ class CausalSelfAttention(nn.Module):
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hs)
         return self.merge_heads(y)
+
+    def forward_cached(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       batch: CacheBatch) -> torch.Tensor:
+        """Attention for a flat batch of tokens from many sequences, reading and extending the cache.
+
+        ``x`` is ``(N, C)``: ``batch.num_decode`` decode tokens then prefill segments (see
+        :class:`lmcore.kv_cache.CacheBatch`). ``k_cache, v_cache`` are this layer's buffers
+        ``(n_slots, nh, max_seq, hs)``. Each token's key and value are written at its (slot,
+        position) first, so every token attends to the cached past *and* itself.
+        """
+        N, C = x.shape
+        q, k, v = self.split_heads(x.unsqueeze(0))  # 3 x (1, nh, N, hs)
+        # Write k/v of all N tokens in one indexed copy per buffer: rows (slot, :, pos) <- (nh, hs).
+        k_cache[batch.slots, :, batch.positions] = k[0].transpose(0, 1)  # (N, nh, hs)
+        v_cache[batch.slots, :, batch.positions] = v[0].transpose(0, 1)
+        parts = []
+        D = batch.num_decode
+        if D:
+            qd = q[0, :, :D].transpose(0, 1).unsqueeze(2)  # (D, nh, 1, hs)
+            if batch.decode_index is not None:  # holes in the slot range: scatter into dummy rows
+                R = batch.decode_hi - batch.decode_lo
+                qd = qd.new_zeros(R, self.n_head, 1, self.head_dim).index_copy_(0, batch.decode_index, qd)
+            keys = k_cache[batch.decode_lo:batch.decode_hi, :, :batch.decode_len]  # (R, nh, L, hs) view
+            values = v_cache[batch.decode_lo:batch.decode_hi, :, :batch.decode_len]
+            yd = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.decode_mask)
+            if batch.decode_index is not None:
+                yd = yd.index_select(0, batch.decode_index)
+            parts.append(yd.reshape(D, C))  # (D, nh, 1, hs) -> (D, C): heads side by side
+        for seg in batch.prefill:
+            T, end = seg.row_end - seg.row_start, seg.start_pos + seg.row_end - seg.row_start
+            qs = q[:, :, seg.row_start:seg.row_end]  # (1, nh, T, hs)
+            keys = k_cache[seg.slot:seg.slot + 1, :, :end]  # (1, nh, start+T, hs)
+            values = v_cache[seg.slot:seg.slot + 1, :, :end]
+            if seg.mask is None:  # the segment starts the sequence: plain causal attention
+                ys = F.scaled_dot_product_attention(qs, keys, values, is_causal=True)
+            else:
+                ys = F.scaled_dot_product_attention(qs, keys, values, attn_mask=seg.mask)
+            parts.append(ys[0].transpose(0, 1).reshape(T, C))  # (1, nh, T, hs) -> (T, C)
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # (N, C)
+        return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
@@ -165,6 +206,20 @@ class GPT(nn.Module):
             x = block(x)
         x = self.transformer.ln_f(x)  # (B, T, C)
         return self.lm_head(x)  # (B, T, vocab_size)
+
+    def forward_cached(self, idx: torch.Tensor, batch: CacheBatch, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``(N, C)`` of a flat batch of tokens ``idx (N,)``, using the KV cache.
+
+        ``k_cache, v_cache``: ``(n_layer, n_slots, nh, max_seq, hs)``. Returns hidden states, not
+        logits: the caller projects only the rows it samples from (nanoGPT's "only forward the
+        lm_head on the very last position"), which is most of the step's cost on a 50k vocabulary.
+        """
+        x = self.embed(idx, batch.positions)  # (N, C)
+        for i, block in enumerate(self.transformer.h):
+            x = x + block.attn.forward_cached(block.ln_1(x), k_cache[i], v_cache[i], batch)
+            x = x + block.mlp(block.ln_2(x))
+        return self.transformer.ln_f(x)  # (N, C)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy; positions whose target is ``ignore_index`` do not count."""

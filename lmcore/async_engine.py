@@ -1,0 +1,189 @@
+"""AsyncEngine: the Engine driven by one background thread, streamed to asyncio tasks.
+
+The model runs in a single background thread that calls ``engine.step()`` while there is work and
+sleeps on an event when there is none; asyncio tasks never block on the model. Each request gets
+its own ``asyncio.Queue``; the step thread hands every :class:`StepOutput` to the right queue with
+``loop.call_soon_threadsafe`` (vLLM's pattern: one producer, a queue per consumer). Several tasks
+may stream concurrently, from one or several event loops.
+
+Locking: one lock guards the engine; the step thread holds it for a whole ``step()``, and
+``add_request``/``abort`` take it too, so they land *between* steps. The event loop never waits
+for that lock: ``stream`` adds its request from a worker thread, and a consumer that stops early
+(``break``, task cancellation, ``aclose()``) queues its abort, which the step thread applies
+before its next step. So the slot is free before the next step, and no step runs for it again.
+
+Threads: PyTorch's intra-op thread count is a per-thread OpenMP setting, so the step thread sets
+its own with ``torch.set_num_threads(num_threads)`` when it starts (default 1: the decode loop is
+memory-bound at the batch sizes served here, a second intra-op thread measured no faster at batch
+1, and it leaves the other core to the asyncio/gRPC thread). Pass ``num_threads`` to change it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import AsyncIterator
+
+import torch
+
+from .engine import Engine, StepOutput
+from .generation import Completion, collect
+from .sampling import SamplingParams
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, num_threads: int = 1):
+        self.engine = engine
+        self.num_threads = num_threads
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._pending_aborts: list[str] = []  # appended by consumers, drained by the step thread
+        self.error: BaseException | None = None  # what killed the step thread, if anything
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the step thread (idempotent; ``stream`` starts it on first use)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="lmcore-engine-step", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop the step thread after its current step; unfinished streams end with an error."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._fail_all(RuntimeError("the engine was stopped"))
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def __aenter__(self) -> AsyncEngine:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await asyncio.to_thread(self.stop)
+
+    # --- the step thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_num_threads(self.num_threads)
+        while not self._stopping:
+            with self._lock:
+                while self._pending_aborts:
+                    self.engine.abort(self._pending_aborts.pop())
+                busy = self.engine.has_unfinished()
+                if busy:
+                    try:
+                        outputs = self.engine.step()
+                    except BaseException as e:  # a bug or OOM: end every stream with it, stop
+                        self.error = e
+                        self._fail_all(e)
+                        return
+                else:
+                    self._wake.clear()
+            if busy:
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+            else:
+                self._wake.wait()
+
+    def _deliver(self, request_id: str, item) -> None:
+        entry = self._streams.get(request_id)
+        if entry is None:
+            return
+        loop, queue = entry
+        if isinstance(item, BaseException) or item.finished:
+            self._streams.pop(request_id, None)
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+            pass
+
+    def _fail_all(self, error: BaseException) -> None:
+        for rid in list(self._streams):
+            self._deliver(rid, error)
+
+    # --- requests -----------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Thread-safe ``Engine.add_request`` (no stream attached; drive outputs yourself)."""
+        with self._lock:
+            rid = self.engine.add_request(prompt_ids, params, request_id)
+        self._wake.set()
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Thread-safe abort; the slot is free before the next step."""
+        with self._lock:
+            found = self.engine.abort(request_id)
+        self._streams.pop(request_id, None)
+        return found
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                     request_id: str | None = None) -> AsyncIterator[StepOutput]:
+        """Yield the request's outputs as the engine produces them; the last has ``finished``.
+
+        Raises ``ValueError``/``EngineOverloaded`` from ``add_request`` on the first iteration.
+        Stopping early aborts the request.
+        """
+        if self.error is not None:
+            raise RuntimeError(f"the engine's step thread died: {self.error!r}") from self.error
+        self.start()
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        rid = request_id if request_id is not None else f"req-{uuid.uuid4().hex}"
+
+        state = {"added": False, "gone": False}  # gone: the consumer left before the add landed
+        state_lock = threading.Lock()  # held only around the add itself, never across a step
+
+        def add() -> None:  # in a worker thread: the engine lock may be held for a whole step
+            with self._lock, state_lock:  # the queue is registered before any step can produce
+                if state["gone"]:
+                    return
+                self.engine.add_request(prompt_ids, params, rid)
+                self._streams[rid] = (loop, queue)
+                state["added"] = True
+            self._wake.set()
+
+        finished = False
+        try:
+            await asyncio.to_thread(add)
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise RuntimeError(f"generation failed: {item!r}") from item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                with state_lock:
+                    state["gone"] = True
+                    added = state["added"]
+                self._streams.pop(rid, None)
+                if added:
+                    self._pending_aborts.append(rid)
+                    self._wake.set()
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> Completion:
+        """Run one request to the end and return its aggregated :class:`Completion`."""
+        done: dict[str, Completion] = {}
+        rid = None
+        async for out in self.stream(prompt_ids, params, request_id):
+            rid = out.request_id
+            collect([out], done, self.engine.tokenizer is not None)
+        return done[rid]
+
+    complete = generate
+    generate_async = generate

@@ -1,0 +1,69 @@
+"""Offline generation: ``generate(model, prompts, params)`` runs a batch of prompts to completion.
+
+Like vLLM's offline ``LLM.generate``: the same engine the server uses (KV cache, continuous
+batching, sampling), driven in-process until every prompt is done. One call batches all prompts.
+
+(The module is ``generation``, not ``generate``: a submodule named like the function it exports
+would replace ``lmcore.generate`` the function with the module as soon as it is imported.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .engine import Engine
+from .model import GPT
+from .sampling import SamplingParams, TokenLogprob
+
+
+@dataclass
+class Completion:
+    """One prompt's result."""
+
+    token_ids: list[int]
+    finish_reason: str  # "length" | "eos" | "stop"
+    logprobs: list[TokenLogprob] | None = None  # per token when params.logprobs > 0
+    text: str | None = None  # when a tokenizer was given (stop text excluded)
+    prompt_tokens: int = 0
+    request_id: str = ""
+    _text_parts: list[str] = field(default_factory=list, repr=False)
+
+
+def collect(outputs, completions: dict[str, Completion], with_text: bool) -> None:
+    """Fold step outputs into per-request completions (shared by generate and the async engine)."""
+    for out in outputs:
+        c = completions.get(out.request_id)
+        if c is None:
+            c = completions[out.request_id] = Completion([], "", None, None, out.prompt_tokens, out.request_id)
+        c.token_ids.extend(out.new_token_ids)
+        if out.logprobs is not None:
+            c.logprobs = (c.logprobs or []) + out.logprobs
+        c._text_parts.append(out.text)
+        if out.finished:
+            c.finish_reason = out.finish_reason
+            if with_text:
+                c.text = "".join(c._text_parts)
+            c._text_parts = []
+
+
+def generate(model: GPT, prompts: list[list[int]], params: SamplingParams | None = None, tokenizer=None,
+             **engine_kwargs) -> list[Completion]:
+    """Complete every prompt; results in prompt order. ``engine_kwargs`` go to :class:`Engine`.
+
+    The KV cache is sized for this call (all prompts at once, up to the longest prompt +
+    ``max_tokens``), so nothing waits in a queue and no memory is reserved beyond need.
+    """
+    params = params if params is not None else SamplingParams()
+    if not prompts:
+        return []
+    if isinstance(prompts[0], int):
+        raise ValueError("prompts must be a list of token-id lists (a batch), e.g. [[464, 3290]]")
+    longest = max(len(p) for p in prompts) + params.max_tokens
+    kwargs = dict(max_batch_size=len(prompts), max_waiting=len(prompts), enable_prefix_cache=False,
+                  max_seq_len=min(longest, model.config.block_size), prefill_chunk_size=max(256, longest))
+    engine = Engine(model, tokenizer, **{**kwargs, **engine_kwargs})
+    ids = [engine.add_request(p, params) for p in prompts]
+    done: dict[str, Completion] = {}
+    while engine.has_unfinished():
+        collect(engine.step(), done, tokenizer is not None)
+    return [done[i] for i in ids]

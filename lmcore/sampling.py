@@ -1,0 +1,170 @@
+"""Sampling: from next-token logits to a chosen token, for a whole batch at once.
+
+A language model outputs **logits**: one unnormalised score per vocabulary entry. Decoding picks the
+next token from them. This module holds the request's knobs (:class:`SamplingParams`) and the small
+pure functions that turn a batch of logit rows into token ids, in the order they are applied::
+
+    logits -> apply_penalties -> (temperature, top-k, top-p) logits_to_probs -> sample_from_probs
+
+Each row carries its own parameters (a batch mixes greedy and sampled requests), passed as tensors
+so nothing loops over the batch in Python.
+
+**Reproducibility.** A seeded request owns its random stream: a ``random.Random(seed)`` on the host
+that draws exactly one uniform number per generated token. The token is chosen by inverse-CDF
+sampling (the first token whose cumulative probability exceeds that number), so the choice depends
+only on the request's own probabilities and its own stream, never on which other requests share
+the batch or in which order they were drawn. vLLM's users report the opposite (vLLM issues #17524,
+#51226) because a shared device generator is consumed by the whole batch. The remaining source of
+divergence is the logits themselves; see :mod:`lmcore.engine` ("Batch invariance").
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP_STRINGS = 8
+MAX_LOGPROBS = 20
+
+
+class SamplingParams(BaseModel):
+    """How to pick tokens for one request. Validated on construction; errors name the field."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: int = Field(16, ge=1, description="most tokens to generate")
+    temperature: float = Field(1.0, ge=0.0, description="0 = greedy (argmax); higher = more random")
+    top_k: int = Field(0, ge=0, description="keep only the k most likely tokens; 0 = off")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus: smallest set with this mass")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="CTRL/HF penalty on seen tokens; 1 = off")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI: minus this if generated")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI: minus this x count")
+    seed: int | None = Field(None, description="seed of this request's own random stream")
+    stop: list[str] = Field(default_factory=list, description="stop strings, matched on text")
+    logprobs: int = Field(0, ge=0, le=MAX_LOGPROBS, description="top-n alternatives per token; 0 = off")
+    ignore_eos: bool = Field(False, description="keep generating past the end-of-text token")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, v):
+        if v is None:
+            return []
+        if isinstance(v, str):  # OpenAI accepts a bare string
+            return [v]
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, v: list[str]) -> list[str]:
+        if len(v) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(v)}")
+        if any(s == "" for s in v):
+            raise ValueError("stop strings must be non-empty")
+        return v
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+    def make_rng(self) -> random.Random:
+        """The request's own uniform stream (seeded, or from the OS when no seed is given)."""
+        return random.Random(self.seed) if self.seed is not None else random.Random()
+
+
+@dataclass
+class TokenLogprob:
+    """The chosen token's log-probability and the ``n`` most likely alternatives at that step.
+
+    Log-probabilities are those of the model's own distribution (``log_softmax`` of the raw logits,
+    before temperature, top-k/p and penalties), as OpenAI and vLLM report them by default.
+    """
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
+
+
+# --- the pure functions ---------------------------------------------------------------------------
+
+
+def apply_penalties(
+    logits: torch.Tensor,  # (B, V) float
+    seen: torch.Tensor,  # (B, V) bool: token in prompt or output (repetition penalty)
+    counts: torch.Tensor,  # (B, V) float: times generated so far (presence/frequency)
+    repetition: torch.Tensor,  # (B,)
+    presence: torch.Tensor,  # (B,)
+    frequency: torch.Tensor,  # (B,)
+) -> torch.Tensor:
+    """HF's repetition penalty (divide positive / multiply negative logits of seen tokens), then
+    OpenAI's presence and frequency penalties. Neutral rows (1, 0, 0) come out bit-identical."""
+    rep = repetition[:, None]
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalised, logits)
+    logits = logits - frequency[:, None] * counts
+    return logits - presence[:, None] * (counts > 0).to(logits.dtype)
+
+
+def logits_to_probs(
+    logits: torch.Tensor,  # (B, V)
+    temperature: torch.Tensor,  # (B,) > 0 for sampled rows (greedy rows are handled by the caller)
+    top_k: torch.Tensor | None = None,  # (B,) long, 0 = off; None when no row uses it
+    top_p: torch.Tensor | None = None,  # (B,) float, 1 = off; None when no row uses it
+    k_max: int | None = None,  # the largest top_k in the batch, known on the host (avoids a device sync)
+) -> torch.Tensor:
+    """Temperature-scaled, top-k/top-p-filtered probabilities ``(B, V)`` (filtered entries are 0).
+
+    Top-k keeps every token tied with the k-th (as nanoGPT does); top-p keeps the smallest set of
+    most likely tokens whose mass reaches ``p`` (always at least the most likely one).
+    """
+    logits = logits.float() / temperature[:, None]
+    if top_k is not None:
+        k_max = min(logits.size(-1), k_max if k_max is not None else int(top_k.max()))
+        kth = torch.topk(logits, k_max, dim=-1).values  # (B, k_max) descending
+        idx = (top_k.clamp(1, k_max) - 1)[:, None]
+        threshold = kth.gather(-1, idx)  # (B, 1): the k-th largest
+        threshold = torch.where(top_k[:, None] > 0, threshold, torch.full_like(threshold, -float("inf")))
+        logits = logits.masked_fill(logits < threshold, -float("inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs  # mass of strictly more likely tokens
+        drop_sorted = mass_before >= top_p[:, None]  # the top token has mass_before 0: always kept
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    return probs
+
+
+def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: for each row, the first token whose cumulative mass exceeds ``u * total``.
+
+    One uniform per row, drawn from that request's own stream: the choice is a function of the row
+    alone, so it cannot depend on the batch around it. Zero-probability tokens are never chosen
+    (their cumulative mass equals their predecessor's, so they are never the *first* to exceed it).
+    """
+    cdf = probs.cumsum(-1)  # (B, V)
+    total = cdf[:, -1:].contiguous()  # (B, 1): filtered rows need not sum to 1
+    target = uniforms[:, None].to(cdf.dtype) * total  # (B, 1)
+    choice = torch.searchsorted(cdf, target, right=True)  # (B, 1)
+    # u rounded up to 1 in float32 would land past the end: fall back to the last token with mass
+    # (the first index whose cumulative mass reaches the total).
+    last = torch.searchsorted(cdf, total, right=False)
+    return torch.minimum(choice, last).squeeze(-1)
+
+
+def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, n: int):
+    """``(chosen_logprob (B,), top_values (B, n), top_ids (B, n))`` from raw logits ``(B, V)``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen_lp = logp.gather(-1, chosen[:, None]).squeeze(-1)
+    if n > 0:
+        values, ids = torch.topk(logp, n, dim=-1)
+    else:
+        values = ids = None
+    return chosen_lp, values, ids
