@@ -80,9 +80,9 @@ class _EngineGauges:
                                     labels=["model"])
         waiting = GaugeMetricFamily("lmstack_inference_queue_depth_requests", "Requests waiting for a slot",
                                     labels=["model"])
-        for served in self.model_registry.entries():
-            r, w = served.load()
-            running.add_metric([served.name], r)
-            waiting.add_metric([served.name], w)
+        for entry in self.model_registry.entries():
+            r, w = entry.obj.load()
+            running.add_metric([entry.name], r)
+            waiting.add_metric([entry.name], w)
         yield running
         yield waiting

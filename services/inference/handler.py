@@ -103,23 +103,35 @@ async def _maybe_await(value):
         await value
 
 
-async def start_engine(entry: Entry) -> None:
-    from lmcore.engine import AsyncEngine
+def make_starter(settings: InferenceSettings):
+    """Start each engine's background step thread with ``settings.torch_threads`` intra-op threads."""
+
+    async def start(entry: Entry) -> None:
+        await start_engine(entry, settings.torch_threads)
+
+    return start
+
+
+async def start_engine(entry: Entry, torch_threads: int = 1) -> None:
+    try:
+        from lmcore.async_engine import AsyncEngine
+    except ImportError:  # older layout
+        from lmcore.engine import AsyncEngine
 
     served: ServedModel = entry.obj
-    served.async_engine = AsyncEngine(served.engine)
+    served.async_engine = AsyncEngine(served.engine, **_accepted_kwargs(AsyncEngine, num_threads=torch_threads))
     await _maybe_await(served.async_engine.start())
 
 
 async def stop_engine(entry: Entry) -> None:
     served: ServedModel = entry.obj
     if served.async_engine is not None:
-        await _maybe_await(served.async_engine.stop())
+        await asyncio.to_thread(served.async_engine.stop)
 
 
 def inference_registry(settings: InferenceSettings) -> ModelRegistry:
     return ModelRegistry(parse_model_specs(settings.models), make_loader(settings), settings.default_model,
-                         settings.model_store, start_entry=start_engine, close_entry=stop_engine)
+                         settings.model_store, start_entry=make_starter(settings), close_entry=stop_engine)
 
 
 # --- protobuf <-> lmcore ---------------------------------------------------------------------------
@@ -295,7 +307,7 @@ class InferenceHandler:
                                   prompt=rendered.text, model=name)
 
     async def score(self, req: pb.ScoreRequest) -> pb.ScoreResponse:
-        from lmcore import score
+        from lmcore.scoring import score
 
         name, served = await self._served(req.model)
         choices = list(req.choices)
