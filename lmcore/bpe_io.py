@@ -181,30 +181,45 @@ def check_merges(ranks: dict[bytes, int], merges: list[tuple[bytes, bytes]], sou
     """Check that tiktoken's rank-based BPE over ``ranks`` reproduces this merge list exactly.
 
     Hugging Face's BPE applies the listed merges in list order; tiktoken joins whichever adjacent
-    pair forms the lowest-id token. They agree on every input if each merge's result has a larger
-    id than the one before, and tiktoken, building the result token from its bytes, ends by
-    joining exactly the listed pair.
+    pair forms the lowest-id token. They agree on every input when (1) result ids never decrease
+    along the list, (2) the merges giving one token are listed together, and (3) among them is the
+    pair tiktoken itself ends with when it builds that token from its bytes (``bpe_parts``):
+    then tiktoken only ever joins listed pairs, in the same order. (GPT-2's files list one merge
+    per token; converters such as transformers' ``TikTokenConverter`` list every split.)
     """
-    merged: set[bytes] = set()
-    prev_id, prev = -1, None
+    done: set[bytes] = set()
+    prev_id, prev = -1, b""
+    group: list[tuple[bytes, bytes]] = []
+
+    def close_group() -> None:
+        token = prev
+        parts = bpe_parts(token, ranks, ranks[token])
+        if tuple(parts) not in group:
+            raise ValueError(
+                f"{source}: rank-based BPE builds {token!r} (id {ranks[token]}) from {parts!r}, which is not "
+                f"among its listed merges {group[:3]!r}; cannot convert exactly"
+            )
+        done.add(token)
+
     for a, b in merges:
         token = a + b
         rank = ranks[token]
-        if token in merged:
-            raise ValueError(f"{source}: {token!r} is produced by two merges; cannot convert exactly")
-        if rank <= prev_id:
-            raise ValueError(
-                f"{source}: merge {a!r} + {b!r} -> id {rank} comes after the merge giving id {prev_id} "
-                f"({prev!r}): ids must grow with merge order for an exact conversion to ranks"
-            )
-        if bpe_parts(token, ranks, rank) != [a, b]:
-            raise ValueError(
-                f"{source}: merge {a!r} + {b!r} is not how rank-based BPE builds {token!r} "
-                f"(it gets {bpe_parts(token, ranks, rank)!r}); cannot convert exactly"
-            )
-        merged.add(token)
+        if token != prev:
+            if group:
+                close_group()
+            if token in done:
+                raise ValueError(f"{source}: merges giving {token!r} are not listed together; cannot convert exactly")
+            if rank <= prev_id:
+                raise ValueError(
+                    f"{source}: merge {a!r} + {b!r} -> id {rank} is listed after the merge giving id {prev_id} "
+                    f"({prev!r}): ids must grow with merge order for an exact conversion to ranks"
+                )
+            group = []
+        group.append((a, b))
         prev_id, prev = rank, token
-    unreachable = [t for t in ranks if len(t) > 1 and t not in merged]
+    if group:
+        close_group()
+    unreachable = [t for t in ranks if len(t) > 1 and t not in done]
     if unreachable:
         raise ValueError(
             f"{source}: token {unreachable[0]!r} (id {ranks[unreachable[0]]}) is in the vocabulary but no "
@@ -262,6 +277,7 @@ def convert_hf(
         is_byte = len(s) == 1 and s in CHAR_TO_BYTE
         if not is_byte and s not in results:
             if not unreachable_are_special:
+                str_to_token(s, source)  # a clearer message first if it is not even byte-level
                 raise ValueError(
                     f"{source}: token {s!r} (id {i}) is neither a byte nor a merge result nor a special "
                     "token: BPE can never produce it; cannot convert exactly"
