@@ -1,0 +1,188 @@
+"""Tokenizer throughput: lmcore.Tokenizer vs tiktoken vs Hugging Face tokenizers, same vocabulary.
+
+    .venv/bin/python bench/tokenizer.py [--mb 10] [--repeats 3] [--vocab ../shared/fixtures/gpt2.tiktoken]
+
+Builds a ~10 MB corpus offline (the Python standard library's sources, plus seeded generated text
+in a dozen scripts with emoji), checks that all three tokenizers agree on every document, then
+times each mode (best of ``--repeats`` rounds of >= 0.5 s each, rows interleaved so load from
+other processes hits all alike) and prints MB/s with the ratio to tiktoken in the same mode. JSON goes to
+``bench/results/tokenizer.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import tiktoken
+import tokenizers
+from tiktoken_ext.openai_public import r50k_pat_str
+
+from lmcore import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_VOCAB = ROOT.parent / "shared" / "fixtures" / "gpt2.tiktoken"
+
+WORDS = {
+    "en": "the of and to in is that it was for on are with as his they be at one have this from".split(),
+    "fr": "le la les des est une pour avec été très français déjà où naïve garçon élève".split(),
+    "de": "der die das und ist nicht mit über für Straße größer schön Mädchen heißt".split(),
+    "ru": "и в не на я что тот быть с весь это как она по но они к у ты из мы за".split(),
+    "el": "και το να είναι η της με που για στο από τα στην οι ένα δεν θα".split(),
+    "ar": "في من على إلى أن هذا التي عن مع هذه كان لا ما هو كل بين".split(),
+    "he": "של את על זה לא עם הוא גם כל אני היא או מה אם".split(),
+    "hi": "के है में की और को से का एक यह भी पर हैं नहीं".split(),
+    "zh": "的 一 是 在 不 了 有 和 人 这 中 大 为 上 个 国 我 以 要 他".split(),
+    "ja": "これ は 日本語 の テキスト です 東京 ひらがな カタカナ 漢字 を に が".split(),
+    "ko": "이 그 저 것 수 있다 하다 되다 한국어 텍스트 입니다 에서".split(),
+    "emoji": "🤗 🚀 👍🏽 👨‍👩‍👧‍👦 🇫🇷 🏳️‍🌈 😀 🎉 ❤️ 1️⃣".split(),
+}
+
+
+def build_corpus(target_mb: float, seed: int = 0) -> list[str]:
+    """~70% Python source (stdlib files, one document each), ~30% generated multilingual paragraphs."""
+    target = int(target_mb * 1_000_000)
+    docs: list[str] = []
+    size = 0
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.rglob("*.py")):
+        if size >= 0.7 * target:
+            break
+        if "test" in path.parts or "site-packages" in path.parts:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        docs.append(text)
+        size += len(text.encode())
+    rng = random.Random(seed)
+    langs = list(WORDS)
+    while size < target:
+        para = []
+        for _ in range(rng.randint(5, 40)):
+            lang = rng.choice(langs)
+            sep = "" if lang in ("zh", "ja") else " "
+            sentence = sep.join(rng.choice(WORDS[lang]) for _ in range(rng.randint(3, 15)))
+            para.append(sentence + rng.choice([".", "!", "?", "。", "،", "…", ""]) + rng.choice([" ", "\n", "  ", "\n\n", "\t"]))
+            if rng.random() < 0.1:
+                para.append(f" {rng.randint(0, 10**rng.randint(1, 9))} ")
+        text = "".join(para)
+        docs.append(text)
+        size += len(text.encode())
+    return docs
+
+
+def time_per_call(fn, calls: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", type=float, default=10.0, help="corpus size in MB (default 10)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--vocab", type=Path, default=DEFAULT_VOCAB, help="GPT-2 tiktoken rank file")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tokenizer.json")
+    args = ap.parse_args()
+
+    docs = build_corpus(args.mb)
+    n_bytes = sum(len(d.encode()) for d in docs)
+    print(f"corpus: {len(docs)} documents, {n_bytes / 1e6:.2f} MB; cpus={os.cpu_count()}, "
+          f"load avg {os.getloadavg()[0]:.2f}")
+
+    ours = Tokenizer.from_file(args.vocab)
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # read the rank file itself
+    ref = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, special_tokens={"<|endoftext|>": 50256},
+                            mergeable_ranks=tiktoken.load.load_tiktoken_bpe(str(args.vocab)))
+    with tempfile.TemporaryDirectory() as d:
+        ours.save(d)  # the same vocabulary in Hugging Face's layout
+        hf = tokenizers.Tokenizer.from_file(str(Path(d) / "tokenizer.json"))
+
+    # Correctness first: all three agree on every document (special-token text allowed for HF's sake).
+    ids = ours.encode_batch(docs)
+    total_tokens = sum(map(len, ids))
+    mismatch_tt = sum(a != b for a, b in zip(ids, ref.encode_ordinary_batch(docs)))
+    mismatch_hf = sum(ours.encode(t, allowed_special="all") != e.ids
+                      for t, e in zip(docs, hf.encode_batch(docs, add_special_tokens=False)))
+    roundtrip = sum(ours.decode(i) != t for i, t in zip(ids, docs))
+    print(f"tokens: {total_tokens:,}; documents differing from tiktoken: {mismatch_tt}, from HF tokenizers: "
+          f"{mismatch_hf}; decode round-trip failures: {roundtrip}")
+
+    threads = min(8, os.cpu_count() or 1)
+
+    def stream_all():
+        for seq in ids:
+            dec = ours.stream_decoder()
+            push = dec.push
+            for i in seq:
+                push(i)
+            dec.flush()
+
+    hf_fast = getattr(hf, "encode_batch_fast", None)
+    rows = [  # (mode, implementation, fn, baseline name)
+        ("encode loop", "lmcore encode", lambda: [ours.encode(t) for t in docs], "tiktoken encode_ordinary"),
+        ("encode loop", "tiktoken encode_ordinary", lambda: [ref.encode_ordinary(t) for t in docs], None),
+        ("encode loop", "tiktoken encode (special check)", lambda: [ref.encode(t) for t in docs], "tiktoken encode_ordinary"),
+        ("encode loop", "HF tokenizers encode", lambda: [hf.encode(t, add_special_tokens=False) for t in docs],
+         "tiktoken encode_ordinary"),
+        ("encode batch", f"lmcore encode_batch ({threads} threads)", lambda: ours.encode_batch(docs),
+         "tiktoken encode_ordinary_batch (8 threads)"),
+        ("encode batch", "lmcore encode_batch (8 threads)", lambda: ours.encode_batch(docs, num_threads=8),
+         "tiktoken encode_ordinary_batch (8 threads)"),
+        ("encode batch", "tiktoken encode_ordinary_batch (8 threads)", lambda: ref.encode_ordinary_batch(docs), None),
+        ("encode batch", "HF tokenizers encode_batch", lambda: hf.encode_batch(docs, add_special_tokens=False),
+         "tiktoken encode_ordinary_batch (8 threads)"),
+        *([("encode batch", "HF tokenizers encode_batch_fast", lambda: hf_fast(docs, add_special_tokens=False),
+            "tiktoken encode_ordinary_batch (8 threads)")] if hf_fast else []),
+        ("decode loop", "lmcore decode", lambda: [ours.decode(i) for i in ids], "tiktoken decode"),
+        ("decode loop", "tiktoken decode", lambda: [ref.decode(i) for i in ids], None),
+        ("decode loop", "HF tokenizers decode", lambda: [hf.decode(i, skip_special_tokens=False) for i in ids],
+         "tiktoken decode"),
+        ("stream decode", "lmcore stream_decoder push", stream_all, "tiktoken decode"),
+    ]
+    # Warm up (thread pools, caches) and size each measurement to >= 0.5 s so fast rows are not noise.
+    calls = {name: max(1, round(0.5 / time_per_call(fn, 1))) for _, name, fn, _ in rows}
+    times: dict[str, list[float]] = {name: [] for _, name, _, _ in rows}
+    for _ in range(args.repeats):
+        for _, name, fn, _ in rows:
+            times[name].append(time_per_call(fn, calls[name]))
+
+    results = []
+    speed = {name: n_bytes / 1e6 / min(ts) for name, ts in times.items()}
+    header = f"{'mode':<14} {'implementation':<44} {'MB/s':>8} {'Mtok/s':>7} {'vs tiktoken':>12}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for mode, name, _, base in rows:
+        base = base or name
+        ratio = speed[name] / speed[base]
+        mtok = total_tokens / 1e6 / min(times[name])
+        print(f"{mode:<14} {name:<44} {speed[name]:>8.2f} {mtok:>7.2f} {ratio:>11.2f}x")
+        results.append({"mode": mode, "implementation": name, "mb_per_s": round(speed[name], 3),
+                        "mtokens_per_s": round(mtok, 3), "seconds": [round(t, 4) for t in times[name]],
+                        "baseline": base, "ratio_vs_baseline": round(ratio, 3)})
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "corpus": {"documents": len(docs), "bytes": n_bytes, "tokens": total_tokens},
+        "agreement": {"docs_differing_from_tiktoken": mismatch_tt, "docs_differing_from_hf": mismatch_hf,
+                      "roundtrip_failures": roundtrip},
+        "machine": {"cpus": os.cpu_count(), "load_avg_1m_at_start": os.getloadavg()[0],
+                    "python": platform.python_version(), "tiktoken": tiktoken.__version__,
+                    "tokenizers": tokenizers.__version__},
+        "repeats": args.repeats,
+        "results": results,
+    }, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
