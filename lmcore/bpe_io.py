@@ -367,6 +367,17 @@ def read_vocab_merges(vocab_path: Path, merges_path: Path) -> tuple[dict[bytes, 
     return convert_hf(vocab, raw, f"{vocab_path} + {merges_path.name}", unreachable_are_special=True)
 
 
+def read_eos_token(directory: Path) -> str | None:
+    """``eos_token`` from a ``tokenizer_config.json`` beside the vocabulary, if there is one."""
+    path = directory / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    eos = _read_json(path).get("eos_token")
+    if isinstance(eos, dict):  # transformers' serialized AddedToken
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) else None
+
+
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))

@@ -86,7 +86,7 @@ class Tokenizer:
         except ValueError as e:  # tiktoken compiles the regex here
             raise ValueError(f"{name}: invalid pre-tokenizer pattern {pattern!r}: {e}") from None
         self._core = self._encoding._core_bpe  # the Rust object every hot path calls directly
-        self._ranks = ranks
+        self._ranks = dict(ranks)
         self._special = special_tokens
         self._special_set = frozenset(special_tokens)
         self._pattern = pattern
@@ -143,11 +143,14 @@ class Tokenizer:
             for f in (vocab, merges_txt):
                 if not f.is_file():
                     raise ValueError(f"{p}: GPT-2 layout needs both vocab.json and merges.txt; {f} is missing")
+            # This layout has no regex: it is GPT-2's by definition (tokenizer.json records others).
             ranks, special, merges = bpe_io.read_vocab_merges(vocab, merges_txt)
-            return cls(ranks, special, GPT2_PATTERN, name=str(p.parent), merges=merges)
+            eos = bpe_io.read_eos_token(p.parent) or ENDOFTEXT
+            return cls(ranks, special, GPT2_PATTERN, eos_token=eos, name=str(p.parent), merges=merges)
         if hf:
             ranks, special, pat, merges = bpe_io.read_hf_tokenizer_json(p)
-            return cls(ranks, special, pat, name=str(p), merges=merges)
+            eos = bpe_io.read_eos_token(p.parent) or ENDOFTEXT
+            return cls(ranks, special, pat, eos_token=eos, name=str(p), merges=merges)
         ranks = bpe_io.read_tiktoken(p)
         if special_tokens is None:
             special_tokens = {ENDOFTEXT: max(ranks.values()) + 1}
@@ -317,6 +320,11 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    def __reduce__(self):
+        # Picklable (Ray Serve ships deployments' state by pickle): rebuild from the vocabulary,
+        # never the thread pool or lock.
+        return (_rebuild, (self._ranks, self._special, self._pattern, self._eos_token, self.name, self._merges))
+
     def __repr__(self) -> str:
         return (f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, "
                 f"special_tokens={len(self._special)}, eos_id={self.eos_id})")
@@ -424,6 +432,10 @@ class StreamDecoder:
         out = self._utf8.decode(b"", final=True)
         self._utf8.reset()
         return out
+
+
+def _rebuild(ranks, special, pattern, eos_token, name, merges) -> Tokenizer:
+    return Tokenizer(ranks, special, pattern, eos_token=eos_token, name=name, merges=merges)
 
 
 def _default_threads() -> int:

@@ -173,6 +173,15 @@ def test_encode_batch(tok, ref):
     assert tok.encode_batch(["<|endoftext|>"], allowed_special="all") == [[50256]]
 
 
+def test_pickle_round_trip(tok):
+    import pickle
+
+    tok.encode_batch(CORPUS)  # a live thread pool must not break pickling
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone.encode_batch(CORPUS) == tok.encode_batch(CORPUS)
+    assert clone.special_tokens == tok.special_tokens and clone.eos_id == tok.eos_id
+
+
 def test_lone_surrogates_are_replaced_like_tiktoken(tok, ref):
     text = "broken \ud83d pair"
     assert tok.encode(text) == ref.encode_ordinary(text)
@@ -484,9 +493,22 @@ def test_train_custom_pattern_round_trip(tmp_path):
     hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
     reloaded = Tokenizer.from_file(tmp_path)
     assert reloaded.pattern == pattern
+    assert reloaded.eos_id == t.eos_id == 0
     for text in HELD_OUT[:8]:
         assert reloaded.encode(text) == t.encode(text)
         assert reloaded.encode(text, allowed_special="all") == hf_ids(hf, text)
+
+
+def test_custom_eos_token_survives_save(tmp_path):
+    t = Tokenizer.train([_stdlib_text(["string.py"])], vocab_size=300, special_tokens=["<|pad|>", "<|end|>"],
+                        eos_token="<|end|>")
+    assert t.eos_id == 1 and t.eos_token == "<|end|>"
+    t.save(tmp_path)
+    assert Tokenizer.from_file(tmp_path).eos_id == 1
+    (tmp_path / "tokenizer.json").unlink()
+    assert Tokenizer.from_file(tmp_path).eos_id == 1
+    no_eos = Tokenizer.train(["abc abc"], vocab_size=300, special_tokens=["<|pad|>"])
+    assert no_eos.eos_id is None and no_eos.special_tokens == {"<|pad|>": 0}
 
 
 def test_train_bad_arguments(tmp_path):
