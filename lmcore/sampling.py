@@ -125,8 +125,10 @@ def logits_to_probs(
     most likely tokens whose mass reaches ``p`` (always at least the most likely one).
     """
     logits = logits.float() / temperature[:, None]
-    if top_k is not None:
-        k_max = min(logits.size(-1), k_max if k_max is not None else int(top_k.max()))
+    if top_k is not None and k_max is None:
+        k_max = int(top_k.max())
+    if top_k is not None and k_max > 0:
+        k_max = min(logits.size(-1), k_max)
         kth = torch.topk(logits, k_max, dim=-1).values  # (B, k_max) descending
         idx = (top_k.clamp(1, k_max) - 1)[:, None]
         threshold = kth.gather(-1, idx)  # (B, 1): the k-th largest

@@ -1,0 +1,144 @@
+"""AsyncEngine: streaming to concurrent asyncio tasks, early exits abort, errors surface."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from test_generate_fixtures import (
+    gpt2_tokenizer,
+    gpt2_vocab_model,
+    random_model,
+    random_prompts,
+)
+
+from lmcore import AsyncEngine, Engine, SamplingParams, generate
+from lmcore.engine import EngineOverloaded
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture
+def tokenizer(gpt2_tiktoken_path):
+    return gpt2_tokenizer(gpt2_tiktoken_path)
+
+
+async def until(predicate, limit: int = 2000):
+    """Let the step thread work until ``predicate()`` holds (counts polls, asserts no timing)."""
+    for _ in range(limit):
+        if predicate():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition never became true")
+
+
+def test_concurrent_streams_match_offline_generate():
+    model = random_model(31)
+    prompts = random_prompts(512, [3, 12, 7, 25, 1, 9], seed=2)
+    params = [SamplingParams(max_tokens=5 + 3 * i, temperature=0.9 if i % 2 else 0.0, seed=i, ignore_eos=True)
+              for i in range(6)]
+    expected = [generate(model, [p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+
+    async def main():
+        async with AsyncEngine(Engine(model, max_batch_size=4)) as ae:
+            async def consume(p, sp):
+                outs = [o async for o in ae.stream(p, sp)]
+                assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+                return [t for o in outs for t in o.new_token_ids]
+
+            return await asyncio.gather(*(consume(p, sp) for p, sp in zip(prompts, params)))
+
+    assert asyncio.run(main()) == expected
+
+
+def test_breaking_out_aborts_and_frees_the_slot():
+    model = random_model(32)
+
+    async def main():
+        engine = Engine(model, max_batch_size=1)
+        async with AsyncEngine(engine) as ae:
+            agen = ae.stream([1, 2, 3], SamplingParams(max_tokens=100, **GREEDY))
+            async for out in agen:
+                assert not out.finished
+                break
+            await agen.aclose()
+            await until(lambda: engine.num_unfinished() == 0)
+            assert engine.stats()["requests_aborted"] == 1
+            # the single slot is free: the next request runs to completion
+            c = await ae.generate([4, 5], SamplingParams(max_tokens=4, **GREEDY))
+            assert len(c.token_ids) == 4 and c.finish_reason == "length"
+            assert engine.stats()["tokens_generated"] < 100
+
+    asyncio.run(main())
+
+
+def test_cancelling_the_consumer_task_aborts_the_request():
+    model = random_model(33)
+
+    async def main():
+        engine = Engine(model, max_batch_size=2)
+        async with AsyncEngine(engine) as ae:
+            got = []
+
+            async def consume():
+                async for out in ae.stream([7, 8], SamplingParams(max_tokens=120, **GREEDY)):
+                    got.append(out)
+
+            task = asyncio.create_task(consume())
+            await until(lambda: len(got) >= 2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await until(lambda: engine.num_unfinished() == 0)
+            assert engine.stats()["requests_aborted"] == 1 and len(got) < 120
+
+    asyncio.run(main())
+
+
+def test_errors_reach_the_caller():
+    model = random_model(34)
+
+    async def main():
+        engine = Engine(model, max_batch_size=1, max_waiting=0)
+        async with AsyncEngine(engine) as ae:
+            with pytest.raises(EngineOverloaded):
+                async for _ in ae.stream([1], SamplingParams()):
+                    pass
+            with pytest.raises(ValueError, match="empty"):
+                async for _ in ae.stream([], SamplingParams()):
+                    pass
+            assert engine.num_unfinished() == 0
+
+    asyncio.run(main())
+
+
+def test_generate_aggregates_text_and_logprobs(tokenizer):
+    model = gpt2_vocab_model(seed=2)
+    prompt = tokenizer.encode("The quick brown fox")
+    p = SamplingParams(max_tokens=12, temperature=0.8, seed=4, logprobs=2, ignore_eos=True)
+    ref = generate(model, [prompt], p, tokenizer=tokenizer)[0]
+
+    async def main():
+        async with AsyncEngine(Engine(model, tokenizer)) as ae:
+            return await ae.generate(prompt, p)
+
+    c = asyncio.run(main())
+    assert c.token_ids == ref.token_ids and c.text == ref.text == tokenizer.decode(ref.token_ids)
+    assert [lp.token_id for lp in c.logprobs] == c.token_ids and all(len(lp.top) == 2 for lp in c.logprobs)
+
+
+def test_stop_ends_unfinished_streams_with_an_error():
+    model = random_model(35)
+
+    async def main():
+        ae = AsyncEngine(Engine(model, max_batch_size=1))
+        ae.start()
+        agen = ae.stream([1], SamplingParams(max_tokens=100, **GREEDY))
+        await agen.__anext__()
+        await asyncio.to_thread(ae.stop)
+        with pytest.raises(RuntimeError, match="stopped"):
+            async for _ in agen:
+                pass
+        assert not ae.running
+
+    asyncio.run(main())
