@@ -109,9 +109,11 @@ class Tokenizer:
         special_tokens: dict[str, int] | None = None,
         pattern: str | None = None,
     ) -> Tokenizer:
-        """Load a tokenizer from a ``*.tiktoken`` rank file, a ``tokenizer.json``, a ``vocab.json``
-        (with ``merges.txt`` beside it), or a directory holding one of those (looked for in that
-        order: ``tokenizer.json``, ``vocab.json`` + ``merges.txt``, a single ``*.tiktoken``).
+        """Load a tokenizer from a ``*.tiktoken`` rank file, a ``tokenizer.json``, GPT-2's
+        ``vocab.json`` + ``merges.txt`` (or OpenAI's original names ``encoder.json`` + ``vocab.bpe``),
+        or a directory holding one of those (looked for in that order; a directory may instead hold
+        a single ``*.tiktoken``). An ``eos_token`` in a ``tokenizer_config.json`` beside a Hugging
+        Face layout is honoured (``<|endoftext|>`` otherwise).
 
         A tiktoken rank file carries neither special tokens nor the regex: they default to GPT-2's
         (``GPT2_PATTERN``, and ``<|endoftext|>`` at id ``max rank + 1``, i.e. 50256 for GPT-2's
@@ -121,35 +123,22 @@ class Tokenizer:
         """
         p = Path(path)
         if p.is_dir():
-            if (p / "tokenizer.json").is_file():
-                p = p / "tokenizer.json"
-            elif (p / "vocab.json").is_file():
-                p = p / "vocab.json"
-            else:
-                found = sorted(p.glob("*.tiktoken"))
-                if len(found) != 1:
-                    raise ValueError(
-                        f"{path}: no tokenizer found (expected tokenizer.json, vocab.json + merges.txt, or "
-                        f"one *.tiktoken file; found {len(found)} *.tiktoken files)"
-                    )
-                p = found[0]
+            p = _find_tokenizer_file(p)
         elif not p.is_file():
             raise ValueError(f"{path}: no such tokenizer file or directory")
-        hf = p.suffix == ".json" or p.name == "merges.txt"
-        if hf and (special_tokens is not None or pattern is not None):
-            raise ValueError(f"{p}: special_tokens/pattern only apply to *.tiktoken files (this layout has its own)")
-        if p.name == "vocab.json" or p.name == "merges.txt":
-            vocab, merges_txt = p.with_name("vocab.json"), p.with_name("merges.txt")
-            for f in (vocab, merges_txt):
-                if not f.is_file():
-                    raise ValueError(f"{p}: GPT-2 layout needs both vocab.json and merges.txt; {f} is missing")
-            # This layout has no regex: it is GPT-2's by definition (tokenizer.json records others).
-            ranks, special, merges = bpe_io.read_vocab_merges(vocab, merges_txt)
+        pair = _GPT2_PAIRS.get(p.name)
+        if p.suffix != ".tiktoken" and (pair or p.suffix == ".json"):
+            if special_tokens is not None or pattern is not None:
+                raise ValueError(f"{p}: special_tokens/pattern apply only to *.tiktoken files (this layout has its own)")
             eos = bpe_io.read_eos_token(p.parent) or ENDOFTEXT
-            return cls(ranks, special, GPT2_PATTERN, eos_token=eos, name=str(p.parent), merges=merges)
-        if hf:
+            if pair:
+                # This layout has no regex: it is GPT-2's by definition (tokenizer.json records others).
+                vocab, merges_txt = p.with_name(pair[0]), p.with_name(pair[1])
+                if not (vocab.is_file() and merges_txt.is_file()):
+                    raise ValueError(f"{p}: GPT-2's layout needs both {pair[0]} and {pair[1]} in {p.parent}")
+                ranks, special, merges = bpe_io.read_vocab_merges(vocab, merges_txt)
+                return cls(ranks, special, GPT2_PATTERN, eos_token=eos, name=str(p.parent), merges=merges)
             ranks, special, pat, merges = bpe_io.read_hf_tokenizer_json(p)
-            eos = bpe_io.read_eos_token(p.parent) or ENDOFTEXT
             return cls(ranks, special, pat, eos_token=eos, name=str(p), merges=merges)
         ranks = bpe_io.read_tiktoken(p)
         if special_tokens is None:
@@ -432,6 +421,23 @@ class StreamDecoder:
         out = self._utf8.decode(b"", final=True)
         self._utf8.reset()
         return out
+
+
+# GPT-2's two-file layout under Hugging Face's names and under OpenAI's original ones.
+_GPT2_PAIRS = {name: pair for pair in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")) for name in pair}
+
+
+def _find_tokenizer_file(directory: Path) -> Path:
+    for name in ("tokenizer.json", "vocab.json", "encoder.json"):
+        if (directory / name).is_file():
+            return directory / name
+    found = sorted(directory.glob("*.tiktoken"))
+    if len(found) != 1:
+        raise ValueError(
+            f"{directory}: no tokenizer found (expected tokenizer.json, vocab.json + merges.txt, or one "
+            f"*.tiktoken file; found {len(found)} *.tiktoken files)"
+        )
+    return found[0]
 
 
 def _rebuild(ranks, special, pattern, eos_token, name, merges) -> Tokenizer:

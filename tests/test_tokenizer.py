@@ -293,6 +293,15 @@ def test_gpt2_vocab_merges_layout_gives_identical_ids(gpt2_layout_dir, tok, ref)
     assert Tokenizer.from_file(gpt2_layout_dir / "merges.txt").encode(CORPUS[8]) == tok.encode(CORPUS[8])
 
 
+def test_openai_original_file_names(gpt2_layout_dir, tmp_path, ref):
+    # OpenAI's GPT-2 release calls the same two files encoder.json and vocab.bpe.
+    shutil.copyfile(gpt2_layout_dir / "vocab.json", tmp_path / "encoder.json")
+    with pytest.raises(ValueError, match="needs both encoder.json and vocab.bpe"):
+        Tokenizer.from_file(tmp_path)
+    shutil.copyfile(gpt2_layout_dir / "merges.txt", tmp_path / "vocab.bpe")
+    assert Tokenizer.from_file(tmp_path).encode(CORPUS[4]) == ref.encode_ordinary(CORPUS[4])
+
+
 def test_saved_gpt2_layout_loads_in_tokenizers_and_transformers(tok, ref, tmp_path):
     tok.save(tmp_path)
     for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
