@@ -215,18 +215,22 @@ class RecordDataset:
         return RecordDataset([self.sequences[i] for i in indices], self.pad_id)
 
 
+def eval_count(n: int, eval_fraction: float, max_eval: int | None = None) -> int:
+    """How many of ``n`` examples :func:`train_eval_split` holds out (0: no held-out split)."""
+    n_eval = max(1, round(n * eval_fraction)) if eval_fraction > 0 else 0
+    if max_eval is not None:
+        n_eval = min(n_eval, max_eval)
+    return 0 if n_eval >= n else n_eval
+
+
 def train_eval_split(dataset, eval_fraction: float, seed: int, max_eval: int | None = None):
     """Split a dataset into (train, eval) with a seeded permutation; eval gets at least one example.
 
     With ``eval_fraction == 0`` (or a one-example dataset) there is no held-out split: ``eval`` is None.
     """
     n = len(dataset)
-    n_eval = int(round(n * eval_fraction)) if eval_fraction > 0 else 0
-    if eval_fraction > 0:
-        n_eval = max(1, n_eval)
-    if max_eval is not None:
-        n_eval = min(n_eval, max_eval)
-    if n_eval == 0 or n_eval >= n:
+    n_eval = eval_count(n, eval_fraction, max_eval)
+    if n_eval == 0:
         return dataset, None
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return dataset.subset(sorted(perm[n_eval:])), dataset.subset(sorted(perm[:n_eval]))

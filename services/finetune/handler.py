@@ -1,0 +1,351 @@
+"""The fine-tuning API's logic: protobuf in, protobuf out, Redis (``redis.asyncio``) underneath.
+
+Transport lives in ``servicer.py``; the Redis schema and the atomic transitions in ``store.py``;
+training in ``worker.py``. This class validates everything a worker would trip over (the dataset,
+line by line, against the base model's tokenizer and context; every hyperparameter), so that a
+job that reaches the queue can only fail for reasons nobody could know in advance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from pathlib import Path
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from lmcore.data import DatasetError, parse_record, tokenize_record
+from services.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.gen.lmstack.v1 import finetune_pb2 as pb
+
+from .bases import BaseModels
+from .settings import FineTuneSettings
+from .spec import HyperparameterError, check_suffix, resolve_hyperparameters
+from .store import SCRIPTS, STATUSES, TERMINAL, Keys, ensure_group, now, redis_client
+
+log = logging.getLogger("lmstack.finetune")
+
+METHOD_NAMES = {pb.METHOD_FULL: "FULL", pb.METHOD_LORA: "LORA", pb.METHOD_UNSPECIFIED: "LORA"}
+METHOD_VALUES = {"FULL": pb.METHOD_FULL, "LORA": pb.METHOD_LORA}
+STATUS_VALUES = {s: getattr(pb, f"JOB_STATUS_{s}") for s in STATUSES}
+EVENT_VALUES = {t: getattr(pb, f"JOB_EVENT_TYPE_{t}") for t in ("STATUS", "METRICS", "EVAL", "CHECKPOINT", "INFO")}
+OPTIONAL_HP = ("epochs", "max_steps", "learning_rate", "batch_size", "grad_accum_steps", "seed", "warmup_steps",
+               "weight_decay", "lora_rank", "lora_alpha", "lora_dropout", "eval_fraction", "eval_interval",
+               "checkpoint_interval", "log_interval", "grad_clip")
+FLOAT_HP = {"learning_rate", "weight_decay", "lora_alpha", "lora_dropout", "eval_fraction", "grad_clip"}
+MAX_IDEMPOTENCY_KEY = 200
+
+
+# --- protobuf conversion (the edge) ------------------------------------------------------------------
+def timestamp(value: str | None) -> Timestamp | None:
+    if not value:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(float(value) * 1e9))
+    return ts
+
+
+def hyperparameters_from_pb(hp: pb.Hyperparameters) -> dict:
+    """Only the fields the client set (proto3 ``optional`` tracks presence)."""
+    out = {}
+    for name in OPTIONAL_HP:
+        if hp.HasField(name):
+            value = getattr(hp, name)
+            # float32 on the wire: round so 1e-4 stays 1e-4, not 9.999999747378752e-05
+            out[name] = float(f"{value:.7g}") if name in FLOAT_HP else int(value)
+    if hp.lora_target_modules:
+        out["lora_target_modules"] = list(hp.lora_target_modules)
+    return out
+
+
+def hyperparameters_to_pb(hp: dict) -> pb.Hyperparameters:
+    kw = {k: v for k, v in hp.items() if k in OPTIONAL_HP}
+    return pb.Hyperparameters(**kw, lora_target_modules=hp.get("lora_target_modules", []))
+
+
+def job_to_pb(d: dict) -> pb.Job:
+    job = pb.Job(
+        id=d["id"], base_model=d.get("base_model", ""), dataset_id=d.get("dataset_id", ""),
+        method=METHOD_VALUES.get(d.get("method", ""), pb.METHOD_UNSPECIFIED),
+        status=STATUS_VALUES.get(d.get("status", ""), pb.JOB_STATUS_UNSPECIFIED),
+        hyperparameters=hyperparameters_to_pb(json.loads(d.get("hyperparameters") or "{}")),
+        suffix=d.get("suffix", ""), fine_tuned_model=d.get("fine_tuned_model", ""),
+        trained_tokens=int(d.get("trained_tokens") or 0), step=int(d.get("step") or 0),
+        total_steps=int(d.get("total_steps") or 0), attempt=int(d.get("attempt") or 0),
+        worker=d.get("worker", ""), cancel_requested=d.get("cancel_requested") == "1",
+        idempotency_key=d.get("idempotency_key", ""),
+    )
+    for field in ("created_at", "started_at", "finished_at"):
+        ts = timestamp(d.get(field))
+        if ts is not None:
+            getattr(job, field).CopyFrom(ts)
+    if d.get("train_loss"):
+        job.train_loss = float(d["train_loss"])
+    if d.get("eval_loss"):
+        job.eval_loss = float(d["eval_loss"])
+    if d.get("error_code"):
+        job.error.CopyFrom(pb.JobError(code=d["error_code"], message=d.get("error_message", "")))
+    return job
+
+
+def checkpoint_to_pb(c: dict) -> pb.Checkpoint:
+    cp = pb.Checkpoint(step=int(c["step"]), path=c.get("path", ""), trained_tokens=int(c.get("trained_tokens", 0)))
+    if c.get("train_loss") is not None:
+        cp.train_loss = c["train_loss"]
+    if c.get("eval_loss") is not None:
+        cp.eval_loss = c["eval_loss"]
+    ts = timestamp(str(c.get("created_at", "")))
+    if ts is not None:
+        cp.created_at.CopyFrom(ts)
+    return cp
+
+
+def event_to_pb(job_id: str, event_id: str, f: dict) -> pb.JobEvent:
+    data = json.loads(f.get("data") or "{}")
+    ev = pb.JobEvent(id=event_id, job_id=job_id, type=EVENT_VALUES.get(f.get("type", ""), 0),
+                     message=f.get("message", ""))
+    ts = timestamp(f.get("time"))
+    if ts is not None:
+        ev.created_at.CopyFrom(ts)
+    if f.get("status"):
+        ev.status = STATUS_VALUES.get(f["status"], 0)
+    if f.get("type") == "METRICS":
+        ev.metrics.CopyFrom(pb.Metrics(
+            step=data["step"], total_steps=data["total_steps"], loss=data["loss"], learning_rate=data["lr"],
+            tokens_per_second=data["tokens_per_s"], trained_tokens=data["trained_tokens"], epoch=data["epoch"]))
+    elif f.get("type") == "EVAL":
+        ev.eval_loss = data["eval_loss"]
+    elif f.get("type") == "CHECKPOINT":
+        ev.checkpoint.CopyFrom(checkpoint_to_pb(data))
+    if data.get("fine_tuned_model"):
+        ev.fine_tuned_model = data["fine_tuned_model"]
+    if data.get("error"):
+        ev.error.CopyFrom(pb.JobError(**data["error"]))
+    return ev
+
+
+# --- the handler -------------------------------------------------------------------------------------
+class FineTuneHandler:
+    def __init__(self, settings: FineTuneSettings):
+        self.settings = settings
+        self.keys = Keys(settings.redis_prefix)
+        self.bases = BaseModels(settings.models, settings.model_store, settings.default_model)
+        self.r = None
+        self.scripts: dict = {}
+
+    async def connect(self) -> None:
+        self.r = redis_client(self.settings.redis_url, asyncio=True)
+        self.scripts = {name: self.r.register_script(src) for name, src in SCRIPTS.items()}
+        try:
+            await asyncio.to_thread(self._ensure_group_sync)
+        except Exception as e:  # Redis down at start: serve anyway; RPCs answer UNAVAILABLE until it is back
+            log.warning("Redis at %s not reachable yet (%s); RPCs return UNAVAILABLE until it is",
+                        self.settings.redis_url, e)
+
+    def _ensure_group_sync(self) -> None:
+        r = redis_client(self.settings.redis_url)
+        try:
+            ensure_group(r, self.keys)
+        finally:
+            r.close()
+
+    async def close(self) -> None:
+        if self.r is not None:
+            await self.r.aclose()
+
+    # --- datasets ---------------------------------------------------------------------------------
+    async def upload_dataset(self, requests) -> pb.Dataset:
+        """Validate a streamed JSONL file line by line, then store it; nothing is stored on error."""
+        limit = self.settings.max_dataset_bytes
+        parts: list[bytes] = []
+        pending = b""
+        size = lineno = examples = tokens = 0
+        filename = model = None
+        tokenizer = block_size = None
+        async for req in requests:
+            if filename is None:
+                filename, model = req.filename or "dataset.jsonl", req.model or self.bases.default
+                tokenizer, block_size = await asyncio.to_thread(self.bases.info, model)
+            size += len(req.data)
+            if size > limit:
+                raise InvalidArgument(f"dataset is larger than the server's limit of {limit} bytes")
+            parts.append(req.data)
+            pending += req.data
+            *lines, pending = pending.split(b"\n")
+            if lines:
+                n, t = await asyncio.to_thread(check_lines, lines, lineno, tokenizer, block_size)
+                lineno, examples, tokens = lineno + len(lines), examples + n, tokens + t
+        if filename is None:
+            raise InvalidArgument("invalid dataset: the upload was empty (no data sent)")
+        if pending:
+            n, t = await asyncio.to_thread(check_lines, [pending], lineno, tokenizer, block_size)
+            examples, tokens = examples + n, tokens + t
+        if examples == 0:
+            raise InvalidArgument("invalid dataset: the file is empty (no records)")
+        dataset_id = "ds-" + secrets.token_hex(6)
+        created = now()
+        meta = {"id": dataset_id, "filename": filename, "examples": examples, "tokens": tokens, "bytes": size,
+                "model": model, "block_size": block_size, "created_at": created}
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(self.keys.dataset_data(dataset_id), b"".join(parts))
+        pipe.hset(self.keys.dataset(dataset_id), mapping={k: str(v) for k, v in meta.items()})
+        await pipe.execute()
+        log.info("dataset %s: %d records, %d tokens (%s)", dataset_id, examples, tokens, filename)
+        return dataset_to_pb(meta)
+
+    async def get_dataset(self, req: pb.GetDatasetRequest) -> pb.Dataset:
+        meta = await self.r.hgetall(self.keys.dataset(req.id))
+        if not meta:
+            raise NotFound(f"dataset {req.id!r} not found")
+        return dataset_to_pb(meta)
+
+    # --- jobs -------------------------------------------------------------------------------------
+    async def create_job(self, req: pb.CreateJobRequest) -> pb.Job:
+        key = req.idempotency_key
+        if len(key) > MAX_IDEMPOTENCY_KEY:
+            raise InvalidArgument(f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} characters")
+        if key:
+            existing = await self.r.get(self.keys.idempotency(key))
+            if existing:
+                return await self._job(existing)
+        base = req.base_model or self.bases.default
+        await asyncio.to_thread(self.bases.path, base)  # NotFound with the list of bases
+        meta = await self.r.hgetall(self.keys.dataset(req.dataset_id))
+        if not req.dataset_id or not meta:
+            raise NotFound(f"dataset {req.dataset_id!r} not found; upload it first (UploadDataset)")
+        method = METHOD_NAMES.get(req.method)
+        if method is None:
+            raise InvalidArgument(f"unknown method {req.method}; use METHOD_FULL or METHOD_LORA")
+        try:
+            hp = resolve_hyperparameters(method, hyperparameters_from_pb(req.hyperparameters), int(meta["examples"]))
+            suffix = check_suffix(req.suffix)
+        except HyperparameterError as e:
+            raise InvalidArgument(str(e)) from None
+        tokenizer, block_size = await asyncio.to_thread(self.bases.info, base)
+        if meta.get("model") != base or int(meta.get("block_size", 0)) > block_size:
+            # Checked at upload under another model: check again under this base's tokenizer and context.
+            text = await self.r.get(self.keys.dataset_data(req.dataset_id))
+            try:
+                await asyncio.to_thread(check_lines, text.encode().split(b"\n"), 0, tokenizer, block_size)
+            except DatasetError as e:
+                raise InvalidArgument(f"dataset {req.dataset_id} does not fit base model {base!r}: {e}") from None
+        job_id = "ftjob-" + secrets.token_hex(6)
+        created = time.time()
+        fields = {
+            "id": job_id, "base_model": base, "dataset_id": req.dataset_id, "method": method,
+            "hyperparameters": json.dumps(hp), "suffix": suffix, "created_at": f"{created:.6f}",
+            "total_steps": hp["total_steps"], "step": 0, "trained_tokens": 0, "attempt": 0,
+            "idempotency_key": key,
+        }
+        k = self.keys
+        idem_key = k.idempotency(key) if key else k.idempotency("-")
+        outcome, found = await self.scripts["create"](
+            keys=[k.job(job_id), k.jobs, k.queue, k.events(job_id), idem_key],
+            args=[job_id, int(created * 1e6), "1" if key else "0", now(),
+                  *[x for kv in fields.items() for x in (kv[0], str(kv[1]))]])
+        if outcome == "exists":
+            return await self._job(found)
+        log.info("job %s queued: %s %s on %s, %d steps", job_id, method, req.dataset_id, base, hp["total_steps"])
+        return await self._job(job_id)
+
+    async def _job(self, job_id: str) -> pb.Job:
+        d = await self.r.hgetall(self.keys.job(job_id))
+        if not d:
+            raise NotFound(f"job {job_id!r} not found")
+        return job_to_pb(d)
+
+    async def get_job(self, req: pb.GetJobRequest) -> pb.Job:
+        return await self._job(req.id)
+
+    async def list_jobs(self, req: pb.ListJobsRequest) -> pb.ListJobsResponse:
+        size = req.page_size or 20
+        if not 1 <= size <= 1000:
+            raise InvalidArgument(f"page_size must be in [1, 1000], got {req.page_size}")
+        wanted = {name for name, v in STATUS_VALUES.items() if v in set(req.statuses)}
+        if req.page_token:
+            if not req.page_token.isdigit():
+                raise InvalidArgument("page_token is not one this server returned")
+            upper = f"({req.page_token}"
+        else:
+            upper = "+inf"
+        page: list[tuple[dict, int]] = []
+        while len(page) <= size:
+            batch = await self.r.zrevrangebyscore(self.keys.jobs, upper, "-inf", start=0, num=max(2 * size, 50),
+                                                  withscores=True)
+            if not batch:
+                break
+            pipe = self.r.pipeline(transaction=False)
+            for job_id, _ in batch:
+                pipe.hgetall(self.keys.job(job_id))
+            for (_, score), d in zip(batch, await pipe.execute()):
+                if d and (not wanted or d.get("status") in wanted):
+                    page.append((d, int(score)))
+            upper = f"({int(batch[-1][1])}"
+        resp = pb.ListJobsResponse(jobs=[job_to_pb(d) for d, _ in page[:size]])
+        if len(page) > size:
+            resp.next_page_token = str(page[size - 1][1])
+        return resp
+
+    async def cancel_job(self, req: pb.CancelJobRequest) -> pb.Job:
+        k = self.keys
+        outcome, status = await self.scripts["cancel"](keys=[k.job(req.id), k.events(req.id)], args=[now()])
+        if outcome == "missing":
+            raise NotFound(f"job {req.id!r} not found")
+        if outcome == "terminal" and status != "CANCELLED":
+            raise FailedPrecondition(f"job {req.id} already {status.lower()}; only queued or running jobs can be "
+                                     "cancelled")
+        return await self._job(req.id)
+
+    async def list_checkpoints(self, req: pb.ListCheckpointsRequest) -> pb.ListCheckpointsResponse:
+        if not await self.r.exists(self.keys.job(req.job_id)):
+            raise NotFound(f"job {req.job_id!r} not found")
+        entries = [json.loads(e) for e in await self.r.lrange(self.keys.checkpoints(req.job_id), 0, -1)]
+        # Older checkpoints are rotated away by the worker: list those still on disk.
+        entries = [e for e in entries if Path(e["path"]).is_dir()]
+        return pb.ListCheckpointsResponse(checkpoints=[checkpoint_to_pb(e) for e in entries])
+
+    async def watch_job(self, req: pb.WatchJobRequest):
+        """Replay the job's events after ``after_event_id``, then follow it until a terminal status."""
+        if not await self.r.exists(self.keys.job(req.id)):
+            raise NotFound(f"job {req.id!r} not found")
+        stream, last = self.keys.events(req.id), req.after_event_id or "0-0"
+        while True:
+            got = await self.r.xread({stream: last}, count=100, block=2000)
+            for _, entries in got or []:
+                for event_id, fields in entries:
+                    last = event_id
+                    yield event_to_pb(req.id, event_id, fields)
+                    if fields.get("type") == "STATUS" and fields.get("status") in TERMINAL:
+                        return
+            if not got:  # quiet: the job may have ended before the events we were shown
+                status = await self.r.hget(self.keys.job(req.id), "status")
+                if status in TERMINAL and not await self.r.xread({stream: last}, count=1):
+                    return
+
+
+def dataset_to_pb(meta: dict) -> pb.Dataset:
+    ds = pb.Dataset(id=meta["id"], filename=meta["filename"], examples=int(meta["examples"]),
+                    tokens=int(meta["tokens"]), bytes=int(meta["bytes"]), model=meta["model"])
+    ts = timestamp(str(meta["created_at"]))
+    if ts is not None:
+        ds.created_at.CopyFrom(ts)
+    return ds
+
+
+def check_lines(lines: list[bytes], first_lineno: int, tokenizer, block_size: int) -> tuple[int, int]:
+    """Validate JSONL lines (numbered from ``first_lineno + 1``): (records, tokens). Raises DatasetError."""
+    examples = tokens = 0
+    for i, line in enumerate(lines, start=first_lineno + 1):
+        record = parse_record(line, i)
+        if record is None:
+            continue
+        ids, _ = tokenize_record(tokenizer, record)
+        if len(ids) - 1 > block_size:
+            raise DatasetError(i, f"record is {len(ids) - 1} tokens (with <|endoftext|>), longer than the "
+                                  f"model's context of {block_size}")
+        examples += 1
+        tokens += len(ids)
+    return examples, tokens

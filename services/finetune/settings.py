@@ -1,0 +1,30 @@
+"""Settings of the fine-tuning API and its workers (flags or ``LMSTACK_*`` environment variables)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from services.config import ModelServiceSettings
+
+
+class FineTuneSettings(ModelServiceSettings):
+    """``python -m services.finetune``: ``--models`` are the base models jobs may fine-tune (by name);
+    ``--model-store`` is where results and checkpoints go (shared with the workers and the
+    inference service)."""
+
+    port: int = Field(50053, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the queue, jobs and events")
+    redis_prefix: str = Field("lmstack:ft", description="prefix of every Redis key (several stacks, one Redis)")
+    max_dataset_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest accepted dataset file")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads (workers: the training loop's)")
+
+
+class WorkerSettings(FineTuneSettings):
+    """``python -m services.finetune.worker``: claims jobs from the queue and trains them."""
+
+    worker_id: str = Field("", description="consumer name in the Redis group (default: host-pid-random)")
+    reclaim_idle_s: float = Field(30.0, gt=0, description="a job whose worker sent no heartbeat for this "
+                                                          "long is taken over by another worker")
+    heartbeat_s: float = Field(0.0, ge=0, description="heartbeat period (default: reclaim_idle_s / 4)")
+    poll_s: float = Field(1.0, gt=0, description="how long one blocking queue read waits")
+    keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept per job (older ones are deleted)")

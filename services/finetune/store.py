@@ -1,0 +1,296 @@
+"""Redis as the queue and the job store: the keys, the atomic transitions, and their guarantees.
+
+Keys (``P`` is the prefix, ``lmstack:ft`` by default)::
+
+    P:queue                  stream of {job_id}; consumer group "workers" (the work queue)
+    P:jobs                   sorted set: job id by creation time (ListJobs, newest first)
+    P:job:<id>               hash: the job record (status, hyperparameters, progress, result)
+    P:job:<id>:events        stream: the job's events (WatchJob replays it, then blocks on it)
+    P:job:<id>:checkpoints   list: one JSON entry per checkpoint saved
+    P:idem:<key>             string: the job an idempotency key created
+    P:ds:<id>, P:ds:<id>:data  hash + string: a dataset's metadata and its JSONL bytes
+
+**Why a stream with a consumer group.** ``XREADGROUP`` hands each queued job to exactly one
+worker and records it in the group's pending list (PEL) under that worker's name until it is
+``XACK``-ed. The PEL entry is the job's *lease*: a running worker renews it every heartbeat by
+re-claiming its own entry (``XCLAIM`` with min-idle 0 resets the idle time). A worker that dies
+(kill -9) stops renewing; once the entry is idle for ``reclaim_idle_s`` another worker takes it
+with ``XAUTOCLAIM`` and resumes from the job's latest checkpoint. With ``appendonly`` on, the
+stream, the group, the PEL and the job hashes all survive a Redis restart: a queued job is never
+lost.
+
+**Why Lua.** Every status transition is one script, so it is atomic, and every script a worker runs
+checks that the job is still *its own* (``worker`` and ``attempt`` match, a fencing token): a worker
+that was presumed dead and wakes up later cannot mark the job done, so a job succeeds at most once
+even when two workers briefly believe they own it. ``start`` also ignores stale queue entries (the
+job's ``queue_msg_id`` must match), and a job cancelled while queued is acknowledged and skipped.
+
+Two clients use these definitions: the worker (``redis.Redis``, this module's :class:`JobStore`)
+and the API server (``redis.asyncio``, ``services.finetune.handler``). Both use :class:`Keys`,
+:data:`SCRIPTS` and the decoders here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+GROUP = "workers"
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+STATUSES = ("QUEUED", "RUNNING", *TERMINAL)
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "lmstack:ft"
+
+    @property
+    def queue(self) -> str:
+        return f"{self.prefix}:queue"
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.prefix}:jobs"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:events"
+
+    def checkpoints(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:checkpoints"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.prefix}:idem:{key}"
+
+    def dataset(self, dataset_id: str) -> str:
+        return f"{self.prefix}:ds:{dataset_id}"
+
+    def dataset_data(self, dataset_id: str) -> str:
+        return f"{self.prefix}:ds:{dataset_id}:data"
+
+
+# Every script returns a small array: {outcome, detail}. KEYS/ARGV are documented per script.
+SCRIPTS = {
+    # KEYS: job, jobs zset, queue, events, idempotency key (may be a dummy when ARGV[3] == "0")
+    # ARGV: job id, created score (µs), has idempotency key "1"/"0", now, then field/value pairs
+    "create": """
+if ARGV[3] == '1' then
+  local existing = redis.call('GET', KEYS[5])
+  if existing then return {'exists', existing} end
+end
+local fields = {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+local msg = redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[1])
+redis.call('HSET', KEYS[1], 'queue_msg_id', msg, 'status', 'QUEUED')
+redis.call('XADD', KEYS[4], '*', 'type', 'STATUS', 'status', 'QUEUED', 'time', ARGV[4],
+           'message', 'job created and queued')
+if ARGV[3] == '1' then redis.call('SET', KEYS[5], ARGV[1]) end
+return {'created', ARGV[1]}
+""",
+    # KEYS: job, events, queue.  ARGV: worker, queue msg id, group, now
+    "start": """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then redis.call('XACK', KEYS[3], ARGV[3], ARGV[2]); return {'skip', 'missing'} end
+if redis.call('HGET', KEYS[1], 'queue_msg_id') ~= ARGV[2] then
+  redis.call('XACK', KEYS[3], ARGV[3], ARGV[2]); return {'skip', 'stale'}
+end
+if st == 'SUCCEEDED' or st == 'FAILED' or st == 'CANCELLED' then
+  redis.call('XACK', KEYS[3], ARGV[3], ARGV[2]); return {'skip', st}
+end
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+  redis.call('HSET', KEYS[1], 'status', 'CANCELLED', 'finished_at', ARGV[4])
+  redis.call('XADD', KEYS[2], '*', 'type', 'STATUS', 'status', 'CANCELLED', 'time', ARGV[4],
+             'message', 'cancelled before it could resume')
+  redis.call('XACK', KEYS[3], ARGV[3], ARGV[2]); return {'skip', 'CANCELLED'}
+end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+local previous = redis.call('HGET', KEYS[1], 'worker')
+redis.call('HSET', KEYS[1], 'status', 'RUNNING', 'worker', ARGV[1], 'heartbeat_at', ARGV[4])
+if not redis.call('HGET', KEYS[1], 'started_at') then redis.call('HSET', KEYS[1], 'started_at', ARGV[4]) end
+local why = 'started by worker ' .. ARGV[1]
+if attempt > 1 then why = 'resumed by worker ' .. ARGV[1] .. ' (attempt ' .. attempt .. ')' end
+redis.call('XADD', KEYS[2], '*', 'type', 'STATUS', 'status', 'RUNNING', 'time', ARGV[4], 'message', why)
+return {'run', tostring(attempt)}
+""",
+    # KEYS: job, queue.  ARGV: worker, attempt, group, queue msg id, now
+    # Renews the lease; returns {'ok', cancel_requested} or {'lost', ''}.
+    "heartbeat": """
+local f = redis.call('HMGET', KEYS[1], 'worker', 'attempt', 'status', 'cancel_requested')
+if f[1] ~= ARGV[1] or f[2] ~= ARGV[2] or f[3] ~= 'RUNNING' then return {'lost', ''} end
+redis.call('XCLAIM', KEYS[2], ARGV[3], ARGV[1], 0, ARGV[4], 'JUSTID')
+redis.call('HSET', KEYS[1], 'heartbeat_at', ARGV[5])
+return {'ok', f[4] or ''}
+""",
+    # KEYS: job, events, queue.  ARGV: worker, attempt, group, queue msg id, now, final status,
+    # event message, event data (JSON), then field/value pairs to set on the job
+    "finish": """
+local f = redis.call('HMGET', KEYS[1], 'worker', 'attempt', 'status')
+if f[1] ~= ARGV[1] or f[2] ~= ARGV[2] or f[3] ~= 'RUNNING' then return {'lost', f[3] or ''} end
+local fields = {'status', ARGV[6], 'finished_at', ARGV[5]}
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('XADD', KEYS[2], '*', 'type', 'STATUS', 'status', ARGV[6], 'time', ARGV[5], 'message', ARGV[7],
+           'data', ARGV[8])
+redis.call('XACK', KEYS[3], ARGV[3], ARGV[4])
+return {'done', ARGV[6]}
+""",
+    # A worker shutting down hands its job back: ack its entry, queue a fresh one.
+    # KEYS: job, events, queue.  ARGV: worker, attempt, group, queue msg id, now, message
+    "requeue": """
+local f = redis.call('HMGET', KEYS[1], 'worker', 'attempt', 'status')
+if f[1] ~= ARGV[1] or f[2] ~= ARGV[2] or f[3] ~= 'RUNNING' then return {'lost', ''} end
+redis.call('XACK', KEYS[3], ARGV[3], ARGV[4])
+local msg = redis.call('XADD', KEYS[3], '*', 'job_id', redis.call('HGET', KEYS[1], 'id'))
+redis.call('HSET', KEYS[1], 'status', 'QUEUED', 'queue_msg_id', msg, 'worker', '')
+redis.call('XADD', KEYS[2], '*', 'type', 'STATUS', 'status', 'QUEUED', 'time', ARGV[5], 'message', ARGV[6])
+return {'queued', msg}
+""",
+    # KEYS: job, events.  ARGV: now
+    "cancel": """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return {'missing', ''} end
+if st == 'QUEUED' then
+  redis.call('HSET', KEYS[1], 'status', 'CANCELLED', 'finished_at', ARGV[1], 'cancel_requested', '1')
+  redis.call('XADD', KEYS[2], '*', 'type', 'STATUS', 'status', 'CANCELLED', 'time', ARGV[1],
+             'message', 'cancelled while queued')
+  return {'cancelled', st}
+end
+if st == 'RUNNING' then
+  if redis.call('HGET', KEYS[1], 'cancel_requested') ~= '1' then
+    redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+    redis.call('XADD', KEYS[2], '*', 'type', 'INFO', 'time', ARGV[1],
+               'message', 'cancellation requested; the worker stops after the current step')
+  end
+  return {'requested', st}
+end
+return {'terminal', st}
+""",
+}
+
+
+def redis_client(url: str, asyncio: bool = False):
+    """A client that retries a command across a dropped connection (a Redis restart) for a while."""
+    kw = dict(retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 8),
+              retry_on_error=[redis.ConnectionError, redis.TimeoutError], health_check_interval=10,
+              socket_keepalive=True)
+    if asyncio:
+        import redis.asyncio as aioredis
+
+        return aioredis.Redis.from_url(url, decode_responses=True, **kw)
+    return redis.Redis.from_url(url, decode_responses=True, **kw)
+
+
+def now() -> str:
+    return f"{time.time():.6f}"
+
+
+def decode_list(value) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else v for v in value]
+
+
+def ensure_group(r: redis.Redis, keys: Keys) -> None:
+    """Create the queue stream and its consumer group if missing (id 0: no queued job is skipped)."""
+    try:
+        r.xgroup_create(keys.queue, GROUP, id="0", mkstream=True)
+    except redis.ResponseError as e:
+        if "BUSYGROUP" not in str(e):
+            raise
+
+
+class JobStore:
+    """The worker's side of the store (synchronous ``redis.Redis``)."""
+
+    def __init__(self, r: redis.Redis, keys: Keys):
+        self.r, self.keys = r, keys
+        self.scripts = {name: r.register_script(src) for name, src in SCRIPTS.items()}
+
+    def ensure_group(self) -> None:
+        ensure_group(self.r, self.keys)
+
+    # --- reading ------------------------------------------------------------------------------
+    def job(self, job_id: str) -> dict:
+        return self.r.hgetall(self.keys.job(job_id))
+
+    def dataset_text(self, dataset_id: str) -> str | None:
+        """The dataset's JSONL (validated UTF-8 at upload, so stored and read as text)."""
+        return self.r.get(self.keys.dataset_data(dataset_id))
+
+    # --- queue --------------------------------------------------------------------------------
+    def next_message(self, consumer: str, reclaim_idle_ms: int, block_ms: int) -> tuple[str, str] | None:
+        """A job to run: first one whose worker went silent (XAUTOCLAIM), else a new one (XREADGROUP)."""
+        _, claimed, _ = self.r.xautoclaim(self.keys.queue, GROUP, consumer, min_idle_time=reclaim_idle_ms,
+                                          start_id="0-0", count=1)
+        if claimed:
+            msg_id, fields = claimed[0]
+            if fields:  # a deleted entry comes back without fields
+                return msg_id, fields["job_id"]
+            self.r.xack(self.keys.queue, GROUP, msg_id)
+        got = self.r.xreadgroup(GROUP, consumer, {self.keys.queue: ">"}, count=1, block=block_ms)
+        if got:
+            _, entries = got[0]
+            msg_id, fields = entries[0]
+            return msg_id, fields["job_id"]
+        return None
+
+    # --- transitions (all fenced by worker + attempt) ----------------------------------------------
+    def start(self, job_id: str, worker: str, msg_id: str) -> tuple[str, str]:
+        k = self.keys
+        return tuple(decode_list(self.scripts["start"](
+            keys=[k.job(job_id), k.events(job_id), k.queue], args=[worker, msg_id, GROUP, now()])))
+
+    def heartbeat(self, job_id: str, worker: str, attempt: int, msg_id: str) -> tuple[str, str]:
+        k = self.keys
+        return tuple(decode_list(self.scripts["heartbeat"](
+            keys=[k.job(job_id), k.queue], args=[worker, str(attempt), GROUP, msg_id, now()])))
+
+    def finish(self, job_id: str, worker: str, attempt: int, msg_id: str, status: str, message: str,
+               data: dict | None = None, fields: dict | None = None) -> bool:
+        k = self.keys
+        pairs = [x for kv in (fields or {}).items() for x in (kv[0], _str(kv[1]))]
+        out = decode_list(self.scripts["finish"](
+            keys=[k.job(job_id), k.events(job_id), k.queue],
+            args=[worker, str(attempt), GROUP, msg_id, now(), status, message, json.dumps(data or {}), *pairs]))
+        return out[0] == "done"
+
+    def requeue(self, job_id: str, worker: str, attempt: int, msg_id: str, message: str) -> bool:
+        k = self.keys
+        out = decode_list(self.scripts["requeue"](
+            keys=[k.job(job_id), k.events(job_id), k.queue],
+            args=[worker, str(attempt), GROUP, msg_id, now(), message]))
+        return out[0] == "queued"
+
+    # --- progress -----------------------------------------------------------------------------
+    def event(self, job_id: str, type_: str, message: str = "", data: dict | None = None,
+              fields: dict | None = None) -> None:
+        """Append an event (and update job fields) in one round trip."""
+        pipe = self.r.pipeline(transaction=True)
+        if fields:
+            pipe.hset(self.keys.job(job_id), mapping={k: _str(v) for k, v in fields.items()})
+        pipe.xadd(self.keys.events(job_id), {"type": type_, "time": now(), "message": message,
+                                             "data": json.dumps(data or {})})
+        pipe.execute()
+
+    def add_checkpoint(self, job_id: str, entry: dict) -> None:
+        self.r.rpush(self.keys.checkpoints(job_id), json.dumps(entry))
+
+    def control(self, job_id: str, worker: str, attempt: int) -> tuple[bool, bool]:
+        """(cancel requested, still ours): polled before every optimizer step."""
+        cancel, w, a, st = self.r.hmget(self.keys.job(job_id), "cancel_requested", "worker", "attempt", "status")
+        return cancel == "1", (w == worker and a == str(attempt) and st == "RUNNING")
+
+
+def _str(v) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, dict | list):
+        return json.dumps(v)
+    return "" if v is None else str(v)
