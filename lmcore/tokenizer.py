@@ -204,6 +204,8 @@ class Tokenizer:
     def _allowed(self, allowed_special: AllowedSpecial) -> frozenset[str] | set[str]:
         if allowed_special == "all":
             return self._special_set
+        if isinstance(allowed_special, str):
+            raise ValueError(f'allowed_special must be "all" or a set of names, got {allowed_special!r}')
         allowed = allowed_special if isinstance(allowed_special, set | frozenset) else set(allowed_special)
         if not allowed <= self._special_set:
             raise ValueError(
@@ -231,16 +233,17 @@ class Tokenizer:
         ``ValueError`` for an id that is not in the vocabulary."""
         try:
             return self._core.decode_bytes(ids).decode("utf-8", "replace")
-        except _BAD_ID_ERRORS:
-            if not isinstance(ids, list | tuple) and hasattr(ids, "tolist"):  # a tensor or array
-                return self.decode(ids.tolist())
-            raise self._bad_ids(ids) from None
+        except _BAD_ID_ERRORS:  # the slow path: convert or explain
+            return self.decode_bytes(ids).decode("utf-8", "replace")
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
-        """The raw bytes of ``ids`` (may end mid-character)."""
+        """The raw bytes of ``ids`` (may end mid-character). Lists, tuples, numpy arrays and
+        tensors are accepted; ``ValueError`` names the first bad id and its position."""
         try:
             return self._core.decode_bytes(ids)
         except _BAD_ID_ERRORS:
+            if not isinstance(ids, list | tuple) and hasattr(ids, "tolist"):  # a tensor or array
+                return self.decode_bytes(ids.tolist())
             raise self._bad_ids(ids) from None
 
     def token_bytes(self, token_id: int) -> bytes:

@@ -159,6 +159,8 @@ def test_special_token_policy(tok, ref):
     assert tok.encode(text, allowed_special=set()) == plain
     with pytest.raises(ValueError, match="unknown special token"):
         tok.encode(text, allowed_special={"<|im_start|>"})
+    with pytest.raises(ValueError, match="a set of names"):
+        tok.encode(text, allowed_special="<|endoftext|>")
     assert tok.count(text, allowed_special="all") == len(ref.encode(text, allowed_special="all"))
 
 
@@ -226,6 +228,9 @@ def test_decode_accepts_sequences_and_rejects_bad_ids(tok):
             tok.decode(bad)
     with pytest.raises(ValueError, match="position 2"):
         tok.decode([1, 2, -5])
+    with pytest.raises(ValueError, match="position 1"):
+        tok.decode(torch.tensor([1, 50300]))
+    assert tok.decode_bytes(np.array(tok.encode("🤗"))[:2]) == "🤗".encode()[:3]
     with pytest.raises(ValueError, match="negative"):
         tok.token_bytes(-1)
     with pytest.raises(ValueError, match="not in the vocabulary"):
