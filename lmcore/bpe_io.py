@@ -10,11 +10,11 @@ tokens (``"<|endoftext|>" -> 50256``) and the pre-tokenizer regex. Three file la
   tokens are written as *strings* through GPT-2's byte-to-unicode table (see ``bytes_to_unicode``),
   and the merges are listed explicitly, in priority order, as pairs ``"Ġ t"``.
 
-Going from a merge list to ranks is only exact under two conditions, both checked by
-``check_merges``: ids must grow with merge order (tiktoken merges by id, Hugging Face by merge
-position), and each merged token must be the one tiktoken's rank-based algorithm would itself build
-from that very pair. A layout that breaks either is refused with a ``ValueError`` rather than
-silently tokenizing differently.
+Going from a merge list to ranks is exact only when the two algorithms cannot disagree, which
+``check_merges`` verifies: ids must grow with merge order (tiktoken merges by id, Hugging Face by
+list position), and for each merged token the listed pair must be the one tiktoken's rank-based
+algorithm itself ends with when it builds that token. A layout that breaks this is refused with a
+``ValueError`` naming the token, rather than silently tokenizing differently.
 """
 
 from __future__ import annotations
@@ -105,11 +105,6 @@ def read_tiktoken(path: Path) -> dict[bytes, int]:
     if not ranks:
         raise ValueError(f"{path}: empty tiktoken rank file")
     return ranks
-
-
-def write_tiktoken(path: Path, ranks: dict[bytes, int]) -> None:
-    lines = [base64.b64encode(t) + b" " + str(r).encode() for t, r in sorted(ranks.items(), key=lambda x: x[1])]
-    _atomic_write(path, b"\n".join(lines) + b"\n")
 
 
 def validate_vocab(ranks: dict[bytes, int], special: dict[str, int], source: str) -> None:
