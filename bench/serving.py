@@ -1,0 +1,390 @@
+"""Serving benchmark: the gRPC inference service vs the same workload on the in-process engine,
+and the tokenizer service's Encode vs a bare echo RPC on the same server stack.
+
+    python bench/serving.py                 # default: GPT-2 vocabulary, 4 layers x 256 wide
+    python bench/serving.py --preset gpt2   # GPT-2-small shape (slow on 2 cores)
+    python bench/serving.py --quick         # fewer requests, for a smoke run
+
+Part 1, generation. N concurrent streaming clients (1, 4, 16, 32), each running requests back to
+back (distinct ~32-token prompts, greedy, ``max_tokens`` new tokens, end-of-text ignored so every
+request is the same length). Measured per request: time to first token (TTFT) and time per output
+token after the first (TPOT); per run: aggregate generated tokens/s. The same workload then runs in
+this process on ``lmcore``'s ``AsyncEngine`` over the same checkpoint with the same batch size and
+torch threads: the ratio service/in-process is the cost of the service (protobuf, gRPC, HTTP/2,
+a second process). The server is the real ``python -m services.inference`` in its own process; the
+clients use ``grpc.aio`` from this process.
+
+Part 2, round trips. Sequential unary ``Encode`` calls of a 100-character text against a
+tokenizer server that also serves an ``Echo`` RPC (an empty handler, same interceptors: error
+boundary, auth check, metrics), in alternating blocks. The ratio of p50 latencies is what
+tokenizing adds to a bare round trip.
+
+Threads: the engine's step thread runs torch with ``--torch-threads`` (default 1) intra-op threads,
+leaving the second core to gRPC and the clients.
+
+Writes ``bench/results/serving.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+import torch  # noqa: E402
+
+from services import protogen  # noqa: E402
+
+protogen.generate()
+
+from services.client import AsyncClient, Client  # noqa: E402
+from services.gen.lmstack.v1 import tokenizer_pb2  # noqa: E402
+
+GPT2_TIKTOKEN = ROOT.parent / "shared" / "fixtures" / "gpt2.tiktoken"
+WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this be "
+         "or has had not but what all when there can more one about so out up into than them time only "
+         "new some could these two may first then do any like my now over such our man me even most").split()
+ECHO_METHOD = "/lmstack.bench.Echo/Echo"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    i = min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))
+    return xs[i]
+
+
+def make_model(path: Path, preset: str) -> None:
+    from lmcore import GPT, GPTConfig, Tokenizer, save_pretrained
+
+    tok = Tokenizer.from_file(GPT2_TIKTOKEN)
+    torch.manual_seed(0)
+    overrides = {"vocab_size": tok.vocab_size}
+    if preset == "small":
+        overrides["block_size"] = 256
+    cfg = GPTConfig.from_preset(preset, **overrides)
+    save_pretrained(GPT(cfg), path, tokenizer=tok)
+
+
+def prompts(tok, n: int, length: int = 32) -> list[list[int]]:
+    import random
+
+    rng = random.Random(0)
+    out = []
+    for _ in range(n):
+        text = " ".join(rng.choice(WORDS) for _ in range(length * 2))
+        out.append(tok.encode(text)[:length])
+    return out
+
+
+# --- part 1: generation ----------------------------------------------------------------------------
+async def run_clients(n_clients: int, per_client: int, submit) -> dict:
+    """``submit(i)`` -> async iterator of token-id lists; returns latencies and throughput."""
+    ttft, tpot, tokens = [], [], 0
+
+    async def client(c: int):
+        nonlocal tokens
+        for r in range(per_client):
+            start = time.perf_counter()
+            first = last = None
+            n = 0
+            async for ids in submit(c * per_client + r):
+                if ids:
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    n += len(ids)
+            ttft.append(first - start)
+            if n > 1:
+                tpot.append((last - first) / (n - 1))
+            tokens += n
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in range(n_clients)))
+    wall = time.perf_counter() - start
+    return {"requests": n_clients * per_client, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
+            "tpot_p50_ms": 1e3 * pct(tpot, 50), "tpot_p99_ms": 1e3 * pct(tpot, 99)}
+
+
+def run_engine_loop(engine, n_clients: int, per_client: int, prompt_ids, params) -> dict:
+    """The bare Engine: one thread calling ``step()``, N closed-loop clients (a finished request's
+    client submits its next at once). No asyncio, no threads, no transport: the floor of overhead."""
+    ttft, tpot, tokens = [], [], 0
+    sent = [0] * n_clients
+    state: dict[str, list] = {}
+
+    def submit(c: int) -> None:
+        i = c * per_client + sent[c]
+        sent[c] += 1
+        rid = engine.add_request(prompt_ids[i % len(prompt_ids)], params)
+        state[rid] = [c, time.perf_counter(), None, None, 0]
+
+    start = time.perf_counter()
+    for c in range(n_clients):
+        submit(c)
+    while engine.has_unfinished():
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            st = state[o.request_id]
+            if o.new_token_ids:
+                st[2] = st[2] or now
+                st[3] = now
+                st[4] += len(o.new_token_ids)
+            if o.finished:
+                c, t0, first, last, n = state.pop(o.request_id)
+                ttft.append(first - t0)
+                if n > 1:
+                    tpot.append((last - first) / (n - 1))
+                tokens += n
+                if sent[c] < per_client:
+                    submit(c)
+    wall = time.perf_counter() - start
+    return {"requests": n_clients * per_client, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
+            "tpot_p50_ms": 1e3 * pct(tpot, 50), "tpot_p99_ms": 1e3 * pct(tpot, 99)}
+
+
+async def bench_generation(target: str, model_dir: Path, levels, per_client, max_tokens, max_batch, threads,
+                           prompt_ids, repeats: int) -> dict:
+    """Per level and repeat: the service, the AsyncEngine and the bare Engine back to back, so the
+    three see the same machine load (this machine is shared; repeats show how much that moves)."""
+    from lmcore import Engine, SamplingParams, load_model
+    from lmcore.async_engine import AsyncEngine
+
+    model = load_model(model_dir)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    runs: dict = {n: {"service": [], "async_engine": [], "engine": []} for n in levels}
+    async with AsyncClient(target) as c:
+        async def remote(i):
+            async for chunk in c.complete_stream(prompt_ids[i % len(prompt_ids)], max_tokens=max_tokens,
+                                                 temperature=0, ignore_eos=True):
+                yield list(chunk.token_ids)
+
+        for n in levels:
+            for rep in range(repeats):
+                await run_clients(n, 1, remote)  # warm-up (and connection setup)
+                runs[n]["service"].append(await run_clients(n, per_client(n), remote))
+
+                engine = AsyncEngine(Engine(model, model.tokenizer, max_batch_size=max_batch, max_waiting=1024),
+                                     num_threads=threads)
+                engine.start()
+
+                async def in_process(i, engine=engine):
+                    async for out in engine.stream(prompt_ids[i % len(prompt_ids)], params):
+                        yield out.new_token_ids
+
+                await run_clients(n, 1, in_process)  # warm-up
+                runs[n]["async_engine"].append(await run_clients(n, per_client(n), in_process))
+                await asyncio.to_thread(engine.stop)
+
+                engine = Engine(model, model.tokenizer, max_batch_size=max_batch, max_waiting=1024)
+                run_engine_loop(engine, n, 1, prompt_ids, params)  # warm-up
+                runs[n]["engine"].append(run_engine_loop(engine, n, per_client(n), prompt_ids, params))
+                r = {k: v[-1]["tokens_per_s"] for k, v in runs[n].items()}
+                print(f"  {n:>2} clients, repeat {rep + 1}: service {r['service']:.1f} tok/s, "
+                      f"AsyncEngine {r['async_engine']:.1f}, Engine {r['engine']:.1f}", flush=True)
+    return runs
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Median of each figure over the repeats."""
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def ratios(runs: dict, ref: str) -> dict:
+    """Service / reference, per repeat (paired: same load), then the median."""
+    out = {}
+    for key, name in (("tokens_per_s", "tokens_per_s_ratio"), ("ttft_p50_ms", "ttft_p50_ratio"),
+                      ("tpot_p50_ms", "tpot_p50_ratio"), ("tpot_p99_ms", "tpot_p99_ratio")):
+        out[name] = statistics.median(s[key] / r[key] for s, r in zip(runs["service"], runs[ref]))
+    out["overhead_pct"] = 100 * (1 - out["tokens_per_s_ratio"])
+    return out
+
+
+# --- part 2: round trips ---------------------------------------------------------------------------
+def serve_tokenizer_with_echo(port: int) -> None:
+    """Child process: the tokenizer service plus an Echo RPC on the same GrpcServer stack."""
+    from services.config import TokenizerSettings
+    from services.server import GrpcServer
+    from services.tokenizer.__main__ import setup
+
+    async def echo(request, context):
+        return tokenizer_pb2.EncodeResponse()
+
+    async def main():
+        settings = TokenizerSettings(models=[f"gpt2={GPT2_TIKTOKEN}"], port=port, log_level="WARNING")
+        server = GrpcServer(settings, "tokenizer")
+        ready, cleanup = await setup(server)
+        server.add_generic_handlers([grpc.method_handlers_generic_handler("lmstack.bench.Echo", {
+            "Echo": grpc.unary_unary_rpc_method_handler(
+                echo, request_deserializer=tokenizer_pb2.EncodeRequest.FromString,
+                response_serializer=tokenizer_pb2.EncodeResponse.SerializeToString)})])
+        await server.start()
+        await ready()
+        await server.set_serving(True)
+        await server.wait_for_signal()
+        await cleanup()
+
+    asyncio.run(main())
+
+
+def bench_round_trips(target: str, calls: int, text: str) -> dict:
+    with Client(target) as c:
+        c.wait_ready(60)
+        encode = c.tokenizer.Encode
+        echo = c.channel.unary_unary(ECHO_METHOD, request_serializer=tokenizer_pb2.EncodeRequest.SerializeToString,
+                                     response_deserializer=tokenizer_pb2.EncodeResponse.FromString)
+        req = tokenizer_pb2.EncodeRequest(text=text)
+        lat = {"encode": [], "echo": []}
+        for _ in range(200):  # warm-up
+            encode(req)
+            echo(req)
+        block = 100
+        for _ in range(max(1, calls // block)):
+            for name, fn in (("encode", encode), ("echo", echo)):
+                for _ in range(block):
+                    t = time.perf_counter()
+                    fn(req, timeout=10)
+                    lat[name].append(time.perf_counter() - t)
+    out = {}
+    for name, xs in lat.items():
+        out[name] = {"calls": len(xs), "p50_ms": 1e3 * pct(xs, 50), "p99_ms": 1e3 * pct(xs, 99),
+                     "round_trips_per_s": len(xs) / sum(xs)}
+    return out
+
+
+def spawn(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="small", help="GPTConfig preset (vocab set to GPT-2's 50257)")
+    ap.add_argument("--clients", default="1,4,16,32")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2, help="requests per client (at least 16 per level)")
+    ap.add_argument("--repeats", type=int, default=3, help="measurements per level (medians are reported)")
+    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument("--encode-calls", type=int, default=2000)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serving.json"))
+    ap.add_argument("--serve-tokenizer-echo", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve_tokenizer_echo:
+        serve_tokenizer_with_echo(args.serve_tokenizer_echo)
+        return
+    if args.quick:
+        args.rounds, args.encode_calls, args.max_tokens, args.repeats = 1, 400, 32, 1
+    torch.set_num_threads(args.torch_threads)
+    levels = [int(x) for x in args.clients.split(",")]
+
+    def per_client(n: int) -> int:
+        return max(args.rounds, -(-16 // n)) if not args.quick else 1  # ceil(16 / n)
+
+    from lmcore import Tokenizer
+
+    tok = Tokenizer.from_file(GPT2_TIKTOKEN)
+    prompt_ids = prompts(tok, 64)
+    report: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                "torch": torch.__version__, "grpc": grpc.__version__},
+                    "config": {k: v for k, v in vars(args).items() if k != "serve_tokenizer_echo"}}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "bench-model"
+        make_model(model_dir, args.preset)
+        # part 1: the service (its own process) and the same workload in-process, level by level
+        port = free_port()
+        proc = spawn([sys.executable, "-m", "services.inference", "--port", str(port),
+                      "--models", f"bench={model_dir}", "--max-batch-size", str(args.max_batch_size),
+                      "--max-waiting", "1024", "--torch-threads", str(args.torch_threads),
+                      "--log-level", "WARNING"])
+        try:
+            with Client(f"127.0.0.1:{port}") as c:
+                c.wait_ready(120)
+            runs = asyncio.run(bench_generation(
+                f"127.0.0.1:{port}", model_dir, levels, per_client, args.max_tokens, args.max_batch_size,
+                args.torch_threads, prompt_ids, args.repeats))
+        finally:
+            stop(proc)
+
+    # part 2: Encode vs echo
+    port = free_port()
+    proc = spawn([sys.executable, __file__, "--serve-tokenizer-echo", str(port)])
+    try:
+        text = ("The quick brown fox jumps over the lazy dog; " * 4)[:100]
+        rt = bench_round_trips(f"127.0.0.1:{port}", args.encode_calls, text)
+    finally:
+        stop(proc)
+
+    gen_rows = []
+    for n in levels:
+        gen_rows.append({"clients": n, **{k: summarize(v) for k, v in runs[n].items()},
+                         "vs_engine": ratios(runs[n], "engine"), "vs_async_engine": ratios(runs[n], "async_engine"),
+                         "runs": runs[n]})
+    report["generation"] = gen_rows
+    report["round_trips"] = {**rt, "encode_over_echo_p50": rt["encode"]["p50_ms"] / rt["echo"]["p50_ms"]}
+
+    print(f"\nGeneration: preset={args.preset} (vocab 50257), {args.max_tokens} new tokens, greedy, "
+          f"max_batch_size={args.max_batch_size}, torch threads={args.torch_threads}; medians of "
+          f"{args.repeats} repeats; ratios are service/reference per repeat (paired), median")
+    hdr = (f"{'clients':>7} | {'where':<11} | {'tok/s':>8} | {'TTFT p50':>9} | {'TTFT p99':>9} | "
+           f"{'TPOT p50':>9} | {'TPOT p99':>9}")
+    print(hdr + "\n" + "-" * len(hdr))
+    for row in gen_rows:
+        for where, r in (("service", row["service"]), ("AsyncEngine", row["async_engine"]),
+                         ("Engine", row["engine"])):
+            print(f"{row['clients']:>7} | {where:<11} | {r['tokens_per_s']:>8.1f} | {r['ttft_p50_ms']:>7.1f}ms | "
+                  f"{r['ttft_p99_ms']:>7.1f}ms | {r['tpot_p50_ms']:>7.2f}ms | {r['tpot_p99_ms']:>7.2f}ms")
+        for ref in ("engine", "async_engine"):
+            v = row["vs_" + ref]
+            label = "svc/Engine" if ref == "engine" else "svc/Async"
+            print(f"{'':>7} | {label:<11} | {v['tokens_per_s_ratio']:>8.3f} | {v['ttft_p50_ratio']:>8.2f}x | "
+                  f"{'':>9} | {v['tpot_p50_ratio']:>8.2f}x |  overhead {v['overhead_pct']:+.1f}% tok/s")
+    print(f"\nRound trips ({args.encode_calls} sequential calls each, 100-char text):")
+    for name in ("encode", "echo"):
+        r = rt[name]
+        print(f"  {name:<7} p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  {r['round_trips_per_s']:.0f}/s")
+    print(f"  Encode p50 / echo p50 = {report['round_trips']['encode_over_echo_p50']:.3f} (target <= 1.3)")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
