@@ -305,3 +305,31 @@ def test_bad_requests_get_clear_errors_and_idempotency_is_honoured(stack, redis_
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "Redis" in e.value.details()
     redis_server.start()
     assert ft.get_job(first.id).id == first.id
+
+
+def test_lmstack_finetune_cli(stack, tmp_path, capsys):
+    from services.cli import main
+
+    addr = ["finetune", "--addr", f"127.0.0.1:{stack.port}"]
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(jsonl(arithmetic_records(12)))
+    stack.worker()
+    code = main([*addr, "create", "--model", "tiny", "--dataset", str(data), "--max-steps", "4", "--suffix", "cli",
+                 "--lora-targets", "c_attn,mlp", "--watch"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "uploaded" in out and "succeeded: ft:tiny:cli:" in out and "fine-tuned model: ft:tiny:cli:" in out
+    job_id = next(w for w in out.split() if w.startswith("ftjob-"))
+    assert main([*addr, "list", "--status", "succeeded"]) == 0 and job_id in capsys.readouterr().out
+    assert main([*addr, "checkpoints", job_id]) == 0 and "step" in capsys.readouterr().out
+    assert main([*addr, "get", job_id]) == 0 and '"JOB_STATUS_SUCCEEDED"' in capsys.readouterr().out
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 1, "completion": "b"}\n')
+    assert main([*addr, "upload", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "INVALID_ARGUMENT" in err and "line 2" in err
+    assert main([*addr, "cancel", job_id]) == 1 and "FAILED_PRECONDITION" in capsys.readouterr().err
+    assert main(["finetune", "--addr", f"127.0.0.1:{free_port()}", "--timeout", "2", "list"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot reach the fine-tuning service" in err
