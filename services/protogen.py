@@ -4,12 +4,17 @@ The stubs are build outputs, never committed (TGI's habit): the ``.proto`` files
 protoc writes absolute imports (``from lmstack.v1 import common_pb2``); they are rewritten to
 ``services.gen.lmstack.v1`` so the stubs import without touching ``sys.path``.
 Regeneration is skipped when every stub is newer than every ``.proto``.
+
+``python -m services.protogen --check`` regenerates into a temporary directory and exits non-zero
+when ``services/gen`` differs (stale stubs); ``tests/test_services_proto.py`` runs the same check.
 """
 
 from __future__ import annotations
 
+import filecmp
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,9 +22,9 @@ PROTO_DIR = ROOT / "proto"
 OUT_DIR = ROOT / "services" / "gen"
 
 
-def stale() -> bool:
+def stale(out_dir: Path = OUT_DIR) -> bool:
     protos = list(PROTO_DIR.rglob("*.proto"))
-    stubs = list(OUT_DIR.rglob("*_pb2.py"))
+    stubs = list(out_dir.rglob("*_pb2.py"))
     if len(stubs) < len(protos):
         return True
     newest_proto = max((p.stat().st_mtime for p in protos), default=0)
@@ -27,29 +32,48 @@ def stale() -> bool:
     return newest_proto > oldest_stub
 
 
-def generate(force: bool = False) -> None:
+def generate(force: bool = False, out_dir: Path = OUT_DIR) -> None:
     from grpc_tools import protoc
 
-    if not force and not stale():
+    if not force and not stale(out_dir):
         return
     protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
     if not protos:
         return
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     include = str(Path(protoc.__file__).parent / "_proto")
-    args = ["protoc", f"-I{PROTO_DIR}", f"-I{include}", f"--python_out={OUT_DIR}",
-            f"--pyi_out={OUT_DIR}", f"--grpc_python_out={OUT_DIR}", *protos]
+    args = ["protoc", f"-I{PROTO_DIR}", f"-I{include}", f"--python_out={out_dir}",
+            f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", *protos]
     if protoc.main(args) != 0:
         raise SystemExit(f"protoc failed on {protos}")
-    for d in [OUT_DIR, *[p for p in OUT_DIR.rglob("*") if p.is_dir()]]:
+    for d in [out_dir, *[p for p in out_dir.rglob("*") if p.is_dir()]]:
         (d / "__init__.py").touch()
     pattern = re.compile(r"^from lmstack\.v1 import", re.M)
-    for f in OUT_DIR.rglob("*.py*"):
+    for f in out_dir.rglob("*.py*"):
         text = f.read_text()
         new = pattern.sub("from services.gen.lmstack.v1 import", text)
         if new != text:
             f.write_text(new)
 
 
+def check(out_dir: Path = OUT_DIR) -> list[str]:
+    """Stub files in ``out_dir`` that differ from a fresh generation (missing ones included)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = Path(tmp)
+        generate(force=True, out_dir=fresh)
+        bad = []
+        for f in sorted(fresh.rglob("*_pb2*.py*")):
+            rel = f.relative_to(fresh)
+            if not (out_dir / rel).is_file() or not filecmp.cmp(f, out_dir / rel, shallow=False):
+                bad.append(str(rel))
+        return bad
+
+
 if __name__ == "__main__":
-    generate(force="--force" in sys.argv)
+    if "--check" in sys.argv:
+        stale_files = check()
+        if stale_files:
+            raise SystemExit(f"stale gRPC stubs (run make proto): {stale_files}")
+        print("gRPC stubs are up to date")
+    else:
+        generate(force="--force" in sys.argv)

@@ -34,6 +34,7 @@ class ServerThread:
         self.server: GrpcServer | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
+        self._listening = threading.Event()
         self._error: BaseException | None = None
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"{component}-server")
@@ -47,6 +48,7 @@ class ServerThread:
             asyncio.run(self._main())
         except BaseException as e:  # surfaced by start()
             self._error = e
+            self._listening.set()
             self._ready.set()
 
     async def _main(self) -> None:
@@ -55,6 +57,7 @@ class ServerThread:
         self.server = GrpcServer(self.settings, self.component)
         ready, cleanup = await self.setup(self.server)
         await self.server.start()
+        self._listening.set()
         if ready is not None:
             await ready()
         await self.server.set_serving(True)
@@ -64,9 +67,10 @@ class ServerThread:
         if cleanup is not None:
             await cleanup()
 
-    def start(self, timeout: float = 120.0) -> ServerThread:
+    def start(self, timeout: float = 120.0, wait_ready: bool = True) -> ServerThread:
+        """Start; return once models are loaded (or, with ``wait_ready=False``, once it listens)."""
         self._thread.start()
-        if not self._ready.wait(timeout):
+        if not (self._ready if wait_ready else self._listening).wait(timeout):
             raise RuntimeError(f"{self.component} server did not become ready in {timeout}s")
         if self._error is not None:
             raise self._error

@@ -179,7 +179,7 @@ def test_cancelled_streams_abort_engine_requests(client, server):
         call.cancel()
     assert wait_until(lambda: not engine.has_unfinished()), f"{engine.num_unfinished()} requests still running"
     # and the server keeps serving
-    assert client.complete(PROMPTS[0], max_tokens=4, temperature=0).usage.completion_tokens == 4 or True
+    assert client.complete(PROMPTS[0], max_tokens=4, temperature=0, ignore_eos=True).usage.completion_tokens == 4
 
 
 def test_deadline_aborts_engine_request(client, server):
@@ -381,6 +381,37 @@ def test_auth_and_queue_full(tiny_models):
             assert codes.count(grpc.StatusCode.OK) >= 2, codes
             assert c.complete("after", max_tokens=3, temperature=0, ignore_eos=True).usage.completion_tokens == 3
     finally:
+        s.stop()
+
+
+def test_not_serving_until_models_load(tiny_models):
+    import asyncio
+
+    gate = threading.Event()
+
+    async def gated_setup(server):
+        ready, cleanup = await setup(server)
+
+        async def gated_ready():
+            await asyncio.to_thread(gate.wait, 60)
+            await ready()
+
+        return gated_ready, cleanup
+
+    s = ServerThread(InferenceSettings(models=[str(tiny_models["tiny"])], port=0), "inference", gated_setup)
+    s.start(wait_ready=False)
+    try:
+        with Client(s.target) as c:
+            assert c.health_status() == "NOT_SERVING"
+            assert c.health_status("lmstack.v1.InferenceService") == "NOT_SERVING"
+            with pytest.raises(grpc.RpcError) as e:
+                c.complete("hi")
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in e.value.details()
+            gate.set()
+            c.wait_ready(timeout=60)
+            assert c.complete("hi", max_tokens=2, temperature=0, ignore_eos=True).usage.completion_tokens == 2
+    finally:
+        gate.set()
         s.stop()
 
 
