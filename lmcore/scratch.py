@@ -80,6 +80,7 @@ def train_from_scratch(
     seed: int = 0,
     glob: str = "*.txt",
     num_threads: int | None = None,
+    device: str = "cpu",
     progress: bool = True,
     callback=None,
 ) -> ScratchResult:
@@ -110,7 +111,7 @@ def train_from_scratch(
     config = GPTConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, block_size=block_size,
                                    dropout=dropout)
     torch.manual_seed(seed)
-    model = GPT(config)
+    model = GPT(config).to(device)  # initialised on the CPU (same seed, same weights anywhere), then moved
     train_config = TrainConfig(
         max_steps=steps, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
         learning_rate=learning_rate, warmup_steps=warmup_steps, weight_decay=weight_decay,
@@ -144,7 +145,7 @@ def train_from_scratch(
             "vocab_size": vocab_size, "block_size": block_size, "steps": steps, "batch_size": batch_size,
             "grad_accum_steps": grad_accum_steps, "learning_rate": learning_rate, "warmup_steps": warmup_steps,
             "weight_decay": weight_decay, "dropout": dropout, "eval_fraction": eval_fraction, "seed": seed,
-            "glob": glob,
+            "glob": glob, "device": device,
         },
         "result": asdict(summary),
         "torch": torch.__version__,

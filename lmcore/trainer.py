@@ -186,6 +186,7 @@ class Trainer:
             betas=(config.beta1, config.beta2), eps=config.eps,
         )
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.device = next(iter(self.trainable.values())).device  # batches are built on the CPU, moved here
         self.step = 0
         self.trained_tokens = 0
         self.last_loss: float | None = None
@@ -257,9 +258,11 @@ class Trainer:
         # micro-batches (padding, prompt masking) every token then weighs the same.
         n_targets = sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches)
         total = 0.0
+        device = self.device
         for b in batches:
-            logits = self.model(b.idx)  # (B, T, V)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), b.targets.reshape(-1),
+            logits = self.model(b.idx.to(device, non_blocking=True))  # (B, T, V)
+            targets = b.targets.to(device, non_blocking=True)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX, reduction="sum") / max(n_targets, 1)
             loss.backward()
             total += loss.item()
@@ -290,7 +293,10 @@ class Trainer:
         tmp.mkdir()
         save_file({n: p.detach().contiguous() for n, p in self.trainable.items()}, str(tmp / WEIGHTS_FILE))
         torch.save(self.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        torch.save({"torch": torch.get_rng_state()}, tmp / RNG_FILE)
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / RNG_FILE)
         state = {
             "step": self.step, "total_steps": self.total_steps, "trained_tokens": self.trained_tokens,
             "sampler": self.sampler.state_dict(), "last_loss": self.last_loss,
@@ -321,7 +327,10 @@ class Trainer:
             for name, p in self.trainable.items():
                 p.copy_(tensors[name])
         self.optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, weights_only=True))
-        torch.set_rng_state(torch.load(path / RNG_FILE, weights_only=True)["torch"])
+        rng = torch.load(path / RNG_FILE, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         random.setstate(_python_rng_from_json(state["python_rng"]))
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
@@ -341,11 +350,12 @@ def evaluate_loss(model: nn.Module, dataset, batch_size: int = 8, max_batches: i
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for i, b in enumerate(iterate_batches(dataset, batch_size)):
         if max_batches is not None and i >= max_batches:
             break
-        logits = model(b.idx)  # (B, T, V)
-        total += F.cross_entropy(logits.view(-1, logits.size(-1)), b.targets.reshape(-1),
+        logits = model(b.idx.to(device))  # (B, T, V)
+        total += F.cross_entropy(logits.view(-1, logits.size(-1)), b.targets.to(device).reshape(-1),
                                  ignore_index=IGNORE_INDEX, reduction="sum").item()
         count += int((b.targets != IGNORE_INDEX).sum())
     model.train(was_training)

@@ -35,6 +35,7 @@ def add_arguments(p) -> None:
                    help="checkpoint every N steps into OUT/checkpoints; a rerun resumes (default: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
 
 
@@ -48,7 +49,7 @@ def run(args) -> int:
             learning_rate=args.lr, warmup_steps=args.warmup, weight_decay=args.weight_decay,
             dropout=args.dropout, eval_fraction=args.eval_fraction, eval_interval=args.eval_interval,
             checkpoint_interval=args.checkpoint_interval, seed=args.seed, glob=args.glob,
-            num_threads=args.threads, progress=not args.no_progress,
+            num_threads=args.threads, device=args.device, progress=not args.no_progress,
         )
     except (ValueError, OSError) as e:
         print(f"lmstack train: {e}", file=sys.stderr)

@@ -1,0 +1,286 @@
+"""Fine-tuning speed: lmcore's Trainer vs a plain PyTorch loop vs transformers' Trainer, and the
+latency from ``CreateJob`` to the job's RUNNING event with an idle worker.
+
+    .venv/bin/python bench/finetune.py [--preset small] [--batch-size 8] [--block-size 128]
+                                       [--steps 12] [--rounds 3] [--threads 2] [--jobs 20]
+
+**Throughput.** The three contestants train *the same module* (lmcore's GPT of ``--preset``; for
+transformers' ``Trainer`` it is wrapped to return ``{"loss"}``) on the same seeded token batches
+with the same recipe: AdamW (weight decay 0.1 on matrices), warmup + cosine, gradient clipping at
+1.0, fp32, ``--threads`` torch threads. Each round times ``--steps`` optimizer steps after 2 warm-up
+steps, rows interleaved so load from other processes hits all alike; the best round counts. The
+plain loop is nanoGPT's: index, stack, forward, cross-entropy, backward, clip, step.
+
+**Latency.** A private ``redis-server``, the API (``python -m services.finetune``) and one idle
+worker run as real processes; each of ``--jobs`` jobs (1 step on a tiny model) is created and
+its RUNNING event's timestamp (written by the worker's ``start`` script) minus the time just
+before ``CreateJob`` is the latency. The next job is created once the previous one finished, so
+the worker is always idle. JSON goes to ``bench/results/finetune.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lmcore.config import GPTConfig  # noqa: E402
+from lmcore.data import TokenBlocks  # noqa: E402
+from lmcore.model import GPT  # noqa: E402
+from lmcore.trainer import TrainConfig, Trainer, lr_at, param_groups  # noqa: E402
+
+LR, WD, WARMUP = 3e-4, 0.1, 2
+
+
+def make_model(preset: str, block_size: int) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig.from_preset(preset, block_size=block_size))
+
+
+def make_data(vocab: int, block_size: int, n_tokens: int) -> TokenBlocks:
+    g = torch.Generator().manual_seed(1)
+    return TokenBlocks(torch.randint(0, vocab, (n_tokens,), generator=g), block_size)
+
+
+# --- contestants: each returns tokens/s over `steps` timed steps -------------------------------------
+def run_lmcore(model, data, batch_size: int, steps: int) -> float:
+    cfg = TrainConfig(max_steps=steps + 2, batch_size=batch_size, learning_rate=LR, weight_decay=WD,
+                      warmup_steps=WARMUP, grad_clip=1.0, log_interval=1)
+    timer = {}
+
+    def on_event(e):  # the clock starts after the 2 warm-up steps, like the others
+        if e.kind == "step" and e.step == 2:
+            timer["t0"] = time.perf_counter()
+
+    trainer = Trainer(model, cfg, data, callback=on_event)
+    trainer.train()
+    return steps * batch_size * data.block_size / (time.perf_counter() - timer["t0"])
+
+
+def run_plain(model, data, batch_size: int, steps: int) -> float:
+    """nanoGPT's loop, nothing else."""
+    opt = torch.optim.AdamW(param_groups(model, WD), lr=LR, betas=(0.9, 0.95), eps=1e-8)
+    cfg = TrainConfig(max_steps=steps + 2, learning_rate=LR, warmup_steps=WARMUP)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    T = data.block_size
+    t0 = 0.0
+    for step in range(steps + 2):
+        if step == 2:
+            t0 = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg, steps + 2)
+        ix = torch.randint(len(data), (batch_size,), generator=g)
+        rows = torch.stack([data.tokens[i * T: i * T + T + 1] for i in ix.tolist()])
+        x, y = rows[:, :-1], rows[:, 1:]
+        logits = model(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()  # the loop reports its loss, like the others
+    return steps * batch_size * T / (time.perf_counter() - t0)
+
+
+def run_hf(model, data, batch_size: int, steps: int, out_dir: str) -> float:
+    from transformers import Trainer as HFTrainer
+    from transformers import TrainerCallback, TrainingArguments
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, gpt):
+            super().__init__()
+            self.gpt = gpt
+
+        def forward(self, input_ids, labels):
+            logits = self.gpt(input_ids)
+            return {"loss": F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1))}
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            b = data.collate([i])
+            return {"input_ids": b.idx[0], "labels": b.targets[0]}
+
+    class Clock(TrainerCallback):
+        t0 = 0.0
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                Clock.t0 = time.perf_counter()
+
+    args = TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=batch_size, max_steps=steps + 2, learning_rate=LR,
+        weight_decay=WD, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, lr_scheduler_type="cosine",
+        warmup_steps=WARMUP, max_grad_norm=1.0, logging_steps=10**6, save_strategy="no", report_to=[],
+        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False, seed=0,
+    )
+    trainer = HFTrainer(model=Wrapped(model), args=args, train_dataset=Rows(), callbacks=[Clock()])
+    trainer.train()
+    return steps * batch_size * data.block_size / (time.perf_counter() - Clock.t0)
+
+
+def bench_throughput(a) -> dict:
+    torch.set_num_threads(a.threads)
+    data = make_data(GPTConfig.from_preset(a.preset).vocab_size, a.block_size, 200_000)
+    results: dict[str, list[float]] = {"lmcore Trainer": [], "plain PyTorch loop": [], "transformers Trainer": []}
+    skipped = {}
+    try:
+        import accelerate  # noqa: F401  (transformers' Trainer needs it)
+    except ImportError:
+        skipped["transformers Trainer"] = "accelerate not installed (pip install accelerate)"
+        del results["transformers Trainer"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(a.rounds):
+            for name in results:
+                model = make_model(a.preset, a.block_size)
+                if name == "lmcore Trainer":
+                    tps = run_lmcore(model, data, a.batch_size, a.steps)
+                elif name == "plain PyTorch loop":
+                    tps = run_plain(model, data, a.batch_size, a.steps)
+                else:
+                    tps = run_hf(model, data, a.batch_size, a.steps, tmp)
+                results[name].append(tps)
+                print(f"  round {r + 1}: {name:<22} {tps:>10,.0f} tok/s", flush=True)
+    best = {k: max(v) for k, v in results.items()}
+    plain = best["plain PyTorch loop"]
+    model = make_model(a.preset, a.block_size)
+    return {
+        "preset": a.preset, "parameters": model.num_parameters(), "batch_size": a.batch_size,
+        "block_size": a.block_size, "timed_steps": a.steps, "rounds": a.rounds, "threads": a.threads,
+        "tokens_per_s": {k: round(v, 1) for k, v in best.items()},
+        "all_rounds_tokens_per_s": {k: [round(x, 1) for x in v] for k, v in results.items()},
+        "ratio_vs_plain_loop": {k: round(v / plain, 3) for k, v in best.items()},
+        "skipped": skipped,
+    }
+
+
+# --- CreateJob -> RUNNING ------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_latency(a) -> dict:
+    from lmcore.trainer import train_from_scratch
+    from services.client import Client
+    from services.finetune.client import FineTuneClient
+    from services.gen.lmstack.v1 import finetune_pb2 as pb
+
+    if shutil.which("redis-server") is None:
+        return {"skipped": "redis-server not on PATH"}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ft-"))
+    procs = []
+    try:
+        base = tmp / "tiny"
+        train_from_scratch(sorted((ROOT / "lmcore").glob("*.py")), base, preset="tiny", vocab_size=300, steps=5,
+                           progress=False)
+        rport, port = free_port(), free_port()
+        procs.append(subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--dir", str(tmp),
+                                       "--appendonly", "yes", "--save", ""], stdout=subprocess.DEVNULL))
+        env = {**os.environ, "LMSTACK_REDIS_URL": f"redis://127.0.0.1:{rport}/0", "LMSTACK_MODELS": f"tiny={base}",
+               "LMSTACK_MODEL_STORE": str(tmp / "store"), "LMSTACK_TORCH_THREADS": "1",
+               "LMSTACK_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)}
+        log = open(tmp / "services.log", "w")
+        procs.append(subprocess.Popen([sys.executable, "-m", "services.finetune", "--port", str(port)], env=env,
+                                      cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([sys.executable, "-m", "services.finetune.worker"], env=env, cwd=ROOT,
+                                      stdout=log, stderr=subprocess.STDOUT))
+        Client(f"127.0.0.1:{port}").wait_ready(timeout=60)
+        latencies, totals = [], []
+        with FineTuneClient(f"127.0.0.1:{port}") as ft:
+            records = [{"prompt": f"Q: {i} plus 1?\nA:", "completion": f" {i + 1}"} for i in range(16)]
+            ds = ft.upload_dataset("\n".join(json.dumps(r) for r in records).encode())
+            ft.wait(ft.create_job("tiny", ds.id, max_steps=1).id, timeout=120)  # the worker is warm and idle
+            for _ in range(a.jobs):
+                t0 = time.time()
+                job = ft.create_job("tiny", ds.id, max_steps=1)
+                running = None
+                for e in ft.watch_job(job.id, timeout=120):
+                    if running is None and e.status == pb.JOB_STATUS_RUNNING:
+                        running = e.created_at.ToNanoseconds() / 1e9
+                totals.append(time.time() - t0)
+                latencies.append(running - t0)
+        ms = sorted(x * 1000 for x in latencies)
+        return {"jobs": a.jobs, "p50_ms": round(statistics.median(ms), 2),
+                "p90_ms": round(ms[max(0, math.ceil(0.9 * len(ms)) - 1)], 2), "max_ms": round(ms[-1], 2),
+                "job_wall_p50_s": round(statistics.median(totals), 3)}
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: robust on a shared machine)")
+    p.add_argument("--jobs", type=int, default=20)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune.json"))
+    a = p.parse_args()
+
+    print(f"training throughput: preset {a.preset}, batch {a.batch_size} x {a.block_size} tokens, "
+          f"{a.threads} threads", flush=True)
+    throughput = bench_throughput(a)
+    print(f"CreateJob -> RUNNING latency ({a.jobs} jobs, idle worker)", flush=True)
+    latency = bench_latency(a)
+    result = {
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+                    "cpus": os.cpu_count()},
+        "throughput": throughput, "create_to_running": latency, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"training tokens/s ({throughput['preset']}, {throughput['parameters']:,} params, "
+                        f"batch {a.batch_size}x{a.block_size}, {a.threads} threads, best of {a.rounds})")
+    table.add_column("trainer")
+    table.add_column("tokens/s", justify="right")
+    table.add_column("vs plain loop", justify="right")
+    for name, tps in throughput["tokens_per_s"].items():
+        table.add_row(name, f"{tps:,.0f}", f"{throughput['ratio_vs_plain_loop'][name]:.3f}x")
+    for name, why in throughput["skipped"].items():
+        table.add_row(name, "skipped", why)
+    console = Console()
+    console.print(table)
+    if "p50_ms" in latency:
+        console.print(f"CreateJob -> RUNNING: p50 {latency['p50_ms']:.1f} ms, p90 {latency['p90_ms']:.1f} ms, "
+                      f"max {latency['max_ms']:.1f} ms over {latency['jobs']} jobs (target p50 < 100 ms)")
+    else:
+        console.print(f"CreateJob -> RUNNING: skipped ({latency['skipped']})")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
