@@ -83,12 +83,14 @@ class Engine:
             the KV cache reserves ``max_batch_size * max_seq_len`` positions.
         prefix_cache_tokens: size of the prefix pool in tokens (default: 4 contexts).
         eos_id: end-of-text token (default: the tokenizer's, else none).
+        prepack_weights: keep contiguous ``(in, out)`` copies of the plain Linear weights and the
+            head for fast decode (see :mod:`lmcore.runner`); costs one more copy of those weights.
     """
 
     def __init__(self, model: GPT, tokenizer=None, max_batch_size: int = 16, max_waiting: int = 64,
                  prefill_chunk_size: int = 256, enable_prefix_cache: bool = True, device=None, dtype=None,
                  max_seq_len: int | None = None, prefix_cache_tokens: int | None = None,
-                 prefix_block_size: int = 16, eos_id: int | None = None):
+                 prefix_block_size: int = 16, eos_id: int | None = None, prepack_weights: bool = True):
         if max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
         device = torch.device(device) if device is not None else model.device
@@ -106,7 +108,7 @@ class Engine:
             prefix_blocks = max(1, tokens // prefix_block_size)
             self.prefix_cache = PrefixCache(prefix_blocks, prefix_block_size)
         self.runner = ModelRunner(self.model, max_batch_size, self.max_seq_len, device, dtype,
-                                  prefix_blocks, prefix_block_size)
+                                  prefix_blocks, prefix_block_size, prepack_weights)
         matcher = self._match_prefix if self.prefix_cache is not None else None
         self.scheduler = Scheduler(max_batch_size, prefill_chunk_size, matcher)
         self._gens: dict[str, _Generation] = {}

@@ -81,6 +81,7 @@ class CacheBatch:
 
     slots: torch.Tensor  # (N,) long: slot of every row
     positions: torch.Tensor  # (N,) long: position of every row
+    write_index: torch.Tensor  # (N * nh,) long: rows of the cache viewed as (slots*nh*max_seq, hs)
     num_decode: int
     decode_lo: int = 0
     decode_hi: int = 0

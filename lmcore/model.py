@@ -71,43 +71,48 @@ class CausalSelfAttention(nn.Module):
 
     def forward_cached(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        batch: CacheBatch) -> torch.Tensor:
-        """Attention for a flat batch of tokens from many sequences, reading and extending the cache.
+        """Attention over the KV cache for a flat batch ``x (N, C)`` of tokens from many sequences
+        (see :func:`cached_attention`); ``k_cache, v_cache``: this layer's ``(n_slots, nh, max_seq, hs)``."""
+        N, _ = x.shape
+        qkv = self.c_attn(x).view(N, 3, self.n_head, self.head_dim)  # (N, 3, nh, hs)
+        return self.c_proj(cached_attention(qkv, k_cache, v_cache, batch))
 
-        ``x`` is ``(N, C)``: ``batch.num_decode`` decode tokens then prefill segments (see
-        :class:`lmcore.kv_cache.CacheBatch`). ``k_cache, v_cache`` are this layer's buffers
-        ``(n_slots, nh, max_seq, hs)``. Each token's key and value are written at its (slot,
-        position) first, so every token attends to the cached past *and* itself.
-        """
-        N, C = x.shape
-        q, k, v = self.split_heads(x.unsqueeze(0))  # 3 x (1, nh, N, hs)
-        # Write k/v of all N tokens in one indexed copy per buffer: rows (slot, :, pos) <- (nh, hs).
-        k_cache[batch.slots, :, batch.positions] = k[0].transpose(0, 1)  # (N, nh, hs)
-        v_cache[batch.slots, :, batch.positions] = v[0].transpose(0, 1)
-        parts = []
-        D = batch.num_decode
-        if D:
-            qd = q[0, :, :D].transpose(0, 1).unsqueeze(2)  # (D, nh, 1, hs)
-            if batch.decode_index is not None:  # holes in the slot range: scatter into dummy rows
-                R = batch.decode_hi - batch.decode_lo
-                qd = qd.new_zeros(R, self.n_head, 1, self.head_dim).index_copy_(0, batch.decode_index, qd)
-            keys = k_cache[batch.decode_lo:batch.decode_hi, :, :batch.decode_len]  # (R, nh, L, hs) view
-            values = v_cache[batch.decode_lo:batch.decode_hi, :, :batch.decode_len]
-            yd = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.decode_mask)
-            if batch.decode_index is not None:
-                yd = yd.index_select(0, batch.decode_index)
-            parts.append(yd.reshape(D, C))  # (D, nh, 1, hs) -> (D, C): heads side by side
-        for seg in batch.prefill:
-            T, end = seg.row_end - seg.row_start, seg.start_pos + seg.row_end - seg.row_start
-            qs = q[:, :, seg.row_start:seg.row_end]  # (1, nh, T, hs)
-            keys = k_cache[seg.slot:seg.slot + 1, :, :end]  # (1, nh, start+T, hs)
-            values = v_cache[seg.slot:seg.slot + 1, :, :end]
-            if seg.mask is None:  # the segment starts the sequence: plain causal attention
-                ys = F.scaled_dot_product_attention(qs, keys, values, is_causal=True)
-            else:
-                ys = F.scaled_dot_product_attention(qs, keys, values, attn_mask=seg.mask)
-            parts.append(ys[0].transpose(0, 1).reshape(T, C))  # (1, nh, T, hs) -> (T, C)
-        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # (N, C)
-        return self.resid_dropout(self.c_proj(y))
+
+def cached_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     batch: CacheBatch) -> torch.Tensor:
+    """Causal attention for a flat batch of tokens, reading and extending the KV cache.
+
+    ``qkv``: ``(N, 3, nh, hs)`` queries, keys and values of the step's ``N`` tokens, laid out as
+    ``batch.num_decode`` decode tokens then prefill segments (:class:`lmcore.kv_cache.CacheBatch`).
+    Each token's key and value are written at its (slot, position) first, so every token attends to
+    the cached past *and* itself. Returns the heads' outputs side by side, ``(N, nh * hs)``.
+    """
+    N, _, nh, hs = qkv.shape
+    # One indexed copy per buffer writes all N tokens: rows of the flattened (slot, head, pos) cache.
+    k_cache.view(-1, hs).index_copy_(0, batch.write_index, qkv[:, 1].reshape(N * nh, hs))
+    v_cache.view(-1, hs).index_copy_(0, batch.write_index, qkv[:, 2].reshape(N * nh, hs))
+    q = qkv[:, 0]  # (N, nh, hs)
+    parts = []
+    D = batch.num_decode
+    if D:
+        qd = q[:D].unsqueeze(2)  # (D, nh, 1, hs): each decode token is its own sequence
+        if batch.decode_index is not None:  # holes in the slot range: scatter into dummy rows
+            qd = qd.new_zeros(batch.decode_hi - batch.decode_lo, nh, 1, hs).index_copy_(0, batch.decode_index, qd)
+        keys = k_cache[batch.decode_lo:batch.decode_hi, :, :batch.decode_len]  # (R, nh, L, hs): a view
+        values = v_cache[batch.decode_lo:batch.decode_hi, :, :batch.decode_len]
+        yd = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.decode_mask)
+        if batch.decode_index is not None:
+            yd = yd.index_select(0, batch.decode_index)
+        parts.append(yd.view(D, nh * hs))  # (D, nh, 1, hs) -> (D, C): heads side by side
+    for seg in batch.prefill:
+        T, end = seg.row_end - seg.row_start, seg.start_pos + seg.row_end - seg.row_start
+        qs = q[seg.row_start:seg.row_end].transpose(0, 1).unsqueeze(0)  # (1, nh, T, hs)
+        keys = k_cache[seg.slot:seg.slot + 1, :, :end]  # (1, nh, start+T, hs)
+        values = v_cache[seg.slot:seg.slot + 1, :, :end]
+        # A segment that starts its sequence is plainly causal; a later chunk also sees the past.
+        ys = F.scaled_dot_product_attention(qs, keys, values, attn_mask=seg.mask, is_causal=seg.mask is None)
+        parts.append(ys[0].transpose(0, 1).reshape(T, nh * hs))  # (1, nh, T, hs) -> (T, C)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # (N, C)
 
 
 class MLP(nn.Module):
@@ -207,19 +212,33 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)  # (B, T, C)
         return self.lm_head(x)  # (B, T, vocab_size)
 
+    def decode_layers(self) -> list[tuple]:
+        """Per block: ``(ln_1, c_attn, c_proj, ln_2, c_fc, mlp.c_proj)``, the pieces
+        :meth:`forward_cached` calls. Fetched once per engine (module attribute lookups cost a
+        microsecond each, ~60 per step); an engine may swap a Linear for a re-laid-out copy."""
+        return [(b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc, b.mlp.c_proj) for b in self.transformer.h]
+
     def forward_cached(self, idx: torch.Tensor, batch: CacheBatch, k_cache: torch.Tensor,
-                       v_cache: torch.Tensor) -> torch.Tensor:
+                       v_cache: torch.Tensor, layers: list[tuple] | None = None) -> torch.Tensor:
         """Final hidden states ``(N, C)`` of a flat batch of tokens ``idx (N,)``, using the KV cache.
 
-        ``k_cache, v_cache``: ``(n_layer, n_slots, nh, max_seq, hs)``. Returns hidden states, not
-        logits: the caller projects only the rows it samples from (nanoGPT's "only forward the
-        lm_head on the very last position"), which is most of the step's cost on a 50k vocabulary.
+        The inference twin of :meth:`forward` (no dropout): the same blocks, but each token attends
+        to its own sequence's cached keys and values (``k_cache, v_cache``:
+        ``(n_layer, n_slots, nh, max_seq, hs)``) instead of recomputing them. Returns hidden states,
+        not logits: the caller projects only the rows it samples from (nanoGPT's "only forward the
+        lm_head on the very last position"), the largest single cost of a step on a 50k vocabulary.
         """
-        x = self.embed(idx, batch.positions)  # (N, C)
-        for i, block in enumerate(self.transformer.h):
-            x = x + block.attn.forward_cached(block.ln_1(x), k_cache[i], v_cache[i], batch)
-            x = x + block.mlp(block.ln_2(x))
-        return self.transformer.ln_f(x)  # (N, C)
+        cfg = self.config
+        N = idx.size(0)
+        x = self.transformer.wte(idx) + self.transformer.wpe(batch.positions)  # (N, C)
+        for (ln_1, c_attn, c_proj, ln_2, c_fc, fc_proj), kc, vc in zip(layers or self.decode_layers(), k_cache, v_cache):
+            h = F.layer_norm(x, ln_1.normalized_shape, ln_1.weight, ln_1.bias, ln_1.eps)
+            qkv = c_attn(h).view(N, 3, cfg.n_head, cfg.head_dim)  # (N, 3, nh, hs)
+            x = x + c_proj(cached_attention(qkv, kc, vc, batch))
+            h = F.layer_norm(x, ln_2.normalized_shape, ln_2.weight, ln_2.bias, ln_2.eps)
+            x = x + fc_proj(F.gelu(c_fc(h), approximate="tanh"))  # the MLP, as in MLP.forward
+        ln_f = self.transformer.ln_f
+        return F.layer_norm(x, ln_f.normalized_shape, ln_f.weight, ln_f.bias, ln_f.eps)  # (N, C)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy; positions whose target is ``ignore_index`` do not count."""

@@ -5,15 +5,16 @@ model once over it, projects only the rows that sample a token onto the vocabula
 The only host-device synchronisation per step is reading back the sampled ids (and, when asked,
 their log-probabilities): everything else is enqueued, so the same code runs on a GPU.
 
-**Weight layouts.** ``nn.Linear`` stores the output head as ``(vocab, width)``; a decode step
-multiplies it by a handful of vectors, and that transposed-operand GEMM reads the 50257 x 768 matrix
-at about 60% of the speed of a contiguous ``(width, vocab)`` copy on this CPU (profiled: 9.9 ms vs
-7.9 ms per token, the largest single cost of a GPT-2-small decode step). The runner keeps such a
-copy, made when it is built (so an Engine built after a LoRA merge or a fine-tune sees the new
-weights) and held outside the model (the state dict is untouched). If ``lm_head`` is not a plain
-bias-free ``nn.Linear`` (a wrapper, say), the module itself is called. The per-block Linears
-(``c_attn``, ``c_fc``, ``c_proj``) are always called as modules, so LoRA wrappers work, merged or
-not: re-laying them out measured no faster.
+**Weight layouts.** ``nn.Linear`` stores its weight as ``(out, in)`` and computes ``x @ W.T``; with
+the few rows of a decode step, that transposed-operand GEMM is much slower on this CPU than the
+same product against a contiguous ``(in, out)`` copy (profiled, GPT-2-small shapes: 1.6 ms vs
+0.66 ms for ``c_attn`` at 8 rows, 9.9 ms vs 7.9 ms for the 50257-wide head at 1 row; tiny shapes:
+9 us vs 5.7 us per call). So the runner keeps :class:`PackedLinear` copies of every plain
+``nn.Linear`` (including the tied output head), made when it is built and held outside the model:
+the state dict is untouched, and an Engine built after a LoRA merge or a fine-tune sees the new
+weights (build a new Engine after changing weights). Anything that is *not* a plain Linear (a
+LoRA wrapper, say) is called as the module it is, so unmerged adapters work unchanged. The price
+is memory: one more copy of the Linear weights (``prepack_weights=False`` turns it off).
 """
 
 from __future__ import annotations
@@ -27,16 +28,40 @@ from .sampling import SamplingParams, apply_penalties, logits_to_probs, sample_f
 from .scheduler import SchedulerOutput, Sequence
 
 
+class PackedLinear:
+    """``x @ W.T + b`` computed as ``addmm(b, x, W_t)`` with ``W_t`` a contiguous ``(in, out)`` copy."""
+
+    __slots__ = ("weight_t", "bias")
+
+    def __init__(self, linear: nn.Linear):
+        self.weight_t = linear.weight.detach().t().contiguous()  # (in, out)
+        self.bias = linear.bias.detach() if linear.bias is not None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, in) -> (N, out)
+        if self.bias is None:
+            return x @ self.weight_t
+        return torch.addmm(self.bias, x, self.weight_t)
+
+
+def pack(module: nn.Module, enabled: bool = True):
+    """A :class:`PackedLinear` for a plain ``nn.Linear``; anything else is returned as is."""
+    return PackedLinear(module) if enabled and type(module) is nn.Linear else module
+
+
 class ModelRunner:
     def __init__(self, model: GPT, n_slots: int, max_seq_len: int, device: torch.device,
-                 dtype: torch.dtype, prefix_blocks: int = 0, prefix_block_size: int = 16):
+                 dtype: torch.dtype, prefix_blocks: int = 0, prefix_block_size: int = 16,
+                 prepack_weights: bool = True):
         self.model = model
         self.device = device
         self.dtype = dtype
         cfg = model.config
         self.vocab_size = cfg.vocab_size
         self.cache = KVCache(cfg.n_layer, n_slots, cfg.n_head, max_seq_len, cfg.head_dim, device, dtype)
-        self.head_t = self._contiguous_head(model)
+        self.n_head = cfg.n_head
+        self.layers = [tuple(pack(m, prepack_weights) if i in (1, 2, 4, 5) else m for i, m in enumerate(layer))
+                       for layer in model.decode_layers()]  # (ln_1, c_attn, c_proj, ln_2, c_fc, mlp.c_proj)
+        self.head = pack(model.lm_head, prepack_weights)
         self.block_size = prefix_block_size
         if prefix_blocks > 0:  # (rows, n_layer, nh, block, hd): one row per cached prompt block
             shape = (prefix_blocks, cfg.n_layer, cfg.n_head, prefix_block_size, cfg.head_dim)
@@ -52,13 +77,6 @@ class ModelRunner:
         self.frequency = torch.zeros(n_slots, **f32)
         self.seen: torch.Tensor | None = None  # (n_slots, V) bool, allocated on first use of penalties
         self.counts: torch.Tensor | None = None  # (n_slots, V) float
-
-    @staticmethod
-    def _contiguous_head(model: GPT) -> torch.Tensor | None:
-        head = model.lm_head
-        if type(head) is nn.Linear and head.bias is None:
-            return head.weight.detach().t().contiguous()  # (C, V)
-        return None
 
     # --- admission --------------------------------------------------------------------------------
     def admit(self, seq: Sequence, params: SamplingParams) -> None:
@@ -120,8 +138,11 @@ class ModelRunner:
                 for s, p in zip(slots, positions):
                     range_pos[s - lo] = p
                 index = torch.tensor([s - lo for s in slots], device=dev)
-            pos_t = torch.tensor(range_pos, device=dev)
-            mask = (torch.arange(L, device=dev)[None, :] <= pos_t[:, None])[:, None, None, :]  # (R,1,1,L)
+            if index is None and positions[0] == L - 1 and positions[-1] == L - 1 and min(positions) == L - 1:
+                mask = None  # every row sees all L positions (a static batch, or batch 1): no mask
+            else:
+                pos_t = torch.tensor(range_pos, device=dev)
+                mask = (torch.arange(L, device=dev)[None, :] <= pos_t[:, None])[:, None, None, :]  # (R,1,1,L)
             batch_kw = dict(decode_lo=lo, decode_hi=hi, decode_len=L, decode_mask=mask, decode_index=index)
         segments = []
         for chunk in out.prefill:
@@ -138,23 +159,24 @@ class ModelRunner:
             if chunk.completes_prompt:
                 samplers.append(seq)
                 sample_rows.append(len(tokens) - 1)
+        # Cache rows written this step, viewing a layer's buffer as (n_slots * nh * max_seq, hs).
+        nh, T = self.n_head, self.cache.max_seq_len
+        write = [(s * nh + h) * T + p for s, p in zip(slots, positions) for h in range(nh)]
         batch = CacheBatch(
             slots=torch.tensor(slots, device=dev), positions=torch.tensor(positions, device=dev),
-            num_decode=D, prefill=tuple(segments), **batch_kw,
+            write_index=torch.tensor(write, device=dev), num_decode=D, prefill=tuple(segments), **batch_kw,
         )
         return torch.tensor(tokens, device=dev), batch, samplers, sample_rows
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project final hidden states ``(R, C)`` onto the vocabulary: ``(R, V)``."""
-        if self.head_t is not None:
-            return hidden @ self.head_t
-        return self.model.lm_head(hidden)
+        return self.head(hidden)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, params: dict[str, SamplingParams], rngs: dict) -> tuple:
         """Run one step. Returns ``(samplers, token_ids, logprob_rows)`` on the host."""
         idx, batch, samplers, rows = self.build_batch(out)
-        hidden = self.model.forward_cached(idx, batch, self.cache.k, self.cache.v)  # (N, C)
+        hidden = self.model.forward_cached(idx, batch, self.cache.k, self.cache.v, self.layers)  # (N, C)
         if not samplers:
             return samplers, [], None
         if rows == list(range(len(rows))):
