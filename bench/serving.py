@@ -9,10 +9,11 @@ Part 1, generation. N concurrent streaming clients (1, 4, 16, 32), each running 
 back (distinct ~32-token prompts, greedy, ``max_tokens`` new tokens, end-of-text ignored so every
 request is the same length). Measured per request: time to first token (TTFT) and time per output
 token after the first (TPOT); per run: aggregate generated tokens/s. The same workload then runs in
-this process on ``lmcore``'s ``AsyncEngine`` over the same checkpoint with the same batch size and
-torch threads: the ratio service/in-process is the cost of the service (protobuf, gRPC, HTTP/2,
-a second process). The server is the real ``python -m services.inference`` in its own process; the
-clients use ``grpc.aio`` from this process.
+a fresh process on ``lmcore``'s ``AsyncEngine`` (N asyncio clients) and on the bare ``Engine``
+(one thread calling ``step()``, closed-loop clients: the floor), over the same checkpoint with the
+same batch size and torch threads, in a second long-lived process (the server's twin): the ratio service/in-process is the cost of the service
+(protobuf, gRPC, HTTP/2, the clients' process). The server is the real
+``python -m services.inference`` in its own process; the clients use ``grpc.aio`` from this one.
 
 Part 2, round trips. Sequential unary ``Encode`` calls of a 100-character text against a
 tokenizer server that also serves an ``Echo`` RPC (an empty handler, same interceptors: error
@@ -167,45 +168,69 @@ def run_engine_loop(engine, n_clients: int, per_client: int, prompt_ids, params)
             "tpot_p50_ms": 1e3 * pct(tpot, 50), "tpot_p99_ms": 1e3 * pct(tpot, 99)}
 
 
-async def bench_generation(target: str, model_dir: Path, levels, per_client, max_tokens, max_batch, threads,
-                           prompt_ids, repeats: int) -> dict:
-    """Per level and repeat: the service, the AsyncEngine and the bare Engine back to back, so the
-    three see the same machine load (this machine is shared; repeats show how much that moves)."""
-    from lmcore import Engine, SamplingParams, load_model
+async def reference_worker(model_dir: Path, max_tokens: int, max_batch: int, threads: int) -> None:
+    """The in-process references, in a long-lived process of their own (like the server, so both have
+    the same history: warm caches, touched KV pages). One AsyncEngine and one bare Engine, built
+    once; each stdin line ``[n_clients, per_client]`` runs both and answers one JSON line."""
+    from lmcore import Engine, SamplingParams, Tokenizer, load_model
     from lmcore.async_engine import AsyncEngine
 
+    torch.set_num_threads(threads)
+    prompt_ids = prompts(Tokenizer.from_file(GPT2_TIKTOKEN), 64)
     model = load_model(model_dir)
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    engine = AsyncEngine(Engine(model, model.tokenizer, max_batch_size=max_batch, max_waiting=1024),
+                         num_threads=threads)
+    engine.start()
+    bare = Engine(model, model.tokenizer, max_batch_size=max_batch, max_waiting=1024)
+
+    async def in_process(i):
+        async for out in engine.stream(prompt_ids[i % len(prompt_ids)], params):
+            yield out.new_token_ids
+
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        n, per_client = json.loads(line)
+        await run_clients(n, 1, in_process)  # warm-up
+        result = {"async_engine": await run_clients(n, per_client, in_process)}
+        run_engine_loop(bare, n, 1, prompt_ids, params)  # warm-up
+        result["engine"] = run_engine_loop(bare, n, per_client, prompt_ids, params)
+        print(json.dumps(result), flush=True)
+    await asyncio.to_thread(engine.stop)
+
+
+async def bench_generation(target: str, model_dir: Path, levels, per_client, max_tokens, max_batch, threads,
+                           prompt_ids, repeats: int) -> dict:
+    """Per level and repeat: the service, then the AsyncEngine and the bare Engine (in the reference
+    process), back to back so the three see the same machine load (this machine is shared; the
+    repeats show how much that moves the figures)."""
     runs: dict = {n: {"service": [], "async_engine": [], "engine": []} for n in levels}
-    async with AsyncClient(target) as c:
-        async def remote(i):
-            async for chunk in c.complete_stream(prompt_ids[i % len(prompt_ids)], max_tokens=max_tokens,
-                                                 temperature=0, ignore_eos=True):
-                yield list(chunk.token_ids)
+    worker = subprocess.Popen([sys.executable, __file__, "--reference-worker",
+                               json.dumps([str(model_dir), max_tokens, max_batch, threads])],
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(worker.stdout.readline())["ready"]
+        async with AsyncClient(target) as c:
+            async def remote(i):
+                async for chunk in c.complete_stream(prompt_ids[i % len(prompt_ids)], max_tokens=max_tokens,
+                                                     temperature=0, ignore_eos=True):
+                    yield list(chunk.token_ids)
 
-        for n in levels:
-            for rep in range(repeats):
-                await run_clients(n, 1, remote)  # warm-up (and connection setup)
-                runs[n]["service"].append(await run_clients(n, per_client(n), remote))
-
-                engine = AsyncEngine(Engine(model, model.tokenizer, max_batch_size=max_batch, max_waiting=1024),
-                                     num_threads=threads)
-                engine.start()
-
-                async def in_process(i, engine=engine):
-                    async for out in engine.stream(prompt_ids[i % len(prompt_ids)], params):
-                        yield out.new_token_ids
-
-                await run_clients(n, 1, in_process)  # warm-up
-                runs[n]["async_engine"].append(await run_clients(n, per_client(n), in_process))
-                await asyncio.to_thread(engine.stop)
-
-                engine = Engine(model, model.tokenizer, max_batch_size=max_batch, max_waiting=1024)
-                run_engine_loop(engine, n, 1, prompt_ids, params)  # warm-up
-                runs[n]["engine"].append(run_engine_loop(engine, n, per_client(n), prompt_ids, params))
-                r = {k: v[-1]["tokens_per_s"] for k, v in runs[n].items()}
-                print(f"  {n:>2} clients, repeat {rep + 1}: service {r['service']:.1f} tok/s, "
-                      f"AsyncEngine {r['async_engine']:.1f}, Engine {r['engine']:.1f}", flush=True)
+            for n in levels:
+                for rep in range(repeats):
+                    await run_clients(n, 1, remote)  # warm-up (and connection setup)
+                    runs[n]["service"].append(await run_clients(n, per_client(n), remote))
+                    worker.stdin.write(json.dumps([n, per_client(n)]) + "\n")
+                    worker.stdin.flush()
+                    ref = json.loads(await asyncio.to_thread(worker.stdout.readline))
+                    runs[n]["async_engine"].append(ref["async_engine"])
+                    runs[n]["engine"].append(ref["engine"])
+                    r = {k: v[-1]["tokens_per_s"] for k, v in runs[n].items()}
+                    print(f"  {n:>2} clients, repeat {rep + 1}: service {r['service']:.1f} tok/s, "
+                          f"AsyncEngine {r['async_engine']:.1f}, Engine {r['engine']:.1f}", flush=True)
+    finally:
+        worker.stdin.close()
+        worker.wait(60)
     return runs
 
 
@@ -303,7 +328,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serving.json"))
     ap.add_argument("--serve-tokenizer-echo", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--reference-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.reference_worker:
+        model_dir, max_tokens, max_batch, threads = json.loads(args.reference_worker)
+        asyncio.run(reference_worker(Path(model_dir), max_tokens, max_batch, threads))
+        return
     if args.serve_tokenizer_echo:
         serve_tokenizer_with_echo(args.serve_tokenizer_echo)
         return
@@ -319,9 +349,11 @@ def main() -> None:
 
     tok = Tokenizer.from_file(GPT2_TIKTOKEN)
     prompt_ids = prompts(tok, 64)
-    report: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+    report: dict = {"machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg(),
+                                "python": platform.python_version(),
                                 "torch": torch.__version__, "grpc": grpc.__version__},
-                    "config": {k: v for k, v in vars(args).items() if k != "serve_tokenizer_echo"}}
+                    "config": {k: v for k, v in vars(args).items()
+                               if k not in ("serve_tokenizer_echo", "reference_worker")}}
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "bench-model"
@@ -380,6 +412,9 @@ def main() -> None:
         print(f"  {name:<7} p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  {r['round_trips_per_s']:.0f}/s")
     print(f"  Encode p50 / echo p50 = {report['round_trips']['encode_over_echo_p50']:.3f} (target <= 1.3)")
 
+    report["machine"]["load_average_at_end"] = os.getloadavg()
+    print(f"load average (1, 5, 15 min) at start {report['machine']['load_average_at_start']}, "
+          f"at end {report['machine']['load_average_at_end']} on {os.cpu_count()} cores")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -120,7 +120,7 @@ class ModelRegistry:
         self.start_entry = start_entry
         self.close_entry = close_entry
         self._entries: dict[str, Entry] = {}
-        self._failed: dict[str, float] = {}  # store entry name -> mtime when it last failed
+        self._failed: dict[str, tuple[float, str]] = {}  # store entry name -> (mtime, why) of its last failure
         self._lock = asyncio.Lock()
         self.loaded = False
 
@@ -150,6 +150,9 @@ class ModelRegistry:
         await self.refresh()
         entry = self._entries.get(name or self.default)
         if entry is None:
+            if name in self._failed:
+                raise NotFound(f"model {name!r} is in the model store but could not be loaded "
+                               f"({self._failed[name][1]}); served models: {self.names()}")
             raise NotFound(f"model {name!r} not found; served models: {self.names()}")
         return entry
 
@@ -193,9 +196,10 @@ class ModelRegistry:
             return []
         new: list[str] = []
         async with self._lock:
-            for spec in self.scan_store():
+            # Full models first: an adapter may name a full model published in the same scan.
+            for spec in sorted(self.scan_store(), key=lambda s: s.is_adapter):
                 mtime = _mtime(spec.path)
-                if self._failed.get(spec.name) == mtime:
+                if spec.name in self._failed and self._failed[spec.name][0] == mtime:
                     continue
                 try:
                     if spec.is_adapter:
@@ -204,7 +208,7 @@ class ModelRegistry:
                     self._failed.pop(spec.name, None)
                     new.append(spec.name)
                 except Exception as e:  # a bad store entry must not take the server down
-                    self._failed[spec.name] = mtime
+                    self._failed[spec.name] = (mtime, str(e)[:300])
                     log.warning("model store entry %s not served: %s", spec.path, e)
         return new
 

@@ -293,7 +293,7 @@ def test_model_store_served_without_restart(client, server, store, reference):
     assert "ft:tiny:broken:1" not in [m.name for m in client.list_models()]
     with pytest.raises(grpc.RpcError) as e:
         client.complete("x", model="ft:tiny:broken:1")
-    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "could not be loaded" in e.value.details()
     shutil.rmtree(store / "ft:tiny:broken:1")
 
 
