@@ -57,7 +57,7 @@ class Stack:
         self.procs: list[subprocess.Popen] = []
         self.env = {**os.environ, "LMSTACK_REDIS_URL": redis_url, "LMSTACK_MODELS": f"tiny={base}",
                     "LMSTACK_MODEL_STORE": str(self.store), "LMSTACK_TORCH_THREADS": "1",
-                    "LMSTACK_LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT)}
+                    "LMSTACK_LOG_LEVEL": "INFO", "LMSTACK_GRACE_PERIOD_S": "1", "PYTHONPATH": str(ROOT)}
         self.port = free_port()
         self.api = self.spawn("api", ["services.finetune", "--port", str(self.port)])
         self.client = FineTuneClient(f"127.0.0.1:{self.port}")
@@ -194,6 +194,26 @@ def test_killed_worker_job_is_resumed_by_another_with_identical_weights(stack):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_stopped_worker_hands_its_job_back_and_another_resumes_it(stack):
+    ft = stack.client
+    ds = ft.upload_dataset(jsonl(arithmetic_records(16)))
+    first = stack.worker()
+    job = ft.create_job("tiny", ds.id, max_steps=60, log_interval=1, checkpoint_interval=1000)
+    for event in ft.watch_job(job.id, timeout=120):
+        if event.type == pb.JOB_EVENT_TYPE_METRICS and event.metrics.step >= 3:
+            break
+    first.send_signal(signal.SIGTERM)  # a deploy: stop after this step, checkpoint, requeue
+    assert first.wait(timeout=60) == 0
+    handed_back = ft.get_job(job.id)
+    assert handed_back.status == pb.JOB_STATUS_QUEUED and 3 <= handed_back.step < 60
+    stack.worker()
+    events = events_of(ft, job.id)
+    assert statuses(events) == ["queued", "running", "queued", "running", "succeeded"]
+    resumed = [e for e in events if e.type == pb.JOB_EVENT_TYPE_INFO and "resumed" in e.message]
+    assert len(resumed) == 1 and f"step {handed_back.step}" in resumed[0].message
+    assert ft.get_job(job.id).attempt == 2
 
 
 def test_redis_restart_loses_no_queued_job(stack, redis_server):
