@@ -86,6 +86,6 @@ class CacheBatch:
     decode_lo: int = 0
     decode_hi: int = 0
     decode_len: int = 0  # keys read by decode attention: max decode position + 1
-    decode_mask: torch.Tensor | None = None  # (decode_hi-decode_lo, 1, 1, decode_len) bool
+    decode_mask: torch.Tensor | None = None  # (decode_hi-decode_lo, 1, 1, decode_len) additive (0 / -inf)
     decode_index: torch.Tensor | None = None  # (num_decode,) long rows within the range, or None
     prefill: tuple[PrefillSegment, ...] = ()

@@ -322,3 +322,18 @@ def test_cuda_matches_cpu(cuda_available):
     rid = e.add_request(prompts[0], SamplingParams(max_tokens=5, temperature=0.8, seed=1, logprobs=2))
     out = run_to_end(e)[rid]
     assert len(out) == 5
+
+
+def test_single_token_requests_and_mixed_logprobs_in_one_batch():
+    model = random_model(12)
+    e = Engine(model, max_batch_size=4)
+    one = e.add_request([1, 2, 3], SamplingParams(max_tokens=1, **GREEDY))
+    lp = e.add_request([4, 5], SamplingParams(max_tokens=3, logprobs=4, **GREEDY))
+    plain = e.add_request([6], SamplingParams(max_tokens=3, **GREEDY))
+    first = {o.request_id: o for o in e.step()}
+    assert first[one].finished and first[one].finish_reason == "length" and e.stats()["running"] == 2
+    assert len(first[lp].logprobs) == 1 and len(first[lp].logprobs[0].top) == 4
+    assert first[plain].logprobs is None
+    assert first[lp].logprobs[0].top[0][0] == first[lp].new_token_ids[0]  # greedy picks the top-1
+    run_to_end(e)
+    assert e.stats()["requests_finished"] == 3
