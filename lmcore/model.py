@@ -218,13 +218,14 @@ class GPT(nn.Module):
         microsecond each, ~60 per step); an engine may swap a Linear for a re-laid-out copy."""
         return [(b.ln_1, b.attn.c_attn, b.attn.c_proj, b.ln_2, b.mlp.c_fc, b.mlp.c_proj) for b in self.transformer.h]
 
-    def forward_cached(self, idx: torch.Tensor, batch: CacheBatch, k_cache: torch.Tensor,
-                       v_cache: torch.Tensor, layers: list[tuple] | None = None) -> torch.Tensor:
+    def forward_cached(self, idx: torch.Tensor, batch: CacheBatch, k_cache, v_cache,
+                       layers: list[tuple] | None = None) -> torch.Tensor:
         """Final hidden states ``(N, C)`` of a flat batch of tokens ``idx (N,)``, using the KV cache.
 
         The inference twin of :meth:`forward` (no dropout): the same blocks, but each token attends
         to its own sequence's cached keys and values (``k_cache, v_cache``:
-        ``(n_layer, n_slots, nh, max_seq, hs)``) instead of recomputing them. Returns hidden states,
+        ``(n_layer, n_slots, nh, max_seq, hs)``, or per-layer lists of ``(n_slots, nh, max_seq, hs)``)
+        instead of recomputing them. Returns hidden states,
         not logits: the caller projects only the rows it samples from (nanoGPT's "only forward the
         lm_head on the very last position"), the largest single cost of a step on a 50k vocabulary.
         """

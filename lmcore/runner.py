@@ -19,6 +19,8 @@ is memory: one more copy of the Linear weights (``prepack_weights=False`` turns 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
@@ -48,6 +50,20 @@ def pack(module: nn.Module, enabled: bool = True):
     return PackedLinear(module) if enabled and type(module) is nn.Linear else module
 
 
+@dataclass
+class StepInputs:
+    """One step's inputs, on the device."""
+
+    tokens: torch.Tensor  # (N,) token ids, flat
+    batch: CacheBatch
+    samplers: list[Sequence]  # the sequences that sample a token this step, in row order
+    params: list[SamplingParams]  # theirs
+    rows: torch.Tensor | None  # (R,) rows of the flat batch they sample from; None = the first R
+    slots: torch.Tensor  # (R,) their slots
+    uniforms: torch.Tensor | None  # (R,) one draw each from their own streams; None = all greedy
+    greedy: torch.Tensor | None  # (R,) bool; None = no greedy row among sampled ones
+
+
 class ModelRunner:
     def __init__(self, model: GPT, n_slots: int, max_seq_len: int, device: torch.device,
                  dtype: torch.dtype, prefix_blocks: int = 0, prefix_block_size: int = 16,
@@ -59,6 +75,7 @@ class ModelRunner:
         self.vocab_size = cfg.vocab_size
         self.cache = KVCache(cfg.n_layer, n_slots, cfg.n_head, max_seq_len, cfg.head_dim, device, dtype)
         self.n_head = cfg.n_head
+        self.k_layers, self.v_layers = list(self.cache.k), list(self.cache.v)  # per-layer views, made once
         self.layers = [tuple(pack(m, prepack_weights) if i in (1, 2, 4, 5) else m for i, m in enumerate(layer))
                        for layer in model.decode_layers()]  # (ln_1, c_attn, c_proj, ln_2, c_fc, mlp.c_proj)
         self.head = pack(model.lm_head, prepack_weights)
@@ -112,64 +129,91 @@ class ModelRunner:
             self.pool_v[row] = self.cache.v[:, seq.slot, :, j * bs:(j + 1) * bs]
 
     # --- one step --------------------------------------------------------------------------------
-    def build_batch(self, out: SchedulerOutput) -> tuple[torch.Tensor, CacheBatch, list[Sequence], list[int]]:
-        """The flat token ids, their cache batch, and the sequences that sample (with their rows)."""
+    def _upload(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """One host list -> one device tensor. On a GPU through pinned memory without blocking, so
+        building the next inputs never waits for the device."""
+        t = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def prepare(self, out: SchedulerOutput, params: dict[str, SamplingParams], rngs: dict) -> StepInputs:
+        """Everything the step needs on the device, built from the schedule in one upload."""
         tokens: list[int] = []
         slots: list[int] = []
         positions: list[int] = []
         samplers: list[Sequence] = []
-        sample_rows: list[int] = []
-        dev = self.device
+        rows: list[int] = []
         D = len(out.decode)
-        batch_kw = {}
-        if D:
-            for i, seq in enumerate(out.decode):
-                tokens.append(seq.next_input())
-                slots.append(seq.slot)
-                positions.append(seq.num_computed)
-                samplers.append(seq)
-                sample_rows.append(i)
-            lo, hi = slots[0], slots[-1] + 1  # decode is in ascending slot order
-            L = max(positions) + 1
-            if hi - lo == D:
-                index, range_pos = None, positions
-            else:  # holes: dummy rows attend to position 0 only
-                range_pos = [0] * (hi - lo)
-                for s, p in zip(slots, positions):
-                    range_pos[s - lo] = p
-                index = torch.tensor([s - lo for s in slots], device=dev)
-            if index is None and positions[0] == L - 1 and positions[-1] == L - 1 and min(positions) == L - 1:
-                mask = None  # every row sees all L positions (a static batch, or batch 1): no mask
-            else:
-                pos_t = torch.tensor(range_pos, device=dev)
-                visible = torch.arange(L, device=dev)[None, :] <= pos_t[:, None]  # (R, L)
-                # Additive float mask (0 or -inf): SDPA's CPU kernel ran ~30% faster with it than with bool.
-                mask = torch.zeros(visible.shape, device=dev, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
-                mask = mask[:, None, None, :]  # (R, 1, 1, L)
-            batch_kw = dict(decode_lo=lo, decode_hi=hi, decode_len=L, decode_mask=mask, decode_index=index)
-        segments = []
+        for i, seq in enumerate(out.decode):  # decode rows first, ascending slot
+            tokens.append(seq.next_input())
+            slots.append(seq.slot)
+            positions.append(seq.num_computed)
+            samplers.append(seq)
+            rows.append(i)
+        spans = []
         for chunk in out.prefill:
             seq, start, end = chunk.seq, chunk.start, chunk.end
-            r0 = len(tokens)
+            spans.append((len(tokens), seq.slot, start, end))
             tokens.extend(seq.prompt_ids[start:end])
             slots.extend([seq.slot] * (end - start))
             positions.extend(range(start, end))
-            mask = None
-            if start > 0:  # query i (position start+i) sees keys 0..start+i
-                q_pos = torch.arange(start, end, device=dev)[:, None]
-                mask = torch.arange(end, device=dev)[None, :] <= q_pos  # (T, end)
-            segments.append(PrefillSegment(r0, len(tokens), seq.slot, start, mask))
             if chunk.completes_prompt:
                 samplers.append(seq)
-                sample_rows.append(len(tokens) - 1)
+                rows.append(len(tokens) - 1)
+        R = len(samplers)
         # Cache rows written this step, viewing a layer's buffer as (n_slots * nh * max_seq, hs).
         nh, T = self.n_head, self.cache.max_seq_len
         write = [(s * nh + h) * T + p for s, p in zip(slots, positions) for h in range(nh)]
-        batch = CacheBatch(
-            slots=torch.tensor(slots, device=dev), positions=torch.tensor(positions, device=dev),
-            write_index=torch.tensor(write, device=dev), num_decode=D, prefill=tuple(segments), **batch_kw,
-        )
-        return torch.tensor(tokens, device=dev), batch, samplers, sample_rows
+        lo = hi = L = 0
+        holes = False
+        range_pos: list[int] = []
+        if D:
+            lo, hi = slots[0], slots[D - 1] + 1
+            L = max(positions[:D]) + 1
+            holes = hi - lo != D
+            if holes:  # rows of the slot range that do not decode: a dummy query at position 0
+                range_pos = [0] * (hi - lo)
+                for s, p in zip(slots[:D], positions[:D]):
+                    range_pos[s - lo] = p
+        uniform_decode = D and not holes and min(positions[:D]) == L - 1
+        parts = [tokens, slots, positions, write, [s.slot for s in samplers], rows,
+                 [s - lo for s in slots[:D]] if holes else [], range_pos]
+        ints = self._upload([v for part in parts for v in part], torch.long)
+        views = []
+        at = 0
+        for part in parts:
+            views.append(ints[at:at + len(part)])
+            at += len(part)
+        tok_t, slot_t, pos_t, write_t, sample_slot_t, row_t, index_t, range_pos_t = views
+
+        dev = self.device
+        mask = None
+        if D and not uniform_decode:  # each row sees positions <= its own (dummy rows: 0 only)
+            row_pos = range_pos_t if holes else pos_t[:D]
+            visible = torch.arange(L, device=dev)[None, :] <= row_pos[:, None]  # (R, L)
+            # Additive float mask (0 or -inf): SDPA's CPU kernel ran ~30% faster with it than with bool.
+            mask = torch.zeros(visible.shape, device=dev, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
+            mask = mask[:, None, None, :]  # (R, 1, 1, L)
+        segments = []
+        for r0, slot, start, end in spans:
+            seg_mask = None
+            if start > 0:  # query i (position start+i) sees keys 0..start+i
+                seg_mask = torch.arange(end, device=dev)[None, :] <= torch.arange(start, end, device=dev)[:, None]
+            segments.append(PrefillSegment(r0, r0 + end - start, slot, start, seg_mask))
+        batch = CacheBatch(slots=slot_t, positions=pos_t, write_index=write_t, num_decode=D, decode_lo=lo,
+                           decode_hi=hi, decode_len=L, decode_mask=mask,
+                           decode_index=index_t if holes else None, prefill=tuple(segments))
+
+        ps = [params[s.request_id] for s in samplers]
+        uniforms = greedy = None
+        if any(not p.greedy for p in ps):  # one draw per sampled token from the request's own stream
+            u = [0.0 if p.greedy else rngs[s.request_id].random() for s, p in zip(samplers, ps)]
+            g = [p.greedy for p in ps]
+            floats = self._upload(u + [float(x) for x in g], torch.float32)
+            uniforms, greedy = floats[:R], floats[R:] > 0.5
+        return StepInputs(tok_t, batch, samplers, ps, None if rows == list(range(R)) else row_t,
+                          sample_slot_t, uniforms, greedy if greedy is not None and any(g) else None)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project final hidden states ``(R, C)`` onto the vocabulary: ``(R, V)``."""
@@ -177,50 +221,44 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, params: dict[str, SamplingParams], rngs: dict) -> tuple:
-        """Run one step. Returns ``(samplers, token_ids, logprob_rows)`` on the host."""
-        idx, batch, samplers, rows = self.build_batch(out)
-        hidden = self.model.forward_cached(idx, batch, self.cache.k, self.cache.v, self.layers)  # (N, C)
-        if not samplers:
-            return samplers, [], None
-        if rows == list(range(len(rows))):
-            hidden = hidden[: len(rows)]
-        else:
-            hidden = hidden.index_select(0, torch.tensor(rows, device=self.device))
+        """Run one step: ``(samplers, token_ids, logprobs)``, the latter two on the host."""
+        step = self.prepare(out, params, rngs)
+        hidden = self.model.forward_cached(step.tokens, step.batch, self.k_layers, self.v_layers, self.layers)
+        if not step.samplers:
+            return [], [], None
+        R = len(step.samplers)
+        hidden = hidden[:R] if step.rows is None else hidden.index_select(0, step.rows)  # (R, C)
         logits = self.logits(hidden).float()  # (R, V)
-        ps = [params[s.request_id] for s in samplers]
-        ids, lp = self.sample(logits, samplers, ps, rngs)
-        return samplers, ids, lp
+        ids, lp = self.sample(logits, step)
+        return step.samplers, ids, lp
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence], ps: list[SamplingParams], rngs: dict):
-        dev = self.device
+    def sample(self, logits: torch.Tensor, step: StepInputs):
+        """Penalties, greedy/temperature/top-k/top-p choice, log-probabilities; one host sync."""
+        ps, slot_t = step.params, step.slots
         raw = logits
-        slot_t = torch.tensor([s.slot for s in seqs], device=dev)
         penalised = self.seen is not None and any(p.uses_penalties for p in ps)
         if penalised:
             logits = apply_penalties(logits, self.seen[slot_t], self.counts[slot_t], self.repetition[slot_t],
                                      self.presence[slot_t], self.frequency[slot_t])
         ids = logits.max(-1).indices  # (R,) greedy; first maximum on ties, like argmax, ~3x faster on CPU
-        sampled_rows = [i for i, p in enumerate(ps) if not p.greedy]
-        if sampled_rows:
+        if step.uniforms is not None:
             k_max = max(p.top_k for p in ps)
             any_top_p = any(p.top_p < 1.0 for p in ps)
             probs = logits_to_probs(
                 logits, self.temperature[slot_t], self.top_k[slot_t] if k_max else None,
                 self.top_p[slot_t] if any_top_p else None, k_max=k_max,
             )
-            u = [rngs[s.request_id].random() if not p.greedy else 0.0 for s, p in zip(seqs, ps)]
-            choice = sample_from_probs(probs, torch.tensor(u, device=dev))
-            if len(sampled_rows) == len(ps):
-                ids = choice
-            else:
-                greedy = torch.tensor([p.greedy for p in ps], device=dev)
-                ids = torch.where(greedy, ids, choice)
+            choice = sample_from_probs(probs, step.uniforms)
+            ids = choice if step.greedy is None else torch.where(step.greedy, ids, choice)
         if penalised:
             self.counts.index_put_((slot_t, ids), torch.ones_like(ids, dtype=self.counts.dtype), accumulate=True)
             self.seen[slot_t, ids] = True
         n_lp = max(p.logprobs for p in ps)
         if n_lp:
             chosen, values, top_ids = top_logprobs(raw, ids, n_lp)
-            ids_list = ids.tolist()  # the one host sync of the step (with the logprobs below)
-            return ids_list, (chosen.tolist(), values.tolist(), top_ids.tolist())
-        return ids.tolist(), None
+            packed = torch.cat([ids.double()[:, None], chosen.double()[:, None], values.double(),
+                                top_ids.double()], dim=1).tolist()  # the step's one host sync
+            ids_list = [int(r[0]) for r in packed]
+            return ids_list, ([r[1] for r in packed], [r[2:2 + n_lp] for r in packed],
+                              [[int(i) for i in r[2 + n_lp:]] for r in packed])
+        return ids.tolist(), None  # the step's one host sync
