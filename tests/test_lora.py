@@ -143,3 +143,34 @@ def test_lora_training_lowers_loss_and_resumes_bit_exact(tmp_path):
     from safetensors.torch import load_file
     saved = load_file(str(latest_checkpoint(tmp_path / "b") / "trainable.safetensors"))
     assert set(saved) == set(lora_state_dict(full))
+
+
+def test_adapter_bank_serves_different_adapters_in_one_batch(tmp_path):
+    """S-LoRA style: rows of one batch use different adapters (or none) and match each model alone."""
+    from lmcore.lora_batch import add_adapter, attach_lora_bank, remove_adapter, set_adapter_ids
+
+    dirs = []
+    for i, (targets, rank) in enumerate([(("c_attn",), 2), (ALL, 4)]):
+        m = apply_lora(make_model(), LoRAConfig(rank=rank, alpha=2.0 * rank + i, target_modules=targets))
+        randomize_adapter(m, seed=10 + i)
+        save_adapter(m, tmp_path / f"a{i}", base_model="base")
+        dirs.append(tmp_path / f"a{i}")
+    base = make_model()
+    idx = torch.randint(0, CFG.vocab_size, (3, 12))
+    with torch.no_grad():
+        alone = [load_adapter_model(base, d)(idx) for d in dirs] + [base(idx)]
+        bank = attach_lora_bank(make_model())
+        first, second = add_adapter(bank, "one", dirs[0]), add_adapter(bank, "two", dirs[1])
+        assert (first, second) == (0, 1) and add_adapter(bank, "one", dirs[0]) == 0
+        set_adapter_ids(bank, torch.tensor([[second], [-1], [first]]))  # (B, 1): one adapter per row
+        mixed = bank(idx)
+        torch.testing.assert_close(mixed[0], alone[1][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed[1], alone[2][1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed[2], alone[0][2], rtol=1e-5, atol=1e-5)
+        set_adapter_ids(bank, None)
+        assert torch.equal(bank(idx), base(idx))
+        remove_adapter(bank, "one")
+        set_adapter_ids(bank, torch.tensor([[first], [second], [second]]))
+        after = bank(idx)
+        torch.testing.assert_close(after[0], alone[2][0], rtol=1e-5, atol=1e-5)  # removed: the base alone
+        torch.testing.assert_close(after[1:], alone[1][1:], rtol=1e-5, atol=1e-5)
