@@ -68,6 +68,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system, all threads) used so far by a process (default: this one)."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -121,10 +129,11 @@ async def run_clients(n_clients: int, per_client: int, submit) -> dict:
                 tpot.append((last - first) / (n - 1))
             tokens += n
 
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), process_cpu_s()
     await asyncio.gather(*(client(c) for c in range(n_clients)))
     wall = time.perf_counter() - start
     return {"requests": n_clients * per_client, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "cpu_ms_per_token": 1e3 * (process_cpu_s() - cpu0) / tokens,
             "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
             "tpot_p50_ms": 1e3 * pct(tpot, 50), "tpot_p99_ms": 1e3 * pct(tpot, 99)}
 
@@ -142,7 +151,7 @@ def run_engine_loop(engine, n_clients: int, per_client: int, prompt_ids, params)
         rid = engine.add_request(prompt_ids[i % len(prompt_ids)], params)
         state[rid] = [c, time.perf_counter(), None, None, 0]
 
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), process_cpu_s()
     for c in range(n_clients):
         submit(c)
     while engine.has_unfinished():
@@ -164,6 +173,7 @@ def run_engine_loop(engine, n_clients: int, per_client: int, prompt_ids, params)
                     submit(c)
     wall = time.perf_counter() - start
     return {"requests": n_clients * per_client, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "cpu_ms_per_token": 1e3 * (process_cpu_s() - cpu0) / tokens,
             "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
             "tpot_p50_ms": 1e3 * pct(tpot, 50), "tpot_p99_ms": 1e3 * pct(tpot, 99)}
 
@@ -199,7 +209,7 @@ async def reference_worker(model_dir: Path, max_tokens: int, max_batch: int, thr
     await asyncio.to_thread(engine.stop)
 
 
-async def bench_generation(target: str, model_dir: Path, levels, per_client, max_tokens, max_batch, threads,
+async def bench_generation(target: str, server_pid: int, model_dir: Path, levels, per_client, max_tokens, max_batch, threads,
                            prompt_ids, repeats: int) -> dict:
     """Per level and repeat: the service, then the AsyncEngine and the bare Engine (in the reference
     process), back to back so the three see the same machine load (this machine is shared; the
@@ -219,7 +229,13 @@ async def bench_generation(target: str, model_dir: Path, levels, per_client, max
             for n in levels:
                 for rep in range(repeats):
                     await run_clients(n, 1, remote)  # warm-up (and connection setup)
-                    runs[n]["service"].append(await run_clients(n, per_client(n), remote))
+                    server_cpu0 = process_cpu_s(server_pid)
+                    res = await run_clients(n, per_client(n), remote)
+                    # CPU per token of the whole service: the server process plus the clients' (this one).
+                    res["client_cpu_ms_per_token"] = res["cpu_ms_per_token"]
+                    res["server_cpu_ms_per_token"] = 1e3 * (process_cpu_s(server_pid) - server_cpu0) / res["tokens"]
+                    res["cpu_ms_per_token"] = res["client_cpu_ms_per_token"] + res["server_cpu_ms_per_token"]
+                    runs[n]["service"].append(res)
                     worker.stdin.write(json.dumps([n, per_client(n)]) + "\n")
                     worker.stdin.flush()
                     ref = json.loads(await asyncio.to_thread(worker.stdout.readline))
@@ -243,7 +259,8 @@ def ratios(runs: dict, ref: str) -> dict:
     """Service / reference, per repeat (paired: same load), then the median."""
     out = {}
     for key, name in (("tokens_per_s", "tokens_per_s_ratio"), ("ttft_p50_ms", "ttft_p50_ratio"),
-                      ("tpot_p50_ms", "tpot_p50_ratio"), ("tpot_p99_ms", "tpot_p99_ratio")):
+                      ("tpot_p50_ms", "tpot_p50_ratio"), ("tpot_p99_ms", "tpot_p99_ratio"),
+                      ("cpu_ms_per_token", "cpu_per_token_ratio")):
         out[name] = statistics.median(s[key] / r[key] for s, r in zip(runs["service"], runs[ref]))
     out["overhead_pct"] = 100 * (1 - out["tokens_per_s_ratio"])
     return out
@@ -368,7 +385,7 @@ def main() -> None:
             with Client(f"127.0.0.1:{port}") as c:
                 c.wait_ready(120)
             runs = asyncio.run(bench_generation(
-                f"127.0.0.1:{port}", model_dir, levels, per_client, args.max_tokens, args.max_batch_size,
+                f"127.0.0.1:{port}", proc.pid, model_dir, levels, per_client, args.max_tokens, args.max_batch_size,
                 args.torch_threads, prompt_ids, args.repeats))
         finally:
             stop(proc)
@@ -394,18 +411,20 @@ def main() -> None:
           f"max_batch_size={args.max_batch_size}, torch threads={args.torch_threads}; medians of "
           f"{args.repeats} repeats; ratios are service/reference per repeat (paired), median")
     hdr = (f"{'clients':>7} | {'where':<11} | {'tok/s':>8} | {'TTFT p50':>9} | {'TTFT p99':>9} | "
-           f"{'TPOT p50':>9} | {'TPOT p99':>9}")
+           f"{'TPOT p50':>9} | {'TPOT p99':>9} | {'CPU/token':>9}")
     print(hdr + "\n" + "-" * len(hdr))
     for row in gen_rows:
         for where, r in (("service", row["service"]), ("AsyncEngine", row["async_engine"]),
                          ("Engine", row["engine"])):
             print(f"{row['clients']:>7} | {where:<11} | {r['tokens_per_s']:>8.1f} | {r['ttft_p50_ms']:>7.1f}ms | "
-                  f"{r['ttft_p99_ms']:>7.1f}ms | {r['tpot_p50_ms']:>7.2f}ms | {r['tpot_p99_ms']:>7.2f}ms")
+                  f"{r['ttft_p99_ms']:>7.1f}ms | {r['tpot_p50_ms']:>7.2f}ms | {r['tpot_p99_ms']:>7.2f}ms | "
+                  f"{r['cpu_ms_per_token']:>7.2f}ms")
         for ref in ("engine", "async_engine"):
             v = row["vs_" + ref]
             label = "svc/Engine" if ref == "engine" else "svc/Async"
             print(f"{'':>7} | {label:<11} | {v['tokens_per_s_ratio']:>8.3f} | {v['ttft_p50_ratio']:>8.2f}x | "
-                  f"{'':>9} | {v['tpot_p50_ratio']:>8.2f}x |  overhead {v['overhead_pct']:+.1f}% tok/s")
+                  f"{'':>9} | {v['tpot_p50_ratio']:>8.2f}x | {'':>9} | {v['cpu_per_token_ratio']:>8.2f}x  "
+                  f"(tok/s overhead {v['overhead_pct']:+.1f}%)")
     print(f"\nRound trips ({args.encode_calls} sequential calls each, 100-char text):")
     for name in ("encode", "echo"):
         r = rt[name]

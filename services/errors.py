@@ -78,7 +78,7 @@ def format_validation_error(exc) -> str:
         msg = err.get("msg", "invalid").removeprefix("Value error, ")
         got = err.get("input")
         parts.append(f"{where}: {msg}" + ("" if isinstance(got, dict) or got is None else f" (got {got!r})"))
-    return "invalid sampling parameters: " + "; ".join(parts) if parts else str(exc)
+    return "invalid parameters: " + "; ".join(parts) if parts else str(exc)
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
