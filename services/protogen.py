@@ -49,9 +49,12 @@ def generate(force: bool = False, out_dir: Path = OUT_DIR) -> None:
     for d in [out_dir, *[p for p in out_dir.rglob("*") if p.is_dir()]]:
         (d / "__init__.py").touch()
     pattern = re.compile(r"^from lmstack\.v1 import", re.M)
+    # The messages' __module__ too, so they pickle (Ray Serve ships requests between processes).
+    module_name = re.compile(r"BuildTopDescriptorsAndMessages\(DESCRIPTOR, 'lmstack\.v1\.")
     for f in out_dir.rglob("*.py*"):
         text = f.read_text()
         new = pattern.sub("from services.gen.lmstack.v1 import", text)
+        new = module_name.sub("BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.gen.lmstack.v1.", new)
         if new != text:
             f.write_text(new)
 
