@@ -337,3 +337,34 @@ def test_single_token_requests_and_mixed_logprobs_in_one_batch():
     assert first[lp].logprobs[0].top[0][0] == first[lp].new_token_ids[0]  # greedy picks the top-1
     run_to_end(e)
     assert e.stats()["requests_finished"] == 3
+
+
+def test_decoding_around_a_freed_slot_matches_no_cache_decoding():
+    model = random_model(13)
+    e = Engine(model, max_batch_size=3, enable_prefix_cache=False)
+    prompts = random_prompts(512, [4, 6, 9], seed=13)
+    ids = [e.add_request(p, SamplingParams(max_tokens=n, **GREEDY)) for p, n in zip(prompts, [20, 3, 20])]
+    got: dict[str, list[int]] = {}
+    saw_hole = False
+    while e.has_unfinished():
+        for o in e.step():
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+        saw_hole |= sorted(s.slot for s in e.scheduler.running) == [0, 2]
+    assert saw_hole  # slot 1 freed while 0 and 2 decode: the batch ran with a hole
+    for rid, p, n in zip(ids, prompts, [20, 3, 20]):
+        assert got[rid] == greedy_without_cache(model, p, n)
+
+
+def test_tiny_prefix_pool_evicts_and_stays_correct():
+    model = random_model(14)
+    shared = random_prompts(512, [40], seed=14)[0]
+    prompts = [shared + q for q in random_prompts(512, [5, 9, 2, 7], seed=15)] + random_prompts(512, [37], seed=16)
+    p = SamplingParams(max_tokens=6, **GREEDY)
+    e = Engine(model, max_batch_size=2, prefix_cache_tokens=32, prefix_block_size=8)  # 4 blocks
+    out = []
+    for prompt in prompts:
+        rid = e.add_request(prompt, p)
+        out.append(run_to_end(e)[rid])
+    assert out == [greedy_without_cache(model, q, 6) for q in prompts]
+    s = e.stats()
+    assert s["prefix_cache_blocks_used"] <= s["prefix_cache_blocks_total"] == 4 and s["prefix_cache_hits"] >= 3

@@ -154,3 +154,20 @@ def test_earliest_stop_wins_and_no_stops_means_no_holdback():
     assert out == ["xx "] and stopped
     out, _ = _run(["a", "b"], [])
     assert out == ["a", "b", ""]
+
+
+def test_text_stream_with_the_real_decoder_emits_whole_characters(gpt2_tiktoken_path):
+    from lmcore.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(gpt2_tiktoken_path)
+    text = "naïve café 😀🎉 done. STOP here"
+    ids = tok.encode(text)
+    assert any(not tok.token_bytes(i).decode("utf-8", errors="ignore") for i in ids)  # split characters
+    ts = TextStream(tok.stream_decoder(), [" STOP"])
+    deltas = []
+    for i in ids:
+        deltas.append(ts.push(i))
+        if ts.stopped:
+            break
+    assert ts.stopped and "".join(deltas) == "naïve café 😀🎉 done."
+    assert all("\ufffd" not in d for d in deltas)
