@@ -27,7 +27,8 @@ def stale(out_dir: Path = OUT_DIR) -> bool:
     stubs = list(out_dir.rglob("*_pb2.py"))
     if len(stubs) < len(protos):
         return True
-    newest_proto = max((p.stat().st_mtime for p in protos), default=0)
+    # This file is an input too: a change to the rewriting below must regenerate the stubs.
+    newest_proto = max((p.stat().st_mtime for p in [*protos, Path(__file__)]), default=0)
     oldest_stub = min((p.stat().st_mtime for p in stubs), default=0)
     return newest_proto > oldest_stub
 
