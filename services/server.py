@@ -224,6 +224,14 @@ async def serve(settings: ServiceSettings, component: str, setup: Setup) -> None
 
 
 def run_service(settings: ServiceSettings, component: str, setup: Setup) -> None:
-    """The body of a service's ``__main__``: configure, serve until SIGTERM, drain, clean up."""
+    """The body of a service's ``__main__``: configure, serve until SIGTERM, drain, clean up.
+
+    A configuration error (``ValueError`` from setup or loading: a missing model directory, a bad
+    model spec) ends the process with status 2 and one clear line, not a traceback.
+    """
     configure_process(settings)
-    asyncio.run(serve(settings, component, setup))
+    try:
+        asyncio.run(serve(settings, component, setup))
+    except ValueError as e:
+        log.error("lmstack %s: cannot start: %s", component, e)
+        raise SystemExit(2) from None

@@ -150,6 +150,7 @@ def test_bad_config_fails_fast(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "services.tokenizer", "--port", str(free_port()),
                            "--models", f"x={tmp_path / 'missing'}"], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
-    assert proc.returncode != 0
-    assert "missing" in proc.stderr
+    assert proc.returncode == 2
+    assert "cannot start" in proc.stderr and "missing" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert time.monotonic() - start < 60
