@@ -71,6 +71,15 @@ def test_encode_batch_matches_lmcore(client, tok):
     assert client.encode_batch([]) == []
 
 
+def test_large_inputs_match_lmcore(client, tok):
+    big = (TEXTS[0] + TEXTS[2] + "\n") * 3000  # past OFFLOAD_CHARS: encoded in a worker thread
+    ids = tok.encode(big)
+    assert client.encode(big) == ids
+    assert client.count_tokens(big) == len(ids)
+    assert client.decode(ids) == big
+    assert client.encode_batch([big, "x"]) == [ids, tok.encode("x")]
+
+
 def test_decode_invalid_utf8_gives_replacement_chars(client, tok):
     ids = tok.encode("é")  # one token whose bytes are a 2-byte character; take a lone byte token
     lone = [i for i in range(256) if tok.token_bytes(i) == b"\xc3"]

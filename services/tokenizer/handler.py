@@ -1,12 +1,15 @@
 """TokenizerHandler: protobuf in, ``lmcore.Tokenizer``, protobuf out. No transport code here.
 
 The gRPC servicer (``services.tokenizer.servicer``) and a Ray Serve deployment both call these
-methods with the request message and return what they return. Tokenizing takes microseconds, so
-the methods run on the event loop (a thread hop would cost more than the work).
+methods with the request message and return what they return. Tokenizing a short text takes
+microseconds, so it runs on the event loop (a thread hop would cost more than the work); texts
+past ``OFFLOAD_CHARS`` in total go to a worker thread so one large request never stalls the others
+(tiktoken's core releases the GIL).
 """
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from services.config import TokenizerSettings
@@ -15,6 +18,14 @@ from services.gen.lmstack.v1 import tokenizer_pb2 as pb
 from services.models import ModelRegistry, ModelSpec, parse_model_specs, resolve_base
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+OFFLOAD_CHARS = 64 * 1024
+
+
+async def _run(fn, *args, size: int = 0, **kwargs):
+    """``fn(*args, **kwargs)`` inline when small, in a worker thread when ``size`` is large."""
+    if size > OFFLOAD_CHARS:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    return fn(*args, **kwargs)
 
 
 def load_tokenizer(spec: ModelSpec, registry: ModelRegistry):
@@ -51,16 +62,14 @@ class TokenizerHandler:
 
     async def encode(self, req: pb.EncodeRequest) -> pb.EncodeResponse:
         tok = await self._tokenizer(req.model)
-        ids = tok.encode(req.text, allowed_special="all") if req.allow_special else tok.encode(req.text)
-        return pb.EncodeResponse(token_ids=ids)
+        special = {"allowed_special": "all"} if req.allow_special else {}
+        return pb.EncodeResponse(token_ids=await _run(tok.encode, req.text, size=len(req.text), **special))
 
     async def encode_batch(self, req: pb.EncodeBatchRequest) -> pb.EncodeBatchResponse:
         tok = await self._tokenizer(req.model)
         texts = list(req.texts)
-        if req.allow_special:
-            batches = tok.encode_batch(texts, allowed_special="all")
-        else:
-            batches = tok.encode_batch(texts)
+        special = {"allowed_special": "all"} if req.allow_special else {}
+        batches = await _run(tok.encode_batch, texts, size=sum(map(len, texts)), **special)
         return pb.EncodeBatchResponse(items=[pb.TokenIds(token_ids=ids) for ids in batches])
 
     async def decode(self, req: pb.DecodeRequest) -> pb.DecodeResponse:
@@ -70,10 +79,9 @@ class TokenizerHandler:
         if bad:
             raise InvalidArgument(f"token id(s) {bad[:5]} out of range: this tokenizer's ids are "
                                   f"0..{tok.vocab_size - 1}")
-        return pb.DecodeResponse(text=tok.decode(ids))
+        return pb.DecodeResponse(text=await _run(tok.decode, ids, size=len(ids) * 4))
 
     async def count_tokens(self, req: pb.CountTokensRequest) -> pb.CountTokensResponse:
         tok = await self._tokenizer(req.model)
-        if req.allow_special:
-            return pb.CountTokensResponse(count=len(tok.encode(req.text, allowed_special="all")))
-        return pb.CountTokensResponse(count=tok.count(req.text))
+        special = {"allowed_special": "all"} if req.allow_special else {}
+        return pb.CountTokensResponse(count=await _run(tok.count, req.text, size=len(req.text), **special))
