@@ -5,18 +5,8 @@ model once over it, projects only the rows that sample a token onto the vocabula
 The only host-device synchronisation per step is reading back the sampled ids (and, when asked,
 their log-probabilities): everything else is enqueued, so the same code runs on a GPU.
 
-**Weight layouts.** ``nn.Linear`` stores its weight as ``(out, in)`` and computes ``x @ W.T``; with
-the few rows of a decode step, that transposed-operand GEMM is much slower on this CPU than the
-same product against a contiguous ``(in, out)`` copy (profiled, GPT-2-small shapes: 1.6 ms vs
-0.66 ms for ``c_attn`` at 8 rows, 9.9 ms vs 7.9 ms for the 50257-wide head at 1 row; tiny shapes:
-9 us vs 5.7 us per call). So the runner keeps :class:`PackedLinear` copies of every plain
-``nn.Linear`` (including the tied output head), made when it is built and held outside the model:
-the state dict is untouched, and an Engine built after a LoRA merge or a fine-tune sees the new
-weights (build a new Engine after changing weights). Anything that is *not* a plain Linear (a
-LoRA wrapper, say) is called as the module it is, so unmerged adapters work unchanged. The price
-is memory and build time: one more copy of the Linear weights (about 0.1 s per 150 MB here;
-``prepack_weights=False`` turns it off). With a single slot (batch-1 ``generate``) only the head is
-copied: at one row the block Linears run as fast in their own layout.
+The weights' fast layouts (re-laid-out copies kept beside the model, made when the runner is built)
+are described in :mod:`lmcore.weight_layout`.
 """
 
 from __future__ import annotations
@@ -24,32 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
 from .kv_cache import CacheBatch, KVCache, PrefillSegment
 from .model import GPT
 from .sampling import SamplingParams, apply_penalties, logits_to_probs, sample_from_probs, top_logprobs
 from .scheduler import SchedulerOutput, Sequence
-
-
-class PackedLinear:
-    """``x @ W.T + b`` computed as ``addmm(b, x, W_t)`` with ``W_t`` a contiguous ``(in, out)`` copy."""
-
-    __slots__ = ("weight_t", "bias")
-
-    def __init__(self, linear: nn.Linear):
-        self.weight_t = linear.weight.detach().t().contiguous()  # (in, out)
-        self.bias = linear.bias.detach() if linear.bias is not None else None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, in) -> (N, out)
-        if self.bias is None:
-            return x @ self.weight_t
-        return torch.addmm(self.bias, x, self.weight_t)
-
-
-def pack(module: nn.Module, enabled: bool = True):
-    """A :class:`PackedLinear` for a plain ``nn.Linear``; anything else is returned as is."""
-    return PackedLinear(module) if enabled and type(module) is nn.Linear else module
+from .weight_layout import DecodeWeights
 
 
 @dataclass
@@ -78,12 +48,7 @@ class ModelRunner:
         self.cache = KVCache(cfg.n_layer, n_slots, cfg.n_head, max_seq_len, cfg.head_dim, device, dtype)
         self.n_head = cfg.n_head
         self.k_layers, self.v_layers = list(self.cache.k), list(self.cache.v)  # per-layer views, made once
-        # The block Linears gain only when several rows share a product (2x at 8 rows, measured);
-        # with a single slot only the head's copy pays for itself (its (V, C) GEMV is the slowest).
-        pack_blocks = prepack_weights and n_slots > 1
-        self.layers = [tuple(pack(m, pack_blocks) if i in (1, 2, 4, 5) else m for i, m in enumerate(layer))
-                       for layer in model.decode_layers()]  # (ln_1, c_attn, c_proj, ln_2, c_fc, mlp.c_proj)
-        self.head = pack(model.lm_head, prepack_weights)
+        self.weights = DecodeWeights(model, device, dtype, n_slots, prepack_weights)
         self.block_size = prefix_block_size
         if prefix_blocks > 0:  # (rows, n_layer, nh, block, hd): one row per cached prompt block
             shape = (prefix_blocks, cfg.n_layer, cfg.n_head, prefix_block_size, cfg.head_dim)
@@ -222,13 +187,14 @@ class ModelRunner:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project final hidden states ``(R, C)`` onto the vocabulary: ``(R, V)``."""
-        return self.head(hidden)
+        return self.weights.head(hidden.size(0))(hidden)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, params: dict[str, SamplingParams], rngs: dict) -> tuple:
         """Run one step: ``(samplers, token_ids, logprobs)``, the latter two on the host."""
         step = self.prepare(out, params, rngs)
-        hidden = self.model.forward_cached(step.tokens, step.batch, self.k_layers, self.v_layers, self.layers)
+        layers = self.weights.layers(step.tokens.size(0))
+        hidden = self.model.forward_cached(step.tokens, step.batch, self.k_layers, self.v_layers, layers)
         if not step.samplers:
             return [], [], None
         R = len(step.samplers)
