@@ -206,17 +206,36 @@ def configure_process(settings: ServiceSettings) -> None:
         sys.modules["torch"].set_num_threads(settings.torch_threads)
 
 
-async def serve(settings: ServiceSettings, component: str, setup: Setup) -> None:
+async def serve(settings: ServiceSettings, component: str, setup: Setup,
+                signals=(signal.SIGTERM, signal.SIGINT)) -> None:
+    """Start, load (``ready``), serve until a signal, drain, clean up. A signal that arrives while
+    models are still loading stops the server at once (nothing is in flight yet)."""
+    loop = asyncio.get_running_loop()
+    got_signal = asyncio.Event()
+    for sig in signals:
+        loop.add_signal_handler(sig, got_signal.set)
     server = GrpcServer(settings, component)
     ready, cleanup = await setup(server)
     await server.start()
     try:
         if ready is not None:
-            await ready()
+            loading = asyncio.ensure_future(ready())
+            signalled = asyncio.ensure_future(got_signal.wait())
+            await asyncio.wait([loading, signalled], return_when=asyncio.FIRST_COMPLETED)
+            signalled.cancel()
+            if not loading.done():
+                log.info("lmstack %s: signal received while loading; stopping", component)
+                loading.cancel()
+                return
+            loading.result()  # a loading error ends the process
         await server.set_serving(True)
         log.info("lmstack %s ready", component)
-        await server.wait_for_signal()
+        if not got_signal.is_set():
+            await got_signal.wait()
+        log.info("lmstack %s: signal received, draining for up to %.0fs", component, settings.grace_period_s)
     finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
         if not server._stopped.is_set():
             await server.stop()
         if cleanup is not None:
