@@ -78,6 +78,8 @@ class Engine:
         max_waiting: bound of the waiting queue; beyond it :meth:`add_request` raises
             :class:`EngineOverloaded`.
         prefill_chunk_size: prompt tokens computed per step, shared by all prefilling requests.
+            Smaller keeps the time per token of running streams steadier (a step's cost grows
+            with its prompt tokens), larger gives a long prompt its first token sooner.
         enable_prefix_cache: reuse keys/values of shared prompt prefixes (see lmcore.prefix_cache).
         max_seq_len: cap on prompt + generated tokens per request (default: the model's context);
             the KV cache reserves ``max_batch_size * max_seq_len`` positions.
