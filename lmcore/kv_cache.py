@@ -43,15 +43,32 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
-    def read_blocks(self, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of positions ``[start, end)`` of one slot: 2 x (n_layer, n_head, end-start, hd)."""
-        return self.k[:, slot, :, start:end].clone(), self.v[:, slot, :, start:end].clone()
 
-    def write_blocks(self, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Copy ``k, v`` (n_layer, n_head, T, hd) into positions ``[start, start+T)`` of a slot."""
-        end = start + k.size(2)
-        self.k[:, slot, :, start:end] = k
-        self.v[:, slot, :, start:end] = v
+class BlockPool:
+    """Keys and values of cached prompt blocks (for :mod:`lmcore.prefix_cache`), copied in and out of
+    slots: ``k, v`` of shape ``(num_blocks, n_layer, n_head, block_size, head_dim)``."""
+
+    def __init__(self, num_blocks: int, block_size: int, n_layer: int, n_head: int, head_dim: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (num_blocks, n_layer, n_head, block_size, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.block_size = block_size
+
+    def load(self, cache: KVCache, slot: int, rows: list[int]) -> None:
+        """Copy pool rows, laid end to end, into positions ``[0, len(rows) * block_size)`` of a slot."""
+        index = torch.tensor(rows, device=self.k.device)
+        n = len(rows) * self.block_size
+        for pool, buf in ((self.k, cache.k), (self.v, cache.v)):
+            blocks = pool.index_select(0, index).permute(1, 2, 0, 3, 4)  # (L, nh, nb, bs, hd)
+            buf[:, slot, :, :n] = blocks.reshape(buf.size(0), buf.size(2), n, buf.size(4))
+
+    def save(self, cache: KVCache, slot: int, blocks: list[tuple[int, int]]) -> None:
+        """Copy the slot's prompt blocks ``(block_index, pool_row)`` into the pool."""
+        bs = self.block_size
+        for j, row in blocks:
+            self.k[row] = cache.k[:, slot, :, j * bs:(j + 1) * bs]
+            self.v[row] = cache.v[:, slot, :, j * bs:(j + 1) * bs]
 
 
 @dataclass

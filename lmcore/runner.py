@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kv_cache import CacheBatch, KVCache, PrefillSegment
+from .kv_cache import BlockPool, CacheBatch, KVCache, PrefillSegment
 from .model import GPT
 from .sampling import SamplingParams, apply_penalties, logits_to_probs, sample_from_probs, top_logprobs
 from .scheduler import SchedulerOutput, Sequence
@@ -49,11 +49,10 @@ class ModelRunner:
         self.n_head = cfg.n_head
         self.k_layers, self.v_layers = list(self.cache.k), list(self.cache.v)  # per-layer views, made once
         self.weights = DecodeWeights(model, device, dtype, n_slots, prepack_weights)
-        self.block_size = prefix_block_size
-        if prefix_blocks > 0:  # (rows, n_layer, nh, block, hd): one row per cached prompt block
-            shape = (prefix_blocks, cfg.n_layer, cfg.n_head, prefix_block_size, cfg.head_dim)
-            self.pool_k = torch.zeros(shape, device=device, dtype=dtype)
-            self.pool_v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pool = None  # keys/values of cached prompt blocks (see lmcore.prefix_cache)
+        if prefix_blocks > 0:
+            self.pool = BlockPool(prefix_blocks, prefix_block_size, cfg.n_layer, cfg.n_head, cfg.head_dim,
+                                  device, dtype)
         # Per-slot sampling parameters, written once at admission, gathered by row every step.
         f32 = dict(device=device, dtype=torch.float32)
         self.temperature = torch.ones(n_slots, **f32)
@@ -70,12 +69,7 @@ class ModelRunner:
         """Copy the sequence's cached prefix into its slot and record its sampling parameters."""
         s = seq.slot
         if seq.prefix_rows:
-            rows = torch.tensor(seq.prefix_rows, device=self.device)
-            n = len(seq.prefix_rows) * self.block_size
-            # pool (nb, L, nh, bs, hd) -> (L, nh, nb*bs, hd): the blocks laid end to end
-            for pool, buf in ((self.pool_k, self.cache.k), (self.pool_v, self.cache.v)):
-                blocks = pool.index_select(0, rows).permute(1, 2, 0, 3, 4)  # (L, nh, nb, bs, hd)
-                buf[:, s, :, :n] = blocks.reshape(buf.size(0), buf.size(2), n, buf.size(4))
+            self.pool.load(self.cache, s, seq.prefix_rows)
         self.temperature[s] = params.temperature if params.temperature > 0 else 1.0
         self.top_k[s] = params.top_k
         self.top_p[s] = params.top_p
@@ -93,10 +87,7 @@ class ModelRunner:
 
     def save_prefix_blocks(self, seq: Sequence, blocks: list[tuple[int, int]]) -> None:
         """Copy computed prompt blocks ``(block_index, pool_row)`` from the slot into the pool."""
-        bs = self.block_size
-        for j, row in blocks:
-            self.pool_k[row] = self.cache.k[:, seq.slot, :, j * bs:(j + 1) * bs]
-            self.pool_v[row] = self.cache.v[:, seq.slot, :, j * bs:(j + 1) * bs]
+        self.pool.save(self.cache, seq.slot, blocks)
 
     # --- one step --------------------------------------------------------------------------------
     def _upload(self, values: list, dtype: torch.dtype) -> torch.Tensor:
