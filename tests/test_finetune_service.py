@@ -138,6 +138,9 @@ def test_upload_train_watch_and_serve_the_result(stack):
     assert job.trained_tokens > 0 and job.HasField("finished_at") and job.HasField("eval_loss")
     assert job.hyperparameters.lora_target_modules == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
     assert ft.list_checkpoints(lora.id)[-1].step == 40
+    assert ft.get_dataset(ds.id).examples == 40
+    resumed = list(ft.watch_job(lora.id, after_event_id=events[-2].id))  # resume a watch where it left off
+    assert [e.id for e in resumed] == [events[-1].id]
 
     # The adapter names its base and, on the training data, clearly beats the base model.
     adapter_dir = stack.store / name
@@ -168,7 +171,7 @@ def test_upload_train_watch_and_serve_the_result(stack):
 def test_killed_worker_job_is_resumed_by_another_with_identical_weights(stack):
     ft = stack.client
     ds = ft.upload_dataset(jsonl(arithmetic_records(64)))
-    hp = dict(max_steps=150, learning_rate=1e-2, batch_size=8, lora_rank=4, checkpoint_interval=10,
+    hp = dict(max_steps=80, learning_rate=1e-2, batch_size=8, lora_rank=4, checkpoint_interval=10,
               log_interval=1, lora_dropout=0.1, seed=7)
     victim = stack.worker(reclaim_idle_s=1.5)
     job = ft.create_job("tiny", ds.id, method="LORA", suffix="crash", **hp)
@@ -178,7 +181,7 @@ def test_killed_worker_job_is_resumed_by_another_with_identical_weights(stack):
             break
     victim.wait()
     killed_at = ft.get_job(job.id)
-    assert killed_at.status == pb.JOB_STATUS_RUNNING and killed_at.step < 150
+    assert killed_at.status == pb.JOB_STATUS_RUNNING and killed_at.step < 80
 
     stack.worker(reclaim_idle_s=1.5)
     events = events_of(ft, job.id)
