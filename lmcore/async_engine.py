@@ -114,10 +114,10 @@ class AsyncEngine:
 
     # --- requests -----------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, adapter: str | int | None = None) -> str:
         """Thread-safe ``Engine.add_request`` (no stream attached; drive outputs yourself)."""
         with self._lock:
-            rid = self.engine.add_request(prompt_ids, params, request_id)
+            rid = self.engine.add_request(prompt_ids, params, request_id, adapter)
         self._wake.set()
         return rid
 
@@ -129,7 +129,7 @@ class AsyncEngine:
         return found
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                     request_id: str | None = None) -> AsyncIterator[StepOutput]:
+                     request_id: str | None = None, adapter: str | int | None = None) -> AsyncIterator[StepOutput]:
         """Yield the request's outputs as the engine produces them; the last has ``finished``.
 
         Raises ``ValueError``/``EngineOverloaded`` from ``add_request`` on the first iteration.
@@ -149,7 +149,7 @@ class AsyncEngine:
             with self._lock, state_lock:  # the queue is registered before any step can produce
                 if state["gone"]:
                     return
-                self.engine.add_request(prompt_ids, params, rid)
+                self.engine.add_request(prompt_ids, params, rid, adapter)
                 self._streams[rid] = (loop, queue)
                 state["added"] = True
             self._wake.set()
@@ -176,11 +176,11 @@ class AsyncEngine:
                     self._wake.set()
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None) -> Completion:
+                       request_id: str | None = None, adapter: str | int | None = None) -> Completion:
         """Run one request to the end and return its aggregated :class:`Completion`."""
         done: dict[str, Completion] = {}
         rid = None
-        async for out in self.stream(prompt_ids, params, request_id):
+        async for out in self.stream(prompt_ids, params, request_id, adapter):
             rid = out.request_id
             collect([out], done, self.engine.tokenizer is not None)
         return done[rid]

@@ -120,8 +120,12 @@ class Engine:
 
     # --- requests -----------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a request; returns its id. Raises ValueError (bad input) or EngineOverloaded."""
+                    request_id: str | None = None, adapter: str | int | None = None) -> str:
+        """Queue a request; returns its id. Raises ValueError (bad input) or EngineOverloaded.
+
+        ``adapter``: the name (or index) of a LoRA adapter in the model's bank
+        (:mod:`lmcore.lora_batch`); requests with different adapters share one batch.
+        """
         params = params if params is not None else SamplingParams()
         prompt_ids = list(prompt_ids)
         if not prompt_ids:
@@ -135,6 +139,7 @@ class Engine:
                 f"prompt of {len(prompt_ids)} tokens + max_tokens {params.max_tokens} = "
                 f"{len(prompt_ids) + params.max_tokens} exceeds the context of {self.max_seq_len} tokens"
             )
+        adapter_index = self._adapter_index(adapter)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (the engine was built without one)")
         if self.scheduler.num_waiting >= self.max_waiting:
@@ -143,7 +148,7 @@ class Engine:
                 f"(max_waiting={self.max_waiting}); retry later"
             )
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-        seq = Sequence(request_id, prompt_ids, params.max_tokens)
+        seq = Sequence(request_id, prompt_ids, params.max_tokens, adapter=adapter_index)
         self.scheduler.add(seq)  # raises on a duplicate id
         text = TextStream(self.tokenizer.stream_decoder(), params.stop) if self.tokenizer is not None else None
         self._gens[request_id] = _Generation(seq, params, params.make_rng(), text)
@@ -199,7 +204,7 @@ class Engine:
         self._stats["prompt_tokens_computed"] += sum(c.end - c.start for c in plan.prefill)
         if self.prefix_cache is not None:
             for chunk in plan.prefill:
-                new_blocks = self.prefix_cache.insert(chunk.seq.prompt_ids, chunk.end)
+                new_blocks = self.prefix_cache.insert(chunk.seq.prompt_ids, chunk.end, namespace=-2 - chunk.seq.adapter)
                 if new_blocks:
                     self.runner.save_prefix_blocks(chunk.seq, new_blocks)
         outputs = []
@@ -236,9 +241,24 @@ class Engine:
         return StepOutput(seq.request_id, [tok], delta, reason is not None, reason, lp,
                           seq.prompt_len, len(seq.output_ids))
 
-    def _match_prefix(self, prompt_ids: list[int]) -> tuple[int, list[int]]:
-        rows = self.prefix_cache.match(prompt_ids)
+    def _match_prefix(self, seq: Sequence) -> tuple[int, list[int]]:
+        rows = self.prefix_cache.match(seq.prompt_ids, namespace=-2 - seq.adapter)
         return len(rows) * self.prefix_cache.block_size, rows
+
+    def _adapter_index(self, adapter: str | int | None) -> int:
+        if adapter is None:
+            return -1
+        names = getattr(self.model, "adapter_names", None)
+        if names is None:
+            raise ValueError(f"adapter {adapter!r} requested, but the model has no LoRA bank "
+                             "(lmcore.lora_batch.attach_lora_bank)")
+        if isinstance(adapter, str):
+            if adapter not in names:
+                raise ValueError(f"unknown adapter {adapter!r}; loaded: {[n for n in names if n]}")
+            return names.index(adapter)
+        if not 0 <= adapter < len(names) or names[adapter] is None:
+            raise ValueError(f"unknown adapter index {adapter}; loaded: {[n for n in names if n]}")
+        return adapter
 
 
 def __getattr__(name: str):

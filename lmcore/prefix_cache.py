@@ -15,6 +15,10 @@ serve another prompt's keys.
 
 Only *full* blocks are cached, and never a prompt's very last token: a request must compute at
 least one token itself to get the logits it samples its first token from.
+
+Keys and values also depend on the weights: requests served through different LoRA adapters of
+one base model must not share blocks, so every chain starts from a ``namespace`` (the base model's
+is -1, adapter ``i``'s is ``-2 - i``; pool rows are >= 0, so the two never collide).
 """
 
 from __future__ import annotations
@@ -48,11 +52,11 @@ class PrefixCache:
         for j in range(limit // bs):
             yield j, tuple(tokens[j * bs:(j + 1) * bs])
 
-    def match(self, tokens: list[int]) -> list[int]:
+    def match(self, tokens: list[int], namespace: int = -1) -> list[int]:
         """Pool rows of the longest cached chain of full blocks that starts ``tokens`` (counted as a
         query), leaving at least the last token uncached."""
         rows: list[int] = []
-        parent = -1
+        parent = namespace
         for _, block in self._blocks(tokens, len(tokens) - 1):
             row = self._row_of.get((parent, block))
             if row is None:
@@ -66,12 +70,12 @@ class PrefixCache:
             self.hit_tokens += len(rows) * self.block_size
         return rows
 
-    def insert(self, tokens: list[int], num_tokens: int) -> list[tuple[int, int]]:
+    def insert(self, tokens: list[int], num_tokens: int, namespace: int = -1) -> list[tuple[int, int]]:
         """Register the full blocks among the first ``num_tokens`` tokens (their keys and values
         are now computed). Returns ``(block_index, pool_row)`` for each block new to the cache:
         the caller copies those blocks' keys and values into those rows."""
         new: list[tuple[int, int]] = []
-        parent = -1
+        parent = namespace
         path: list[int] = []
         for j, block in self._blocks(tokens, num_tokens):
             key = (parent, block)

@@ -34,6 +34,7 @@ class StepInputs:
     slots: torch.Tensor  # (R,) their slots
     uniforms: torch.Tensor | None  # (R,) one draw each from their own streams; None = all greedy
     greedy: torch.Tensor | None  # (R,) bool; None = no greedy row among sampled ones
+    adapters: torch.Tensor | None = None  # (N,) LoRA adapter per token row (-1 = base); None = no bank
 
 
 class ModelRunner:
@@ -49,6 +50,7 @@ class ModelRunner:
         self.n_head = cfg.n_head
         self.k_layers, self.v_layers = list(self.cache.k), list(self.cache.v)  # per-layer views, made once
         self.weights = DecodeWeights(model, device, dtype, n_slots, prepack_weights)
+        self.has_bank = hasattr(model, "adapter_names")  # a LoRA bank: every row picks its adapter
         self.pool = None  # keys/values of cached prompt blocks (see lmcore.prefix_cache)
         if prefix_blocks > 0:
             self.pool = BlockPool(prefix_blocks, prefix_block_size, cfg.n_layer, cfg.n_head, cfg.head_dim,
@@ -138,15 +140,20 @@ class ModelRunner:
                 for s, p in zip(slots[:D], positions[:D]):
                     range_pos[s - lo] = p
         uniform_decode = D and not holes and min(positions[:D]) == L - 1
+        adapters: list[int] = []
+        if self.has_bank:  # one adapter index per token row, same layout as the tokens
+            adapters = [s.adapter for s in out.decode]
+            for chunk in out.prefill:
+                adapters.extend([chunk.seq.adapter] * (chunk.end - chunk.start))
         parts = [tokens, slots, positions, write, [s.slot for s in samplers], rows,
-                 [s - lo for s in slots[:D]] if holes else [], range_pos]
+                 [s - lo for s in slots[:D]] if holes else [], range_pos, adapters]
         ints = self._upload([v for part in parts for v in part], torch.long)
         views = []
         at = 0
         for part in parts:
             views.append(ints[at:at + len(part)])
             at += len(part)
-        tok_t, slot_t, pos_t, write_t, sample_slot_t, row_t, index_t, range_pos_t = views
+        tok_t, slot_t, pos_t, write_t, sample_slot_t, row_t, index_t, range_pos_t, adapter_t = views
 
         dev = self.device
         mask = None
@@ -174,7 +181,8 @@ class ModelRunner:
             floats = self._upload(u + [float(x) for x in g], torch.float32)
             uniforms, greedy = floats[:R], floats[R:] > 0.5
         return StepInputs(tok_t, batch, samplers, ps, None if rows == list(range(R)) else row_t,
-                          sample_slot_t, uniforms, greedy if greedy is not None and any(g) else None)
+                          sample_slot_t, uniforms, greedy if greedy is not None and any(g) else None,
+                          adapter_t if self.has_bank else None)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project final hidden states ``(R, C)`` onto the vocabulary: ``(R, V)``."""
@@ -184,6 +192,10 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput, params: dict[str, SamplingParams], rngs: dict) -> tuple:
         """Run one step: ``(samplers, token_ids, logprobs)``, the latter two on the host."""
         step = self.prepare(out, params, rngs)
+        if step.adapters is not None:
+            from .lora_batch import set_adapter_ids
+
+            set_adapter_ids(self.model, step.adapters)
         layers = self.weights.layers(step.tokens.size(0))
         hidden = self.model.forward_cached(step.tokens, step.batch, self.k_layers, self.v_layers, layers)
         if not step.samplers:

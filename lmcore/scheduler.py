@@ -50,6 +50,7 @@ class Sequence:
     num_cached_prefix: int = 0  # of those, tokens reused from the prefix cache at admission
     prefix_rows: Any = None  # the prefix matcher's handle (pool rows), for the runner to copy in
     arrival: int = 0
+    adapter: int = -1  # LoRA adapter index in the model's bank; -1 = the base model
 
     @property
     def prompt_len(self) -> int:
@@ -90,7 +91,7 @@ class SchedulerOutput:
         return len(self.decode) + sum(c.end - c.start for c in self.prefill)
 
 
-PrefixMatcher = Callable[[list[int]], tuple[int, Any]]  # prompt -> (cached tokens, handle)
+PrefixMatcher = Callable[[Sequence], tuple[int, Any]]  # sequence -> (cached prompt tokens, handle)
 
 
 class Scheduler:
@@ -149,7 +150,7 @@ class Scheduler:
             seq.slot = heapq.heappop(self._free_slots)
             seq.status = SequenceStatus.RUNNING
             if self.prefix_matcher is not None:
-                seq.num_cached_prefix, seq.prefix_rows = self.prefix_matcher(seq.prompt_ids)
+                seq.num_cached_prefix, seq.prefix_rows = self.prefix_matcher(seq)
                 seq.num_computed = seq.num_cached_prefix
             self.running.append(seq)
             admitted.append(seq)

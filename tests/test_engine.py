@@ -74,7 +74,7 @@ def test_finish_and_abort_free_the_slot_for_the_next_step():
 
 
 def test_scheduler_uses_the_prefix_matcher_and_rejects_duplicate_ids():
-    sched = Scheduler(max_slots=2, prefill_chunk_size=100, prefix_matcher=lambda ids: (16, ["rows"]))
+    sched = Scheduler(max_slots=2, prefill_chunk_size=100, prefix_matcher=lambda seq: (16, ["rows"]))
     sched.add(_seq("a", 40))
     with pytest.raises(ValueError, match="already in use"):
         sched.add(_seq("a", 3))
@@ -294,6 +294,7 @@ def test_engine_leaves_the_state_dict_alone_and_serves_lora_models():
                 p.normal_(0.0, 0.5)
     wrapped = generate(model, prompts, SamplingParams(max_tokens=8, **GREEDY))
     assert [c.token_ids for c in wrapped] == [greedy_without_cache(model, p, 8) for p in prompts]
+    assert [c.token_ids for c in wrapped] != [greedy_without_cache(random_model(9), p, 8) for p in prompts]
     merge_lora(model)
     merged = generate(model, prompts, SamplingParams(max_tokens=8, **GREEDY))
     assert [c.token_ids for c in merged] == [c.token_ids for c in wrapped]
@@ -368,3 +369,46 @@ def test_tiny_prefix_pool_evicts_and_stays_correct():
     assert out == [greedy_without_cache(model, q, 6) for q in prompts]
     s = e.stats()
     assert s["prefix_cache_blocks_used"] <= s["prefix_cache_blocks_total"] == 4 and s["prefix_cache_hits"] >= 3
+
+
+def _lora_variant(base, seed):
+    import copy
+
+    from lmcore.lora import LoRAConfig, apply_lora
+
+    model = copy.deepcopy(base)
+    apply_lora(model, LoRAConfig(rank=4, target_modules=("all",)))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def test_one_batch_serves_several_lora_adapters(tmp_path):
+    import copy
+
+    from lmcore.lora import save_adapter
+    from lmcore.lora_batch import add_adapter, attach_lora_bank
+
+    base = random_model(50)
+    variants = {name: _lora_variant(base, i) for i, name in enumerate(["sql", "poem"])}
+    bank = attach_lora_bank(copy.deepcopy(base))
+    for name, m in variants.items():
+        save_adapter(m, tmp_path / name, base_model="base")
+        add_adapter(bank, name, tmp_path / name)
+    shared = random_prompts(512, [35], seed=50)[0]  # a shared prefix: cached per adapter, never across
+    prompts = [shared + q for q in random_prompts(512, [3, 5, 4, 6, 2, 7], seed=51)]
+    which = [None, "sql", "poem", "sql", None, 1]  # 1 is "poem" by index
+    refs = {None: base, "sql": variants["sql"], "poem": variants["poem"], 1: variants["poem"]}
+    e = Engine(bank, max_batch_size=4, prefill_chunk_size=16)
+    ids = [e.add_request(p, SamplingParams(max_tokens=8, **GREEDY), adapter=a) for p, a in zip(prompts, which)]
+    got = run_to_end(e)
+    expected = [greedy_without_cache(refs[a], p, 8) for p, a in zip(prompts, which)]
+    assert [got[i] for i in ids] == expected
+    assert len({tuple(x) for x in expected[:3]}) == 3  # the adapters really change the outputs
+    with pytest.raises(ValueError, match="unknown adapter 'chat'.*sql.*poem"):
+        e.add_request([1], SamplingParams(), adapter="chat")
+    with pytest.raises(ValueError, match="no LoRA bank"):
+        Engine(base).add_request([1], SamplingParams(), adapter="sql")
