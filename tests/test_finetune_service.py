@@ -117,6 +117,10 @@ def test_upload_train_watch_and_serve_the_result(stack):
     from lmcore.trainer import evaluate_loss
 
     ft = stack.client
+    # The inference service is up before any fine-tune exists: results must appear without a restart.
+    port = free_port()
+    stack.spawn("inference", ["services.inference", "--port", str(port), "--models", f"tiny={stack.base}",
+                              "--model-store", str(stack.store)])
     data = jsonl(arithmetic_records())
     ds = ft.upload_dataset(data, filename="sums.jsonl", chunk_bytes=100)  # lines cross chunk boundaries
     assert ds.examples == 40 and ds.tokens > 200 and ds.model == "tiny" and ds.id.startswith("ds-")
@@ -155,10 +159,7 @@ def test_upload_train_watch_and_serve_the_result(stack):
     assert full_job.status == pb.JOB_STATUS_SUCCEEDED
     assert load_model(stack.store / full_job.fine_tuned_model).tokenizer is not None
 
-    # The inference service serves both results by name, started after they were published.
-    port = free_port()
-    stack.spawn("inference", ["services.inference", "--port", str(port), "--models", f"tiny={stack.base}",
-                              "--model-store", str(stack.store)])
+    # The running inference service now lists and serves both results by name.
     with Client(f"127.0.0.1:{port}") as c:
         c.wait_ready(timeout=90)
         served = {m.name for m in c.list_models()}
