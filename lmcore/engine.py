@@ -25,6 +25,7 @@ batch-invariant matmul kernels (fixed reduction order whatever the batch), which
 from __future__ import annotations
 
 import itertools
+import operator
 import uuid
 from dataclasses import dataclass
 
@@ -127,13 +128,16 @@ class Engine:
         (:mod:`lmcore.lora_batch`); requests with different adapters share one batch.
         """
         params = params if params is not None else SamplingParams()
-        prompt_ids = list(prompt_ids)
+        try:  # ints (numpy's and torch's too), never floats or strings
+            prompt_ids = [operator.index(t) for t in prompt_ids]
+        except TypeError:
+            raise ValueError("prompt_ids must be a list of integer token ids") from None
         if not prompt_ids:
             raise ValueError("the prompt is empty: give at least one token")
         vocab = self.model.config.vocab_size
-        bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise ValueError(f"prompt token {bad!r} is outside the vocabulary [0, {vocab})")
+            raise ValueError(f"prompt token {bad} is outside the vocabulary [0, {vocab})")
         if len(prompt_ids) + params.max_tokens > self.max_seq_len:
             raise ValueError(
                 f"prompt of {len(prompt_ids)} tokens + max_tokens {params.max_tokens} = "

@@ -274,6 +274,9 @@ def test_request_errors_are_clear():
         e.add_request([1] * 60, SamplingParams(max_tokens=8))
     with pytest.raises(ValueError, match="empty"):
         e.add_request([], SamplingParams())
+    with pytest.raises(ValueError, match="integer token ids"):
+        e.add_request([1, 2.5], SamplingParams())
+    e.add_request(torch.tensor([1, 2]).tolist() + [torch.tensor(3)], SamplingParams())  # tensor ints are fine
     e.add_request([1], SamplingParams(), request_id="x")
     with pytest.raises(ValueError, match="already in use"):
         e.add_request([1], SamplingParams(), request_id="x")
