@@ -223,16 +223,18 @@ class GPT(nn.Module):
         """Final hidden states ``(N, C)`` of a flat batch of tokens ``idx (N,)``, using the KV cache.
 
         The inference twin of :meth:`forward` (no dropout): the same blocks, but each token attends
-        to its own sequence's cached keys and values (``k_cache, v_cache``:
-        ``(n_layer, n_slots, nh, max_seq, hs)``, or per-layer lists of ``(n_slots, nh, max_seq, hs)``)
-        instead of recomputing them. Returns hidden states,
-        not logits: the caller projects only the rows it samples from (nanoGPT's "only forward the
-        lm_head on the very last position"), the largest single cost of a step on a 50k vocabulary.
+        to its own sequence's cached keys and values instead of recomputing them. ``k_cache,
+        v_cache``: ``(n_layer, n_slots, nh, max_seq, hs)`` or per-layer lists of
+        ``(n_slots, nh, max_seq, hs)``; ``layers``: :meth:`decode_layers` or an engine's version
+        of it. Returns hidden states, not logits: the caller projects only the rows it samples from
+        (nanoGPT's "only forward the lm_head on the very last position"), the largest single cost
+        of a step on a 50k vocabulary.
         """
         cfg = self.config
         N = idx.size(0)
         x = self.transformer.wte(idx) + self.transformer.wpe(batch.positions)  # (N, C)
-        for (ln_1, c_attn, c_proj, ln_2, c_fc, fc_proj), kc, vc in zip(layers or self.decode_layers(), k_cache, v_cache):
+        layers = layers or self.decode_layers()
+        for (ln_1, c_attn, c_proj, ln_2, c_fc, fc_proj), kc, vc in zip(layers, k_cache, v_cache):
             h = F.layer_norm(x, ln_1.normalized_shape, ln_1.weight, ln_1.bias, ln_1.eps)
             qkv = c_attn(h).view(N, 3, cfg.n_head, cfg.head_dim)  # (N, 3, nh, hs)
             x = x + c_proj(cached_attention(qkv, kc, vc, batch))
