@@ -99,3 +99,17 @@ def test_lmstack_train_cli(tmp_path, capsys):
     code = main(["train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "missing.txt" in err
+
+
+def test_train_from_scratch_is_reproducible(tmp_path):
+    """Same files, same arguments, same seed: the same tokenizer and bit-identical weights."""
+    from safetensors.torch import load_file
+
+    from lmcore.trainer import train_from_scratch
+
+    kw = dict(preset="tiny", vocab_size=300, steps=5, batch_size=4, seed=11, progress=False, dropout=0.1)
+    for name in ("a", "b"):
+        train_from_scratch(CORPUS[:4], tmp_path / name, **kw)
+    assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
