@@ -241,6 +241,15 @@ class JobStore:
             return msg_id, fields["job_id"]
         return None
 
+    def prune_consumers(self, idle_ms: int = 3_600_000) -> list[str]:
+        """Forget consumers (dead workers' names) with nothing pending that were idle for ``idle_ms``."""
+        gone = []
+        for c in self.r.xinfo_consumers(self.keys.queue, GROUP):
+            if c["pending"] == 0 and c["idle"] > idle_ms:
+                self.r.xgroup_delconsumer(self.keys.queue, GROUP, c["name"])
+                gone.append(c["name"])
+        return gone
+
     # --- transitions (all fenced by worker + attempt) ----------------------------------------------
     def start(self, job_id: str, worker: str, msg_id: str) -> tuple[str, str]:
         k = self.keys

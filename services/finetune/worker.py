@@ -93,8 +93,12 @@ class Worker:
                 self.shutdown.wait(1.0)
         log.info("worker %s ready (reclaim after %.1fs idle, heartbeat every %.2fs)", self.id,
                  self.settings.reclaim_idle_s, self.heartbeat_s)
+        next_prune = 0.0
         while not self.shutdown.is_set():
             try:
+                if time.monotonic() > next_prune:  # every worker ever started left a consumer name behind
+                    self.store.prune_consumers()
+                    next_prune = time.monotonic() + 600
                 got = self.store.next_message(self.id, int(self.settings.reclaim_idle_s * 1000),
                                               int(self.settings.poll_s * 1000))
             except redis.ResponseError as e:
