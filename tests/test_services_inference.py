@@ -123,6 +123,20 @@ def test_stream_concatenates_to_unary(client, reference):
         assert so_far == unary.text
 
 
+def test_stop_strings_stream_and_unary(client):
+    full = client.complete(PROMPTS[0], max_tokens=40, temperature=0, ignore_eos=True).text
+    cut = len(full) // 2
+    stop = full[cut:cut + 3]
+    if not stop.strip():
+        stop = full[cut:cut + 6]
+    expected = full[:full.index(stop)]
+    got = client.complete(PROMPTS[0], max_tokens=40, temperature=0, ignore_eos=True, stop=[stop, "zzzq"])
+    assert got.finish_reason == "stop" and got.text == expected
+    chunks = list(client.complete_stream(PROMPTS[0], max_tokens=40, temperature=0, ignore_eos=True,
+                                         stop=[stop, "zzzq"]))
+    assert "".join(c.text for c in chunks) == expected and chunks[-1].finish_reason == "stop"
+
+
 def test_prompt_token_ids_and_seeded_sampling(client, reference):
     ids = reference["tiny"].tokenizer.encode(PROMPTS[1])
     by_text = client.complete(PROMPTS[1], max_tokens=12, temperature=0)
