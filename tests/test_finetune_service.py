@@ -300,6 +300,7 @@ def test_bad_requests_get_clear_errors_and_idempotency_is_honoured(stack, redis_
         (dict(batch_size=0), grpc.StatusCode.INVALID_ARGUMENT, "batch_size"),
         (dict(eval_fraction=0.9), grpc.StatusCode.INVALID_ARGUMENT, "eval_fraction"),
         (dict(method="FULL", lora_rank=4), grpc.StatusCode.INVALID_ARGUMENT, "LORA only"),
+        (dict(method="FULL", merge_lora=True), grpc.StatusCode.INVALID_ARGUMENT, "merge_lora"),
         (dict(suffix="Bad Suffix!"), grpc.StatusCode.INVALID_ARGUMENT, "suffix"),
         (dict(base_model="nope"), grpc.StatusCode.NOT_FOUND, "available: ['tiny'"),
         (dict(dataset_id="ds-000000000000"), grpc.StatusCode.NOT_FOUND, "dataset"),
@@ -346,6 +347,12 @@ def test_lmstack_finetune_cli(stack, tmp_path, capsys):
     job_id = next(w for w in out.split() if w.startswith("ftjob-"))
     assert main([*addr, "list", "--status", "succeeded"]) == 0 and job_id in capsys.readouterr().out
     assert main([*addr, "checkpoints", job_id]) == 0 and "step" in capsys.readouterr().out
+    assert (stack.store / f"ft:tiny:cli:{job_id.removeprefix('ftjob-')[:8]}" / "adapter_config.json").is_file()
+    code = main([*addr, "create", "--model", "tiny", "--dataset", str(data), "--max-steps", "2", "--suffix", "merged",
+                 "--merge", "--watch"])
+    merged = next(w for w in capsys.readouterr().out.split() if w.startswith("ft:tiny:merged:"))
+    assert code == 0 and (stack.store / merged / "config.json").is_file()  # a full model, no adapter
+    assert not (stack.store / merged / "adapter_config.json").exists()
     assert main([*addr, "get", job_id]) == 0 and '"JOB_STATUS_SUCCEEDED"' in capsys.readouterr().out
 
     bad = tmp_path / "bad.jsonl"

@@ -52,6 +52,8 @@ def add_arguments(p) -> None:
     cr.add_argument("--lora-targets", dest="lora_target_modules",
                     help="comma-separated: attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj (or c_attn, c_proj, attn, "
                          "mlp, all)")
+    cr.add_argument("--merge", dest="merge_lora", action="store_true", default=None,
+                    help="LORA: publish the adapter merged into the base weights (a full model)")
     cr.add_argument("--eval-fraction", type=float)
     cr.add_argument("--eval-interval", type=int)
     cr.add_argument("--checkpoint-interval", type=int)
@@ -73,7 +75,7 @@ def add_arguments(p) -> None:
 
 HP_ARGS = ("epochs", "max_steps", "learning_rate", "batch_size", "grad_accum_steps", "seed", "warmup_steps",
            "weight_decay", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "eval_fraction",
-           "eval_interval", "checkpoint_interval", "log_interval")
+           "eval_interval", "checkpoint_interval", "log_interval", "merge_lora")
 
 
 def run(args) -> int:

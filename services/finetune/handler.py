@@ -34,7 +34,7 @@ STATUS_VALUES = {s: getattr(pb, f"JOB_STATUS_{s}") for s in STATUSES}
 EVENT_VALUES = {t: getattr(pb, f"JOB_EVENT_TYPE_{t}") for t in ("STATUS", "METRICS", "EVAL", "CHECKPOINT", "INFO")}
 OPTIONAL_HP = ("epochs", "max_steps", "learning_rate", "batch_size", "grad_accum_steps", "seed", "warmup_steps",
                "weight_decay", "lora_rank", "lora_alpha", "lora_dropout", "eval_fraction", "eval_interval",
-               "checkpoint_interval", "log_interval", "grad_clip")
+               "checkpoint_interval", "log_interval", "grad_clip", "merge_lora")
 FLOAT_HP = {"learning_rate", "weight_decay", "lora_alpha", "lora_dropout", "eval_fraction", "grad_clip"}
 MAX_IDEMPOTENCY_KEY = 200
 
@@ -55,7 +55,10 @@ def hyperparameters_from_pb(hp: pb.Hyperparameters) -> dict:
         if hp.HasField(name):
             value = getattr(hp, name)
             # float32 on the wire: round so 1e-4 stays 1e-4, not 9.999999747378752e-05
-            out[name] = float(f"{value:.7g}") if name in FLOAT_HP else int(value)
+            if name == "merge_lora":
+                out[name] = bool(value)
+            else:
+                out[name] = float(f"{value:.7g}") if name in FLOAT_HP else int(value)
     if hp.lora_target_modules:
         out["lora_target_modules"] = list(hp.lora_target_modules)
     return out

@@ -71,8 +71,9 @@ def resolve_hyperparameters(method: str, given: dict, n_examples: int) -> dict:
         hp.setdefault("lora_alpha", 2.0 * hp["lora_rank"] if isinstance(hp["lora_rank"], int) else 16.0)
         hp.setdefault("lora_dropout", 0.0)
         hp.setdefault("lora_target_modules", ["attn.c_attn", "attn.c_proj"])
+        hp.setdefault("merge_lora", False)
     else:
-        for name in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules"):
+        for name in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora"):
             if name in hp:
                 raise HyperparameterError(f"hyperparameters.{name} applies to method LORA only (this job is FULL)")
     # Build the real configs once: they own the range checks.

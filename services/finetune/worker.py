@@ -310,9 +310,13 @@ class JobRun:
                 "dataset_id": job["dataset_id"], "hyperparameters": hp, "steps": result.steps,
                 "train_loss": result.train_loss, "eval_loss": result.eval_loss,
                 "trained_tokens": result.trained_tokens}
-        if lora:
+        if lora and not hp.get("merge_lora"):
             save_adapter(model, tmp, base_model=job["base_model"], extra={"job_id": self.job_id})
         else:
+            if lora:
+                from lmcore.lora import merge_lora
+
+                merge_lora(model)  # W + (alpha/r) B A: a plain model again
             save_pretrained(model, tmp, tokenizer=tokenizer)
         (tmp / "finetune.json").write_text(json.dumps(info, indent=2) + "\n")
         if self.should_stop() and (self.lost or self.cancelled):
