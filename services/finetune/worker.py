@@ -204,6 +204,10 @@ class JobRun:
         hb.start()
         try:
             self._train_and_publish()
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            # Not the job's fault: leave it pending; once Redis is back and the lease has expired,
+            # a worker (this one included) reclaims it and resumes from its latest checkpoint.
+            log.warning("job %s: Redis unreachable (%s); it will be reclaimed and resumed", self.job_id, e)
         except JobFailure as e:
             self._finish("FAILED", f"failed: {e}", error=(e.code, str(e)))
         except DatasetError as e:
