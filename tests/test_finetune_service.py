@@ -221,9 +221,15 @@ def test_stopped_worker_hands_its_job_back_and_another_resumes_it(stack):
 
 
 def test_redis_restart_loses_no_queued_job(stack, redis_server):
+    """Restart Redis while one job runs and three wait behind it: all four succeed."""
     ft = stack.client
     ds = ft.upload_dataset(jsonl(arithmetic_records(12)))
+    stack.worker()
+    running = ft.create_job("tiny", ds.id, method="LORA", max_steps=120, log_interval=1, seed=9)
     ids = [ft.create_job("tiny", ds.id, method="LORA", max_steps=3, seed=i).id for i in range(3)]
+    for event in ft.watch_job(running.id, timeout=120):
+        if event.type == pb.JOB_EVENT_TYPE_METRICS and event.metrics.step >= 3:
+            break
     redis_server.restart()  # appendonly: the jobs, the queue and the dataset must all come back
     for _ in range(50):  # the API reconnects on its own
         try:
@@ -232,10 +238,10 @@ def test_redis_restart_loses_no_queued_job(stack, redis_server):
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
             time.sleep(0.2)
-    stack.worker()
-    finished = [ft.wait(i, timeout=120) for i in ids]
-    assert [j.status for j in finished] == [pb.JOB_STATUS_SUCCEEDED] * 3, [j.error.message for j in finished]
-    assert len({j.fine_tuned_model for j in finished}) == 3
+    finished = [ft.wait(i, timeout=180) for i in [running.id, *ids]]
+    assert [j.status for j in finished] == [pb.JOB_STATUS_SUCCEEDED] * 4, [j.error.message for j in finished]
+    assert len({j.fine_tuned_model for j in finished}) == 4
+    assert finished[0].step == 120
 
 
 def test_cancel_queued_and_running_jobs(stack):
