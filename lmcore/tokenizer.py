@@ -72,6 +72,7 @@ class Tokenizer:
         eos_token: str | None = ENDOFTEXT,
         name: str = "bpe",
         merges: list[tuple[bytes, bytes]] | None = None,
+        _encoding: tiktoken.Encoding | None = None,
     ):
         """``ranks``: token bytes -> id (= merge priority); ``special_tokens``: name -> id;
         ``pattern``: the pre-tokenizer regex; ``eos_token``: which special token ends a text
@@ -80,7 +81,7 @@ class Tokenizer:
         special_tokens = dict(special_tokens or {})
         bpe_io.validate_vocab(ranks, special_tokens, name)
         try:
-            self._encoding = tiktoken.Encoding(
+            self._encoding = _encoding or tiktoken.Encoding(
                 name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens
             )
         except ValueError as e:  # tiktoken compiles the regex here
@@ -144,6 +145,12 @@ class Tokenizer:
         if special_tokens is None:
             special_tokens = {ENDOFTEXT: max(ranks.values()) + 1}
         return cls(ranks, special_tokens, pattern or GPT2_PATTERN, name=p.stem)
+
+    @classmethod
+    def from_tiktoken(cls, encoding: tiktoken.Encoding, *, eos_token: str | None = ENDOFTEXT) -> Tokenizer:
+        """Wrap an existing ``tiktoken.Encoding``, sharing its Rust core (no second copy)."""
+        return cls(encoding._mergeable_ranks, encoding._special_tokens, encoding._pat_str,
+                   eos_token=eos_token, name=encoding.name, _encoding=encoding)
 
     @classmethod
     def gpt2(cls, path: str | os.PathLike) -> Tokenizer:

@@ -175,6 +175,12 @@ def test_encode_batch(tok, ref):
     assert tok.encode_batch(["<|endoftext|>"], allowed_special="all") == [[50256]]
 
 
+def test_from_tiktoken_shares_the_core(ref):
+    wrapped = Tokenizer.from_tiktoken(ref)
+    assert wrapped.tiktoken_encoding is ref and wrapped.eos_id == 50256 and wrapped.vocab_size == 50257
+    assert wrapped.encode_batch(CORPUS) == ref.encode_ordinary_batch(CORPUS)
+
+
 def test_pickle_round_trip(tok):
     import pickle
 
