@@ -1,10 +1,11 @@
 """Fine-tuning speed: lmcore's Trainer vs a plain PyTorch loop vs transformers' Trainer, and the
 latency from ``CreateJob`` to the job's RUNNING event with an idle worker.
 
-    .venv/bin/python bench/finetune.py [--preset small] [--batch-size 8] [--block-size 128]
+    .venv/bin/python bench/finetune.py [--preset tiny small] [--batch-size 8] [--block-size 128]
                                        [--steps 12] [--rounds 3] [--threads 2] [--jobs 20]
 
-**Throughput.** The three contestants train *the same module* (lmcore's GPT of ``--preset``; for
+**Throughput.** The three contestants train *the same module* (lmcore's GPT of each ``--preset``:
+``tiny``, where the per-step overhead of a training loop shows, and ``small``, where the math does; for
 transformers' ``Trainer`` it is wrapped to return ``{"loss"}``) on the same seeded token batches
 with the same recipe: AdamW (fused, weight decay 0.1 on matrices; transformers' default optimizer
 is the fused one too), warmup + cosine, gradient clipping at 1.0, fp32, ``--threads`` torch threads. Each round times ``--steps`` optimizer steps (end of one step
@@ -149,9 +150,9 @@ def run_hf(model, data, batch_size: int, steps: int, out_dir: str) -> list[tuple
     return _durations(ends)
 
 
-def bench_throughput(a) -> dict:
+def bench_throughput(a, preset: str) -> dict:
     torch.set_num_threads(a.threads)
-    data = make_data(GPTConfig.from_preset(a.preset).vocab_size, a.block_size, 200_000)
+    data = make_data(GPTConfig.from_preset(preset).vocab_size, a.block_size, 200_000)
     results: dict[str, list[float]] = {"lmcore Trainer": [], "plain PyTorch loop": [], "transformers Trainer": []}
     skipped = {}
     try:
@@ -160,12 +161,12 @@ def bench_throughput(a) -> dict:
         skipped["transformers Trainer"] = "accelerate not installed (pip install accelerate)"
         del results["transformers Trainer"]
     tokens_per_step = a.batch_size * a.block_size
-    run_plain(make_model(a.preset, a.block_size), data, a.batch_size, 2)  # the process's first steps are slow
+    run_plain(make_model(preset, a.block_size), data, a.batch_size, 2)  # the process's first steps are slow
     names = list(results)
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
             for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
-                model = make_model(a.preset, a.block_size)
+                model = make_model(preset, a.block_size)
                 if name == "lmcore Trainer":
                     durations = run_lmcore(model, data, a.batch_size, a.steps)
                 elif name == "plain PyTorch loop":
@@ -182,9 +183,9 @@ def bench_throughput(a) -> dict:
     # torch thread, the per-core speed), robust on a shared machine; wall-clock tokens/s is kept beside it.
     cpu = {k: tokens_per_step / statistics.median(d[1] for d in v) for k, v in results.items()}
     wall = {k: tokens_per_step / statistics.median(d[0] for d in v) for k, v in results.items()}
-    model = make_model(a.preset, a.block_size)
+    model = make_model(preset, a.block_size)
     return {
-        "preset": a.preset, "parameters": model.num_parameters(), "batch_size": a.batch_size,
+        "preset": preset, "parameters": model.num_parameters(), "batch_size": a.batch_size,
         "block_size": a.block_size, "timed_steps_per_round": a.steps, "rounds": a.rounds, "threads": a.threads,
         "tokens_per_cpu_s": {k: round(v, 1) for k, v in cpu.items()},
         "ratio_vs_plain_loop": {k: round(v / cpu["plain PyTorch loop"], 3) for k, v in cpu.items()},
@@ -259,7 +260,8 @@ def bench_latency(a) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="small")
+    p.add_argument("--preset", nargs="+", default=["tiny", "small"],
+                   help="model shapes to train (default: tiny, where per-step overhead shows, and small)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=8)
@@ -269,14 +271,16 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune.json"))
     a = p.parse_args()
 
-    print(f"training throughput: preset {a.preset}, batch {a.batch_size} x {a.block_size} tokens, "
-          f"{a.threads} threads", flush=True)
-    throughput = bench_throughput(a)
+    throughput = {}
+    for preset in a.preset:
+        print(f"training throughput: preset {preset}, batch {a.batch_size} x {a.block_size} tokens, "
+              f"{a.threads} threads", flush=True)
+        throughput[preset] = bench_throughput(a, preset)
     print(f"CreateJob -> RUNNING latency ({a.jobs} jobs, idle worker)", flush=True)
     latency = bench_latency(a)
     result = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "cpus": os.cpu_count()},
+                    "cpus": os.cpu_count(), "load_average": os.getloadavg()},
         "throughput": throughput, "create_to_running": latency, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -285,22 +289,21 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"training speed ({throughput['preset']}, {throughput['parameters']:,} params, "
-                        f"batch {a.batch_size}x{a.block_size}, {a.threads} thread(s), median step of "
-                        f"{a.rounds}x{a.steps})")
-    table.add_column("trainer")
-    table.add_column("tokens / CPU-s", justify="right")
-    table.add_column("vs plain loop", justify="right")
-    table.add_column("wall tokens/s", justify="right")
-    table.add_column("wall vs plain", justify="right")
-    for name, tps in throughput["tokens_per_cpu_s"].items():
-        table.add_row(name, f"{tps:,.0f}", f"{throughput['ratio_vs_plain_loop'][name]:.3f}x",
-                      f"{throughput['wall_tokens_per_s'][name]:,.0f}",
-                      f"{throughput['wall_ratio_vs_plain_loop'][name]:.3f}x")
-    for name, why in throughput["skipped"].items():
-        table.add_row(name, "skipped", why)
     console = Console(width=120)
-    console.print(table)
+    for t in throughput.values():
+        table = Table(title=f"training speed ({t['preset']}, {t['parameters']:,} params, batch {a.batch_size}x"
+                            f"{a.block_size}, {a.threads} thread(s), median step of {a.rounds}x{a.steps})")
+        table.add_column("trainer")
+        table.add_column("tokens / CPU-s", justify="right")
+        table.add_column("vs plain loop", justify="right")
+        table.add_column("wall tokens/s", justify="right")
+        table.add_column("wall vs plain", justify="right")
+        for name, tps in t["tokens_per_cpu_s"].items():
+            table.add_row(name, f"{tps:,.0f}", f"{t['ratio_vs_plain_loop'][name]:.3f}x",
+                          f"{t['wall_tokens_per_s'][name]:,.0f}", f"{t['wall_ratio_vs_plain_loop'][name]:.3f}x")
+        for name, why in t["skipped"].items():
+            table.add_row(name, "skipped", why)
+        console.print(table)
     if "p50_ms" in latency:
         console.print(f"CreateJob -> RUNNING: p50 {latency['p50_ms']:.1f} ms, p90 {latency['p90_ms']:.1f} ms, "
                       f"max {latency['max_ms']:.1f} ms over {latency['jobs']} jobs (target p50 < 100 ms)")
