@@ -218,6 +218,21 @@ def main() -> None:
                         "wall_seconds_best": round(wall[name], 4), "cpu_seconds_best": round(cpu[name], 4),
                         "wall_seconds_per_pass": [round(t, 4) for t in passes[name]]})
 
+    # The table's rows share caches with five other implementations. Head to head, alone: lmcore
+    # (its own core, as from_file builds it) against tiktoken, per document, random order.
+    paired = {}
+    for what, a, b, arg in [("encode", ours.encode, ref.encode_ordinary, 0), ("decode", ours.decode, ref.decode, 1)]:
+        best = {"lmcore": [math.inf] * len(docs), "tiktoken": [math.inf] * len(docs)}
+        pair = [("lmcore", a), ("tiktoken", b)]
+        for _ in range(args.repeats):
+            for k, unit in enumerate(units["loop"]):
+                rng.shuffle(pair)
+                for name, fn in pair:
+                    best[name][k] = min(best[name][k], time_call(fn, unit[arg])[1])
+        paired[what] = sum(best["tiktoken"]) / sum(best["lmcore"])
+    print("\nhead to head (CPU time, own core, nothing else in between): lmcore/tiktoken speed = "
+          + ", ".join(f"{w} {r:.3f}x" for w, r in paired.items()))
+
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "corpus": {"documents": len(docs), "bytes": n_bytes, "tokens": total_tokens},
@@ -228,6 +243,7 @@ def main() -> None:
                     "tokenizers": tokenizers.__version__},
         "repeats": args.repeats,
         "results": results,
+        "head_to_head_speed_ratio": {w: round(r, 4) for w, r in paired.items()},
     }, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 
