@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 from test_generate_fixtures import (
+    SHAPES,
     gpt2_tokenizer,
     gpt2_vocab_model,
     random_model,
@@ -51,13 +52,18 @@ def test_concurrent_streams_match_offline_generate():
     assert asyncio.run(main()) == expected
 
 
+# A long context, so a stream is still far from max_tokens when its consumer leaves (even if the step
+# thread runs hundreds of steps before the abort lands).
+LONG = SHAPES["tiny"] | dict(block_size=2048)
+
+
 def test_breaking_out_aborts_and_frees_the_slot():
-    model = random_model(32)
+    model = random_model(32, **LONG)
 
     async def main():
         engine = Engine(model, max_batch_size=1)
         async with AsyncEngine(engine) as ae:
-            agen = ae.stream([1, 2, 3], SamplingParams(max_tokens=100, **GREEDY))
+            agen = ae.stream([1, 2, 3], SamplingParams(max_tokens=2000, **GREEDY))
             async for out in agen:
                 assert not out.finished
                 break
@@ -67,13 +73,13 @@ def test_breaking_out_aborts_and_frees_the_slot():
             # the single slot is free: the next request runs to completion
             c = await ae.generate([4, 5], SamplingParams(max_tokens=4, **GREEDY))
             assert len(c.token_ids) == 4 and c.finish_reason == "length"
-            assert engine.stats()["tokens_generated"] < 100
+            assert engine.stats()["tokens_generated"] < 2000
 
     asyncio.run(main())
 
 
 def test_cancelling_the_consumer_task_aborts_the_request():
-    model = random_model(33)
+    model = random_model(33, **LONG)
 
     async def main():
         engine = Engine(model, max_batch_size=2)
@@ -81,7 +87,7 @@ def test_cancelling_the_consumer_task_aborts_the_request():
             got = []
 
             async def consume():
-                async for out in ae.stream([7, 8], SamplingParams(max_tokens=120, **GREEDY)):
+                async for out in ae.stream([7, 8], SamplingParams(max_tokens=2000, **GREEDY)):
                     got.append(out)
 
             task = asyncio.create_task(consume())
@@ -90,7 +96,7 @@ def test_cancelling_the_consumer_task_aborts_the_request():
             with pytest.raises(asyncio.CancelledError):
                 await task
             await until(lambda: engine.num_unfinished() == 0)
-            assert engine.stats()["requests_aborted"] == 1 and len(got) < 120
+            assert engine.stats()["requests_aborted"] == 1 and len(got) < 2000
 
     asyncio.run(main())
 
@@ -128,12 +134,12 @@ def test_generate_aggregates_text_and_logprobs(tokenizer):
 
 
 def test_stop_ends_unfinished_streams_with_an_error():
-    model = random_model(35)
+    model = random_model(35, **LONG)
 
     async def main():
         ae = AsyncEngine(Engine(model, max_batch_size=1))
         ae.start()
-        agen = ae.stream([1], SamplingParams(max_tokens=100, **GREEDY))
+        agen = ae.stream([1], SamplingParams(max_tokens=2000, **GREEDY))
         await agen.__anext__()
         await asyncio.to_thread(ae.stop)
         with pytest.raises(RuntimeError, match="stopped"):
