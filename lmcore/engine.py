@@ -76,8 +76,8 @@ class Engine:
             head) are taken now: build a new Engine after changing the weights.
         tokenizer: optional; enables text deltas, stop strings and the end-of-text token.
         max_batch_size: KV-cache slots, i.e. the most sequences decoding at once.
-        max_waiting: bound of the waiting queue; beyond it :meth:`add_request` raises
-            :class:`EngineOverloaded`.
+        max_waiting: how many requests may wait for a slot once all slots are taken; beyond it
+            :meth:`add_request` raises :class:`EngineOverloaded`.
         prefill_chunk_size: prompt tokens computed per step, shared by all prefilling requests.
             Smaller keeps the time per token of running streams steadier (a step's cost grows
             with its prompt tokens), larger gives a long prompt its first token sooner.
@@ -146,10 +146,12 @@ class Engine:
         adapter_index = self._adapter_index(adapter)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (the engine was built without one)")
-        if self.scheduler.num_waiting >= self.max_waiting:
+        # Queued requests first claim the free slots; beyond those, at most max_waiting may wait.
+        free_slots = self.scheduler.max_slots - self.scheduler.num_running
+        if self.scheduler.num_waiting >= self.max_waiting + free_slots:
             raise EngineOverloaded(
-                f"engine overloaded: {self.scheduler.num_waiting} requests already waiting "
-                f"(max_waiting={self.max_waiting}); retry later"
+                f"engine overloaded: {self.scheduler.num_running} requests running (all "
+                f"{self.scheduler.max_slots} slots) and {self.max_waiting} waiting (max_waiting); retry later"
             )
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         seq = Sequence(request_id, prompt_ids, params.max_tokens, adapter=adapter_index)

@@ -242,14 +242,20 @@ def test_aborting_a_waiting_request():
 
 
 def test_full_waiting_queue_raises_engine_overloaded():
-    e = Engine(random_model(), max_batch_size=1, max_waiting=2)
-    e.add_request([1], SamplingParams())
-    e.add_request([2], SamplingParams())
-    with pytest.raises(EngineOverloaded, match="max_waiting=2") as err:
-        e.add_request([3], SamplingParams())
+    e = Engine(random_model(), max_batch_size=2, max_waiting=2)
+    for i in range(4):  # 2 take the free slots, 2 wait
+        e.add_request([1 + i], SamplingParams(max_tokens=5))
+    with pytest.raises(EngineOverloaded, match=r"all 2 slots.*2 waiting") as err:
+        e.add_request([9], SamplingParams())
     assert isinstance(err.value, RuntimeError)
-    e.step()  # both... one admitted, so the queue has room again
-    e.add_request([3], SamplingParams())
+    e.step()  # two admitted: two places left in the queue
+    assert e.stats()["running"] == 2 and e.stats()["waiting"] == 2
+    with pytest.raises(EngineOverloaded):
+        e.add_request([9], SamplingParams())
+    assert e.abort(e.scheduler.running[0].request_id)  # a slot frees: room for one more
+    e.add_request([9], SamplingParams())
+    with pytest.raises(EngineOverloaded):
+        e.add_request([10], SamplingParams())
 
 
 def test_step_outputs_carry_counts_and_finish_reasons():

@@ -102,14 +102,18 @@ def test_cancelling_the_consumer_task_aborts_the_request():
 
 
 def test_errors_reach_the_caller():
-    model = random_model(34)
+    model = random_model(34, **LONG)
 
     async def main():
         engine = Engine(model, max_batch_size=1, max_waiting=0)
         async with AsyncEngine(engine) as ae:
+            busy = ae.stream([2], SamplingParams(max_tokens=2000, **GREEDY))
+            await busy.__anext__()  # it holds the only slot
             with pytest.raises(EngineOverloaded):
                 async for _ in ae.stream([1], SamplingParams()):
                     pass
+            await busy.aclose()
+            await until(lambda: engine.num_unfinished() == 0)
             with pytest.raises(ValueError, match="empty"):
                 async for _ in ae.stream([], SamplingParams()):
                     pass
