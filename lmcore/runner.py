@@ -159,7 +159,7 @@ class ModelRunner:
         mask = None
         if D and not uniform_decode:  # each row sees positions <= its own (dummy rows: 0 only)
             row_pos = range_pos_t if holes else pos_t[:D]
-            visible = torch.arange(L, device=dev)[None, :] <= row_pos[:, None]  # (R, L)
+            visible = torch.arange(L, device=dev)[None, :] <= row_pos[:, None]  # (rows of the range, L)
             # Additive float mask (0 or -inf): SDPA's CPU kernel ran ~30% faster with it than with bool.
             mask = torch.zeros(visible.shape, device=dev, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
             mask = mask[:, None, None, :]  # (R, 1, 1, L)
