@@ -98,13 +98,18 @@ class ApiKeyAuth(grpc.aio.ServerInterceptor):
             raise Unauthenticated(message)
             yield  # unreachable: makes this an async generator
 
+        async def deny_client_stream(request_iterator, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
         kw = dict(request_deserializer=handler.request_deserializer,
                   response_serializer=handler.response_serializer)
+        if handler.stream_unary:  # client-streaming (UploadDataset): refused before reading a chunk
+            return grpc.stream_unary_rpc_method_handler(deny_client_stream, **kw)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(deny_stream, **kw)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(deny, **kw)
-        return None  # client-streaming RPCs: gRPC answers UNIMPLEMENTED; lmstack defines none
+        return None  # bidirectional streams: none in lmstack.v1 (reflection is open)
 
 
 class GrpcServer:

@@ -17,12 +17,12 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 
 from services.client import Client
 from services.finetune.client import FineTuneClient, status_name
 from services.gen.lmstack.v1 import finetune_pb2 as pb
-from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -370,3 +370,27 @@ def test_lmstack_finetune_cli(stack, tmp_path, capsys):
     assert main(["finetune", "--addr", f"127.0.0.1:{free_port()}", "--timeout", "2", "list"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot reach the fine-tuning service" in err
+
+
+def test_api_keys_guard_every_rpc_including_the_client_streamed_upload(tmp_path, redis_server, base_model):
+    env = {**os.environ, "LMSTACK_REDIS_URL": redis_server.url, "LMSTACK_MODELS": f"tiny={base_model}",
+           "LMSTACK_MODEL_STORE": str(tmp_path), "LMSTACK_API_KEYS": "s3cret", "LMSTACK_GRACE_PERIOD_S": "1"}
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "services.finetune", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        Client(f"127.0.0.1:{port}").wait_ready(timeout=60)  # health stays open without a key
+        for key, expected in ((None, "missing API key"), ("wrong", "invalid API key")):
+            anon = FineTuneClient(f"127.0.0.1:{port}", api_key=key)
+            for call in (lambda c: c.upload_dataset(jsonl(arithmetic_records(4))), lambda c: c.list_jobs()):
+                with pytest.raises(grpc.RpcError) as e:
+                    call(anon)
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert expected in e.value.details()
+            anon.close()
+        authed = FineTuneClient(f"127.0.0.1:{port}", api_key="s3cret")
+        assert authed.upload_dataset(jsonl(arithmetic_records(4))).examples == 4
+        authed.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)

@@ -252,14 +252,16 @@ class Supervisor:
         return 0
 
     def stop_all(self) -> None:
-        # Reverse start order: services drain before Redis goes away.
-        for child in reversed(self.children):
-            child.terminate()
-        deadline = time.monotonic() + self.grace_s
-        for child in reversed(self.children):
-            while child.alive() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            child.kill()
+        # Services and workers first (they drain, checkpoint and requeue through Redis), Redis last.
+        services = [c for c in self.children if c.name != "redis"]
+        for group in (services, [c for c in self.children if c.name == "redis"]):
+            for child in group:
+                child.terminate()
+            deadline = time.monotonic() + self.grace_s
+            for child in group:
+                while child.alive() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                child.kill()
         print("lmstack: stopped", flush=True)
 
 
