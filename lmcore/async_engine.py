@@ -12,6 +12,9 @@ for that lock: ``stream`` adds its request from a worker thread, and a consumer 
 (``break``, task cancellation, ``aclose()``) queues its abort, which the step thread applies
 before its next step. So the slot is free before the next step, and no step runs for it again.
 
+Failures: if a step raises (a bug, out of memory), the requests in flight are aborted and their
+streams raise ``RuntimeError("generation failed: ...")``; the thread keeps serving new requests.
+
 Threads: PyTorch's intra-op thread count is a per-thread OpenMP setting, so the step thread sets
 its own with ``torch.set_num_threads(num_threads)`` when it starts (default 1: the decode loop is
 memory-bound at the batch sizes served here, a second intra-op thread measured no faster at batch
@@ -42,7 +45,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._pending_aborts: list[str] = []  # appended by consumers, drained by the step thread
-        self.error: BaseException | None = None  # what killed the step thread, if anything
+        self.error: Exception | None = None  # the last exception a step raised (its requests failed)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -84,10 +87,10 @@ class AsyncEngine:
                 if busy:
                     try:
                         outputs = self.engine.step()
-                    except BaseException as e:  # a bug or OOM: end every stream with it, stop
+                    except Exception as e:  # a bug or out of memory: fail what was in flight, keep serving
                         self.error = e
-                        self._fail_all(e)
-                        return
+                        self._reset_after(e)
+                        continue
                 else:
                     self._wake.clear()
             if busy:
@@ -112,6 +115,14 @@ class AsyncEngine:
         for rid in list(self._streams):
             self._deliver(rid, error)
 
+    def _reset_after(self, error: Exception) -> None:
+        """A step raised: every request in flight (its state is unknown now) is aborted and its
+        stream ends with the error; the engine itself stays up for new requests."""
+        sched = self.engine.scheduler
+        for seq in list(sched.running) + list(sched.waiting):
+            self.engine.abort(seq.request_id)
+        self._fail_all(error)
+
     # --- requests -----------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, adapter: str | int | None = None) -> str:
@@ -135,8 +146,6 @@ class AsyncEngine:
         Raises ``ValueError``/``EngineOverloaded`` from ``add_request`` on the first iteration.
         Stopping early aborts the request.
         """
-        if self.error is not None:
-            raise RuntimeError(f"the engine's step thread died: {self.error!r}") from self.error
         self.start()
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()

@@ -152,3 +152,29 @@ def test_stop_ends_unfinished_streams_with_an_error():
         assert not ae.running
 
     asyncio.run(main())
+
+
+def test_a_failing_step_fails_its_streams_and_the_engine_keeps_serving():
+    model = random_model(36)
+
+    async def main():
+        engine = Engine(model, max_batch_size=2)
+        real_step = engine.step
+        calls = {"n": 0}
+
+        def flaky_step():
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise MemoryError("simulated out of memory")
+            return real_step()
+
+        engine.step = flaky_step
+        async with AsyncEngine(engine) as ae:
+            with pytest.raises(RuntimeError, match="generation failed.*simulated out of memory"):
+                async for _ in ae.stream([1, 2], SamplingParams(max_tokens=50, **GREEDY)):
+                    pass
+            assert engine.num_unfinished() == 0 and isinstance(ae.error, MemoryError)
+            c = await ae.generate([3, 4], SamplingParams(max_tokens=4, **GREEDY))
+            assert c.token_ids == generate(model, [[3, 4]], SamplingParams(max_tokens=4, **GREEDY))[0].token_ids
+
+    asyncio.run(main())
