@@ -421,3 +421,39 @@ def test_one_batch_serves_several_lora_adapters(tmp_path):
         e.add_request([1], SamplingParams(), adapter="chat")
     with pytest.raises(ValueError, match="no LoRA bank"):
         Engine(base).add_request([1], SamplingParams(), adapter="sql")
+
+
+def test_sampled_tokens_follow_the_model_distribution():
+    """2,000 seeded one-token requests: the frequencies of the likeliest tokens (and of all the rest
+    together) match softmax(logits / T) of the model's plain forward within 4.5 standard errors,
+    and top-k never leaves the k most likely tokens."""
+    model = random_model(60)
+    prompt = [5, 17, 42]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]))[0, -1].double()
+    n = 2000
+
+    def frequencies(**kw):
+        e = Engine(model, max_batch_size=64, max_waiting=n)
+        for i in range(n):
+            e.add_request(prompt, SamplingParams(max_tokens=1, seed=i, **kw))
+        counts = torch.zeros(model.config.vocab_size, dtype=torch.float64)
+        for toks in run_to_end(e).values():
+            counts[toks[0]] += 1
+        return counts / n
+
+    def assert_matches(freq, p):
+        top = p.topk(8).indices
+        f = torch.cat([freq[top], 1 - freq[top].sum(0, keepdim=True)])
+        q = torch.cat([p[top], 1 - p[top].sum(0, keepdim=True)])
+        z = (f - q) / (q * (1 - q) / n).clamp_min(1e-12).sqrt()
+        assert z.abs().max() < 4.5, (f.tolist(), q.tolist())
+
+    for t in (0.7, 1.5):
+        assert_matches(frequencies(temperature=t), torch.softmax(logits / t, -1))
+    freq = frequencies(temperature=1.0, top_k=5)
+    top5 = logits.topk(5).indices
+    assert set(freq.nonzero().flatten().tolist()) <= set(top5.tolist())
+    p5 = torch.zeros_like(logits)
+    p5[top5] = torch.softmax(logits[top5], -1)
+    assert_matches(freq, p5)
