@@ -457,3 +457,11 @@ def test_sampled_tokens_follow_the_model_distribution():
     p5 = torch.zeros_like(logits)
     p5[top5] = torch.softmax(logits[top5], -1)
     assert_matches(freq, p5)
+    probs = torch.softmax(logits, -1)
+    order = probs.argsort(descending=True)
+    keep = order[: int((probs[order].cumsum(0) < 0.8).sum()) + 1]  # the smallest set reaching 0.8
+    freq = frequencies(temperature=1.0, top_p=0.8)
+    assert set(freq.nonzero().flatten().tolist()) <= set(keep.tolist())
+    pp = torch.zeros_like(probs)
+    pp[keep] = probs[keep] / probs[keep].sum()
+    assert_matches(freq, pp)
