@@ -46,23 +46,29 @@ def collect(outputs, completions: dict[str, Completion], with_text: bool) -> Non
             c._text_parts = []
 
 
-def generate(model: GPT, prompts: list[list[int]], params: SamplingParams | None = None, tokenizer=None,
-             **engine_kwargs) -> list[Completion]:
+def generate(model: GPT, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+             tokenizer=None, **engine_kwargs) -> list[Completion]:
     """Complete every prompt; results in prompt order. ``engine_kwargs`` go to :class:`Engine`.
 
-    The KV cache is sized for this call (all prompts at once, up to the longest prompt +
-    ``max_tokens``), so nothing waits in a queue and no memory is reserved beyond need.
+    ``params`` is one :class:`SamplingParams` for all prompts or a list with one per prompt. The KV
+    cache is sized for this call (all prompts at once, up to the longest prompt + ``max_tokens``),
+    so nothing waits in a queue and no memory is reserved beyond need.
     """
-    params = params if params is not None else SamplingParams()
     if not prompts:
         return []
     if isinstance(prompts[0], int):
         raise ValueError("prompts must be a list of token-id lists (a batch), e.g. [[464, 3290]]")
-    longest = max(len(p) for p in prompts) + params.max_tokens
+    if isinstance(params, list | tuple):
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; give one or one each")
+        per_prompt = list(params)
+    else:
+        per_prompt = [params if params is not None else SamplingParams()] * len(prompts)
+    longest = max(len(p) + sp.max_tokens for p, sp in zip(prompts, per_prompt))
     kwargs = dict(max_batch_size=len(prompts), max_waiting=len(prompts), enable_prefix_cache=False,
                   max_seq_len=min(longest, model.config.block_size), prefill_chunk_size=max(256, longest))
     engine = Engine(model, tokenizer, **{**kwargs, **engine_kwargs})
-    ids = [engine.add_request(p, params) for p in prompts]
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, per_prompt)]
     done: dict[str, Completion] = {}
     while engine.has_unfinished():
         collect(engine.step(), done, tokenizer is not None)

@@ -152,3 +152,15 @@ def test_greedy_equals_transformers_on_gpt2_vocab_with_text(tmp_path, tokenizer)
     ref = hf_greedy(hf, prompt, 16)
     assert c.token_ids == ref
     assert c.text == tokenizer.decode(ref)
+
+
+def test_one_sampling_params_per_prompt():
+    model = random_model(15)
+    prompts = random_prompts(512, [4, 9], seed=15)
+    ps = [SamplingParams(max_tokens=3, **GREEDY), SamplingParams(max_tokens=7, temperature=0.8, seed=2)]
+    out = generate(model, prompts, ps)
+    assert [len(c.token_ids) for c in out] == [3, 7]
+    assert out[0].token_ids == greedy_without_cache(model, prompts[0], 3)
+    assert out[1].token_ids == generate(model, [prompts[1]], ps[1])[0].token_ids
+    with pytest.raises(ValueError, match="got 1 SamplingParams for 2 prompts"):
+        generate(model, prompts, [ps[0]])
