@@ -132,6 +132,16 @@ class AsyncEngine:
         self._wake.set()
         return rid
 
+    def add_adapter(self, name: str, adapter_dir) -> int:
+        """Thread-safe ``Engine.add_adapter``: lands between steps; requests may name it at once."""
+        with self._lock:
+            return self.engine.add_adapter(name, adapter_dir)
+
+    def remove_adapter(self, name: str) -> None:
+        """Thread-safe ``Engine.remove_adapter`` (refused while a request uses the adapter)."""
+        with self._lock:
+            self.engine.remove_adapter(name)
+
     def abort(self, request_id: str) -> bool:
         """Thread-safe abort; the slot is free before the next step."""
         with self._lock:

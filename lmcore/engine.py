@@ -254,17 +254,39 @@ class Engine:
     def _adapter_index(self, adapter: str | int | None) -> int:
         if adapter is None:
             return -1
-        names = getattr(self.model, "adapter_names", None)
-        if names is None:
-            raise ValueError(f"adapter {adapter!r} requested, but the model has no LoRA bank "
-                             "(lmcore.lora_batch.attach_lora_bank)")
-        if isinstance(adapter, str):
-            if adapter not in names:
-                raise ValueError(f"unknown adapter {adapter!r}; loaded: {[n for n in names if n]}")
-            return names.index(adapter)
-        if not 0 <= adapter < len(names) or names[adapter] is None:
-            raise ValueError(f"unknown adapter index {adapter}; loaded: {[n for n in names if n]}")
-        return adapter
+        from .lora_batch import adapter_index
+
+        return adapter_index(self.model, adapter)
+
+    # --- LoRA adapters ------------------------------------------------------------------------
+    def add_adapter(self, name: str, adapter_dir) -> int:
+        """Load a LoRA adapter directory into the model's bank; requests then name it with
+        ``add_request(..., adapter=name)`` and share batches with the base and other adapters.
+
+        The first adapter attaches the bank (:func:`lmcore.lora_batch.attach_lora_bank`, in place)
+        and wraps the runner's fast weight layouts so the base GEMMs keep them. Call it between
+        steps (``AsyncEngine.add_adapter`` does). Returns the adapter's index; a name already loaded
+        returns its index again.
+        """
+        from .lora_batch import add_adapter, attach_lora_bank, bank_layers
+
+        if not self.runner.has_bank:
+            attach_lora_bank(self.model)
+            w = self.runner.weights  # lmcore.weight_layout.DecodeWeights: one set of callables per row count
+            shared = w.many_rows is w.one_row
+            w.one_row = bank_layers(w.one_row, self.model)
+            w.many_rows = w.one_row if shared else bank_layers(w.many_rows, self.model)
+            self.runner.has_bank = True
+        return add_adapter(self.model, name, adapter_dir)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter (between steps); refused while a request still uses it."""
+        from .lora_batch import remove_adapter
+
+        index = self._adapter_index(name)
+        if any(g.seq.adapter == index for g in self._gens.values()):
+            raise ValueError(f"adapter {name!r} is still in use by unfinished requests")
+        remove_adapter(self.model, name)  # its index is never reused, so its prefix blocks just age out
 
 
 def __getattr__(name: str):

@@ -13,13 +13,24 @@ then needs its own batch. Here the base model carries a bank of adapters instead
 The ids tensor must broadcast to the token layout of the forward call (``(B, 1)`` or ``(B, T)``
 for ``model(idx)``; ``(N,)`` for a runner that feeds flat ``(N, C)`` token rows). Each projection
 computes ``base(x)`` for all rows at once, then, **for each adapter present in the batch**, the
-low-rank update of just its rows (``x[rows] @ A^T @ B^T * alpha/r``, added with ``index_add_``).
+low-rank update of just its rows (``x[rows] @ A^T @ B^T * alpha/r``, added with ``index_add``).
 A batch holding k distinct adapters costs one base GEMM plus k small ones: the base weights are
-read once per step whatever the mix, which is the point of batching adapters together.
+read once per step whatever the mix, which is the point of batching adapters together. Which rows
+belong to which adapter is worked out once per ids tensor and shape, not once per projection.
+
+The chosen ids are **per thread**: an engine's step thread routes its batch while another thread
+runs the same model's plain forward (a Score request) and sees the base model alone, or its own
+choice (:func:`use_adapter`).
+
+A serving engine can add a bank to a model it already serves (:meth:`lmcore.Engine.add_adapter`):
+:func:`bank_layers` then wraps the engine's fast weight layouts (:mod:`lmcore.weight_layout`) so
+the base GEMM keeps its re-laid-out copy and only the low-rank updates are added.
 """
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,16 +39,26 @@ import torch.nn as nn
 from .lora import ADAPTER_WEIGHTS_FILE, TARGETS, read_adapter_config
 
 
-class MultiLoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus any number of LoRA adapters, chosen per row by ``adapter_ids``."""
+class _Routing(threading.local):
+    """One bank's per-thread choice of adapters: the ids, and the rows of each adapter present."""
 
-    def __init__(self, base: nn.Linear):
+    ids: torch.Tensor | None = None
+    plan: tuple | None = None  # ((ids tensor, token shape), [(adapter index, rows (n,))]) of the last use
+
+    def __reduce__(self):  # a copied model gets a fresh routing (thread-local state is not copied)
+        return (_Routing, ())
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus any number of LoRA adapters, chosen per row by the bank's ids."""
+
+    def __init__(self, base: nn.Linear, routing: _Routing | None = None):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         # adapter index -> (A (r, in), B (out, r), scaling); plain tensors: serving state, not parameters
         self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
-        self.adapter_ids: torch.Tensor | None = None
+        self.routing = routing if routing is not None else _Routing()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -47,24 +68,59 @@ class MultiLoRALinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
+    @property
+    def adapter_ids(self) -> torch.Tensor | None:
+        return self.routing.ids
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # (..., out)
-        ids = self.adapter_ids
-        if ids is None or not self.adapters:
+        return self.add_updates(x, self.base(x))
+
+    def add_updates(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` (the base projection of ``x``) plus each row's adapter update."""
+        if not self.adapters:
             return y
-        ids = ids.to(x.device).expand(x.shape[:-1]).reshape(-1)  # (N,) one adapter index per token row
+        groups = _groups(self.routing, x)
+        if not groups:
+            return y
         x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)  # (N, in), (N, out)
-        for index in ids.unique().tolist():
-            if index < 0 or index not in self.adapters:
-                continue  # the base model alone (or an adapter that does not touch this projection)
-            A, B, scaling = self.adapters[index]
-            rows = (ids == index).nonzero().squeeze(1)  # (n,)
+        for index, rows in groups:
+            lora = self.adapters.get(index)
+            if lora is None:
+                continue  # an adapter that does not touch this projection
+            A, B, scaling = lora
             update = (x2.index_select(0, rows) @ A.t()) @ B.t()  # (n, in) -> (n, r) -> (n, out)
             y2 = y2.index_add(0, rows, update, alpha=scaling)
         return y2.view_as(y)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={sorted(self.adapters)}"
+
+
+def _groups(routing: _Routing, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """``[(adapter index, rows)]`` for the adapters present (never -1), cached for the ids and shape."""
+    ids = routing.ids
+    if ids is None:
+        return []
+    shape = x.shape[:-1]
+    plan = routing.plan
+    if plan is not None and plan[0][0] is ids and plan[0][1] == shape:
+        return plan[1]
+    flat = ids.to(x.device).expand(shape).reshape(-1)  # (N,) one adapter index per token row
+    groups = [(index, (flat == index).nonzero().squeeze(1)) for index in flat.unique().tolist() if index >= 0]
+    routing.plan = ((ids, shape), groups)
+    return groups
+
+
+class BankedProjection:
+    """A fast base projection (an engine's re-laid-out copy) plus the bank layer's adapter updates."""
+
+    __slots__ = ("fast", "layer")
+
+    def __init__(self, fast, layer: MultiLoRALinear):
+        self.fast, self.layer = fast, layer
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (N, in) -> (N, out)
+        return self.layer.add_updates(x, self.fast(x))
 
 
 def _banks(model: nn.Module):
@@ -78,13 +134,33 @@ def attach_lora_bank(model: nn.Module) -> nn.Module:
     """Wrap every attention and MLP projection in :class:`MultiLoRALinear` (in place; weights shared)."""
     for name, parent, attr in _banks(model):
         module = getattr(parent, attr)
-        if isinstance(module, MultiLoRALinear):
-            continue
-        if type(module) is not nn.Linear:
+        if type(module) is not nn.Linear and not isinstance(module, MultiLoRALinear):
             raise ValueError(f"{name} is a {type(module).__name__}; attach the bank to a plain base model")
-        setattr(parent, attr, MultiLoRALinear(module))
+    routing = getattr(model, "lora_routing", None) or _Routing()
+    for _, parent, attr in _banks(model):
+        if not isinstance(getattr(parent, attr), MultiLoRALinear):
+            setattr(parent, attr, MultiLoRALinear(getattr(parent, attr), routing))
+    model.lora_routing = routing
     model.adapter_names = getattr(model, "adapter_names", [])
     return model
+
+
+def bank_layers(layers: list[tuple], model: nn.Module) -> list[tuple]:
+    """An engine's per-block callables (``model.decode_layers()`` order, some replaced by fast
+    re-laid-out copies of the plain Linears) made to add the bank's updates; ``model`` has the bank."""
+    banked = model.decode_layers()
+    out = []
+    for block, bank_block in zip(layers, banked):
+        row = []
+        for fn, layer in zip(block, bank_block):
+            if not isinstance(layer, MultiLoRALinear) or fn is layer:
+                row.append(fn)
+            elif fn is layer.base:  # the plain module itself: call the bank layer instead
+                row.append(layer)
+            else:
+                row.append(BankedProjection(fn, layer))
+        out.append(tuple(row))
+    return out
 
 
 def add_adapter(model: nn.Module, name: str, adapter_dir: str | Path) -> int:
@@ -126,8 +202,34 @@ def remove_adapter(model: nn.Module, name: str) -> None:
 
 
 def set_adapter_ids(model: nn.Module, ids: torch.Tensor | None) -> None:
-    """Choose each row's adapter for the next forward calls (-1 or None: the base model)."""
-    for _, parent, attr in _banks(model):
-        layer = getattr(parent, attr)
-        if isinstance(layer, MultiLoRALinear):
-            layer.adapter_ids = ids
+    """Choose each row's adapter for this thread's next forward calls (-1 or None: the base model)."""
+    routing: _Routing = model.lora_routing
+    routing.ids, routing.plan = ids, None
+
+
+def adapter_index(model: nn.Module, adapter: str | int) -> int:
+    """The bank index of an adapter named (or numbered) ``adapter``; ValueError if it is not loaded."""
+    names = getattr(model, "adapter_names", None)
+    if names is None:
+        raise ValueError(f"adapter {adapter!r} requested, but the model has no LoRA bank "
+                         "(lmcore.lora_batch.attach_lora_bank)")
+    if isinstance(adapter, str):
+        if adapter not in names:
+            raise ValueError(f"unknown adapter {adapter!r}; loaded: {[n for n in names if n]}")
+        return names.index(adapter)
+    if not 0 <= adapter < len(names) or names[adapter] is None:
+        raise ValueError(f"unknown adapter index {adapter}; loaded: {[n for n in names if n]}")
+    return adapter
+
+
+@contextmanager
+def use_adapter(model: nn.Module, adapter: str | int | None):
+    """Run this thread's plain ``model(...)`` calls through one adapter (None: the base alone)."""
+    routing: _Routing = model.lora_routing
+    saved = routing.ids
+    index = -1 if adapter is None else adapter_index(model, adapter)
+    set_adapter_ids(model, torch.tensor(index))  # 0-dim: broadcasts to any token layout
+    try:
+        yield model
+    finally:
+        set_adapter_ids(model, saved)

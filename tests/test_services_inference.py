@@ -464,7 +464,13 @@ def test_metrics_names(tiny_models):
             list(c.complete_stream("hi", max_tokens=5, temperature=0, ignore_eos=True))
             with pytest.raises(grpc.RpcError):
                 c.complete("hi", temperature=-1)
-        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        def scrape() -> str:
+            return urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+
+        # the error boundary counts a failed RPC as it ends, which may be just after the client saw it
+        rpc_error = 'code="INVALID_ARGUMENT",method="/lmstack.v1.InferenceService/Complete"'
+        wait_until(lambda: rpc_error in scrape(), timeout=5)
+        body = scrape()
         for name in ["lmstack_inference_time_to_first_token_seconds_bucket",
                      "lmstack_inference_time_per_output_token_seconds_bucket",
                      "lmstack_inference_request_latency_seconds_bucket",

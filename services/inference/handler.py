@@ -1,8 +1,13 @@
 """InferenceHandler: protobuf in, lmcore (Engine, FewShotPrompt, score), protobuf out.
 
 No transport code: the gRPC servicer and a Ray Serve deployment call the same methods. Each served
-model has its own ``lmcore.Engine`` (continuous batching over a KV cache) driven by an
-``AsyncEngine`` background task; ``complete_stream`` yields a chunk per engine output as it is
+full model has its own ``lmcore.Engine`` (continuous batching over a KV cache) driven by an
+``AsyncEngine`` background thread. A LoRA adapter from the model store whose base model is served
+gets no engine of its own: it is loaded into the base engine's adapter bank
+(``lmcore.lora_batch``) and its requests run in the base's batches with ``adapter=<name>``, beside
+the base's own requests and other adapters' (S-LoRA, LoRAX); the prefix cache stays per adapter.
+An adapter whose base is not served is loaded on its own (``lmcore.lora.load_adapter_model``).
+ ``complete_stream`` yields a chunk per engine output as it is
 produced, and ``complete`` is the same stream gathered. When the consumer stops early (client
 cancel, deadline, disconnect), closing the stream aborts the engine request, which frees its slot
 before the next step.
@@ -41,20 +46,36 @@ MAX_SCORE_CHOICES = 64
 # --- loading ---------------------------------------------------------------------------------------
 @dataclass
 class ServedModel:
-    """One model as served: weights, tokenizer, its engine and the engine's asyncio driver."""
+    """One model as served: weights, tokenizer, its engine and the engine's asyncio driver.
+
+    For an adapter in a base model's bank, ``model``, ``engine`` and ``async_engine`` are the
+    base's (shared, not owned) and ``adapter`` is the name requests pass to the engine.
+    """
 
     name: str
     model: Any
     tokenizer: Any
     engine: Any
     async_engine: Any = None
+    adapter: str | None = None  # the adapter's name in the base engine's LoRA bank
+    base: str = ""  # the served base model's name, for a banked adapter
+    parameters: int = 0  # 0: the model's own count
 
     @property
     def context_length(self) -> int:
         return self.model.config.block_size
 
+    @property
+    def owns_engine(self) -> bool:
+        return self.adapter is None
+
     def load(self) -> tuple[int, int]:
-        """(running, waiting) requests, for the queue gauges."""
+        """(running, waiting) requests, for the queue gauges (a bank's: this adapter's, or the base's own)."""
+        if getattr(self.engine.runner, "has_bank", False):
+            index = self.engine._adapter_index(self.adapter)
+            sched = self.engine.scheduler
+            return (sum(s.adapter == index for s in list(sched.running)),
+                    sum(s.adapter == index for s in list(sched.waiting)))
         stats = getattr(self.engine, "stats", None)
         stats = stats() if callable(stats) else stats
         if isinstance(stats, dict):
@@ -79,12 +100,12 @@ def make_loader(settings: InferenceSettings):
         from lmcore import Engine, load_model
 
         if spec.is_adapter:
-            try:
-                from lmcore.lora import load_adapter_model
-            except ImportError:
-                raise ValueError(f"{spec.path}: LoRA adapters need lmcore.lora, which is not installed") from None
+            from lmcore.lora import load_adapter_model
+
             base = resolve_base(spec, registry)
-            model = load_adapter_model(base.obj.model if base is not None else spec.base_model, spec.path)
+            if base is not None and base.obj.owns_engine:
+                return bank_adapter(spec, base)
+            model = load_adapter_model(spec.base_model, spec.path)
         else:
             model = load_model(spec.path, device=settings.device)
         if getattr(model, "tokenizer", None) is None:
@@ -96,6 +117,24 @@ def make_loader(settings: InferenceSettings):
         return ServedModel(spec.name, model, model.tokenizer, engine)
 
     return load
+
+
+def bank_adapter(spec: ModelSpec, base: Entry) -> ServedModel:
+    """Serve an adapter from its base's engine: load it into the bank (between two steps)."""
+    from lmcore.lora import read_adapter_config
+
+    served: ServedModel = base.obj
+    meta = read_adapter_config(spec.path)
+    served.async_engine.add_adapter(spec.name, spec.path)
+    spec.base_model = base.name
+    cfg = served.model.config
+    targets = meta["target_modules"]
+    # A's (r, in) and B's (out, r) per targeted projection per block, on top of the base's count.
+    widths = {"attn.c_attn": (cfg.n_embd, 3 * cfg.n_embd), "attn.c_proj": (cfg.n_embd, cfg.n_embd),
+              "mlp.c_fc": (cfg.n_embd, 4 * cfg.n_embd), "mlp.c_proj": (4 * cfg.n_embd, cfg.n_embd)}
+    extra = cfg.n_layer * sum(int(meta["r"]) * sum(widths.get(t, (0, 0))) for t in targets)
+    return ServedModel(spec.name, served.model, served.tokenizer, served.engine, served.async_engine,
+                       adapter=spec.name, base=base.name, parameters=served.model.num_parameters() + extra)
 
 
 async def _maybe_await(value):
@@ -119,13 +158,15 @@ async def start_engine(entry: Entry, torch_threads: int = 1) -> None:
         from lmcore.engine import AsyncEngine
 
     served: ServedModel = entry.obj
+    if not served.owns_engine:  # an adapter in a base's bank: the base's engine is already running
+        return
     served.async_engine = AsyncEngine(served.engine, **_accepted_kwargs(AsyncEngine, num_threads=torch_threads))
     await _maybe_await(served.async_engine.start())
 
 
 async def stop_engine(entry: Entry) -> None:
     served: ServedModel = entry.obj
-    if served.async_engine is not None:
+    if served.owns_engine and served.async_engine is not None:
         await asyncio.to_thread(served.async_engine.stop)
 
 
@@ -183,7 +224,7 @@ def model_info(entry: Entry) -> pb.ModelInfo:
     served: ServedModel = entry.obj
     cfg = served.model.config
     return pb.ModelInfo(name=entry.name, context_length=cfg.block_size, vocab_size=cfg.vocab_size,
-                        parameters=served.model.num_parameters(), n_layer=cfg.n_layer, n_head=cfg.n_head,
+                        parameters=served.parameters or served.model.num_parameters(), n_layer=cfg.n_layer, n_head=cfg.n_head,
                         n_embd=cfg.n_embd, is_default=entry.is_default, source=entry.spec.source,
                         base_model=entry.spec.base_model)
 
@@ -229,7 +270,7 @@ class InferenceHandler:
         """The engine's outputs for one request, with metrics; closing it early aborts the request."""
         start, first, n, finished = time.perf_counter(), None, 0, False
         try:
-            async with aclosing(served.async_engine.stream(ids, params)) as outputs:
+            async with aclosing(served.async_engine.stream(ids, params, adapter=served.adapter)) as outputs:
                 async for out in outputs:
                     if out.new_token_ids and first is None:
                         first = time.perf_counter()
@@ -307,8 +348,6 @@ class InferenceHandler:
                                   prompt=rendered.text, model=name)
 
     async def score(self, req: pb.ScoreRequest) -> pb.ScoreResponse:
-        from lmcore.scoring import score
-
         name, served = await self._served(req.model)
         choices = list(req.choices)
         if not choices:
@@ -325,7 +364,7 @@ class InferenceHandler:
         if longest > served.context_length:
             raise InvalidArgument(f"context + longest choice is {longest} tokens, past the model's context of "
                                   f"{served.context_length}")
-        results = await asyncio.to_thread(score, served.model, context_ids, continuations)
+        results = await asyncio.to_thread(self._score, served, context_ids, continuations)
         out = pb.ScoreResponse(model=name)
         for text, ids, r in zip(choices, continuations, results):
             out.choices.append(pb.ChoiceScore(text=text, logprob=float(r.logprob),
@@ -333,6 +372,17 @@ class InferenceHandler:
                                               num_tokens=len(ids)))
         out.best = max(range(len(results)), key=lambda i: results[i].logprob)
         return out
+
+    @staticmethod
+    def _score(served: ServedModel, context_ids: list[int], continuations: list[list[int]]):
+        from lmcore.scoring import score
+
+        if served.adapter is None:
+            return score(served.model, context_ids, continuations)
+        from lmcore.lora_batch import use_adapter
+
+        with use_adapter(served.model, served.adapter):  # this thread only: the engine's batches are unaffected
+            return score(served.model, context_ids, continuations)
 
     async def list_models(self, req: pb.ListModelsRequest) -> pb.ListModelsResponse:
         await self.registry.refresh()
