@@ -110,15 +110,16 @@ def prompts(tok, n: int, length: int = 32) -> list[list[int]]:
 # --- part 1: generation ----------------------------------------------------------------------------
 async def run_clients(n_clients: int, per_client: int, submit) -> dict:
     """``submit(i)`` -> async iterator of token-id lists; returns latencies and throughput."""
-    ttft, tpot, tokens = [], [], 0
+    ttft, tpot, tokens, chunks = [], [], 0, 0
 
     async def client(c: int):
-        nonlocal tokens
+        nonlocal tokens, chunks
         for r in range(per_client):
             start = time.perf_counter()
             first = last = None
             n = 0
             async for ids in submit(c * per_client + r):
+                chunks += 1
                 if ids:
                     now = time.perf_counter()
                     first = first or now
@@ -134,6 +135,7 @@ async def run_clients(n_clients: int, per_client: int, submit) -> dict:
     wall = time.perf_counter() - start
     return {"requests": n_clients * per_client, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             "cpu_ms_per_token": 1e3 * (process_cpu_s() - cpu0) / tokens,
+            "tokens_per_chunk": tokens / chunks,  # > 1 where a lagging stream got tokens merged (coalescing)
             "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
             "tpot_p50_ms": 1e3 * pct(tpot, 50), "tpot_p99_ms": 1e3 * pct(tpot, 99)}
 
@@ -418,7 +420,8 @@ def main() -> None:
                          ("Engine", row["engine"])):
             print(f"{row['clients']:>7} | {where:<11} | {r['tokens_per_s']:>8.1f} | {r['ttft_p50_ms']:>7.1f}ms | "
                   f"{r['ttft_p99_ms']:>7.1f}ms | {r['tpot_p50_ms']:>7.2f}ms | {r['tpot_p99_ms']:>7.2f}ms | "
-                  f"{r['cpu_ms_per_token']:>7.2f}ms")
+                  f"{r['cpu_ms_per_token']:>7.2f}ms" + (f"  ({r['tokens_per_chunk']:.2f} tokens/chunk)"
+                                                          if "tokens_per_chunk" in r else ""))
         for ref in ("engine", "async_engine"):
             v = row["vs_" + ref]
             label = "svc/Engine" if ref == "engine" else "svc/Async"

@@ -2,9 +2,18 @@
 
 The model runs in a single background thread that calls ``engine.step()`` while there is work and
 sleeps on an event when there is none; asyncio tasks never block on the model. Each request gets
-its own ``asyncio.Queue``; the step thread hands every :class:`StepOutput` to the right queue with
-``loop.call_soon_threadsafe`` (vLLM's pattern: one producer, a queue per consumer). Several tasks
-may stream concurrently, from one or several event loops.
+its own output queue (vLLM's pattern: one producer, a queue per consumer); after each step the step
+thread hands that step's outputs to their queues with **one** ``loop.call_soon_threadsafe`` per event
+loop (not one per output: each such call writes to the loop's wake-up pipe). Several tasks may
+stream concurrently, from one or several event loops.
+
+Coalescing: a consumer takes *everything* queued for its request at once. When it keeps up, that is
+one step's output, delivered as soon as the step ends (no batching delay). When it falls behind (a
+busy event loop, a slow network write), the outputs queued meanwhile come as one merged
+:class:`StepOutput` (:func:`merge_outputs`: tokens, text and log-probabilities concatenated, finish
+and counts from the last), so a lagging stream costs one message per catch-up instead of one per
+token, and it catches up instead of falling further behind. Text stays whole UTF-8 characters,
+since every step's text is.
 
 Locking: one lock guards the engine; the step thread holds it for a whole ``step()``, and
 ``add_request``/``abort`` take it too, so they land *between* steps. The event loop never waits
@@ -35,6 +44,39 @@ from .generation import Completion, collect
 from .sampling import SamplingParams
 
 
+def merge_outputs(outputs: list[StepOutput]) -> StepOutput:
+    """Consecutive outputs of one request as one: token ids, text and log-probabilities concatenated,
+    ``finished``/``finish_reason`` and the token counts from the last."""
+    if len(outputs) == 1:
+        return outputs[0]
+    last = outputs[-1]
+    logprobs = None
+    if any(o.logprobs is not None for o in outputs):
+        logprobs = [lp for o in outputs for lp in (o.logprobs or ())]
+    return StepOutput(last.request_id, [t for o in outputs for t in o.new_token_ids], "".join(o.text for o in outputs),
+                      last.finished, last.finish_reason, logprobs, last.prompt_tokens, last.completion_tokens)
+
+
+class _Stream:
+    """One request's undelivered outputs, on its consumer's event loop (touched only there)."""
+
+    __slots__ = ("loop", "items", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: list = []  # StepOutputs, possibly ending with an exception
+        self.waiter: asyncio.Future | None = None  # set while the consumer waits for the next output
+
+
+def _push(batch: list[tuple[_Stream, object]]) -> None:
+    """On a consumer loop: queue a step's outputs and wake their waiting consumers."""
+    for stream, item in batch:
+        stream.items.append(item)
+        waiter = stream.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine, num_threads: int = 1):
         self.engine = engine
@@ -43,7 +85,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Stream] = {}
         self._pending_aborts: list[str] = []  # appended by consumers, drained by the step thread
         self.error: Exception | None = None  # the last exception a step raised (its requests failed)
 
@@ -94,26 +136,33 @@ class AsyncEngine:
                 else:
                     self._wake.clear()
             if busy:
-                for out in outputs:
-                    self._deliver(out.request_id, out)
+                if outputs:
+                    self._deliver([(out.request_id, out) for out in outputs])
             else:
                 self._wake.wait()
 
-    def _deliver(self, request_id: str, item) -> None:
-        entry = self._streams.get(request_id)
-        if entry is None:
-            return
-        loop, queue = entry
-        if isinstance(item, BaseException) or item.finished:
-            self._streams.pop(request_id, None)
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
-            pass
+    def _deliver(self, items: list[tuple[str, object]]) -> None:
+        """Hand ``(request_id, output or exception)`` pairs to their streams: one call per loop."""
+        streams = self._streams
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for rid, item in items:
+            stream = streams.get(rid)
+            if stream is None:
+                continue  # aborted: nobody is listening
+            if isinstance(item, BaseException) or item.finished:
+                streams.pop(rid, None)
+            batch = batches.get(stream.loop)
+            if batch is None:
+                batch = batches[stream.loop] = []
+            batch.append((stream, item))
+        for loop, batch in batches.items():
+            try:
+                loop.call_soon_threadsafe(_push, batch)
+            except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+                pass
 
     def _fail_all(self, error: BaseException) -> None:
-        for rid in list(self._streams):
-            self._deliver(rid, error)
+        self._deliver([(rid, error) for rid in list(self._streams)])
 
     def _reset_after(self, error: Exception) -> None:
         """A step raised: every request in flight (its state is unknown now) is aborted and its
@@ -153,12 +202,14 @@ class AsyncEngine:
                      request_id: str | None = None, adapter: str | int | None = None) -> AsyncIterator[StepOutput]:
         """Yield the request's outputs as the engine produces them; the last has ``finished``.
 
+        Each item holds everything produced since the previous one: one step's output when the
+        consumer keeps up, several merged (:func:`merge_outputs`) when it fell behind.
         Raises ``ValueError``/``EngineOverloaded`` from ``add_request`` on the first iteration.
         Stopping early aborts the request.
         """
         self.start()
-        queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
+        stream = _Stream(loop)
         rid = request_id if request_id is not None else f"req-{uuid.uuid4().hex}"
 
         state = {"added": False, "gone": False}  # gone: the consumer left before the add landed
@@ -169,7 +220,7 @@ class AsyncEngine:
                 if state["gone"]:
                     return
                 self.engine.add_request(prompt_ids, params, rid, adapter)
-                self._streams[rid] = (loop, queue)
+                self._streams[rid] = stream
                 state["added"] = True
             self._wake.set()
 
@@ -177,13 +228,20 @@ class AsyncEngine:
         try:
             await asyncio.to_thread(add)
             while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise RuntimeError(f"generation failed: {item!r}") from item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
+                if not stream.items:
+                    stream.waiter = loop.create_future()
+                    await stream.waiter
+                    stream.waiter = None
+                items, stream.items = stream.items, []
+                error = items.pop() if isinstance(items[-1], BaseException) else None  # only ever last
+                if items:
+                    out = merge_outputs(items)
+                    finished = out.finished
+                    yield out
+                    if finished:
+                        return
+                if error is not None:
+                    raise RuntimeError(f"generation failed: {error!r}") from error
         finally:
             if not finished:
                 with state_lock:

@@ -178,3 +178,44 @@ def test_a_failing_step_fails_its_streams_and_the_engine_keeps_serving():
             assert c.token_ids == generate(model, [[3, 4]], SamplingParams(max_tokens=4, **GREEDY))[0].token_ids
 
     asyncio.run(main())
+
+
+def test_a_lagging_consumer_gets_what_queued_up_as_one_merged_output(tokenizer):
+    """Outputs produced while the consumer was away come as one StepOutput: ids, text (whole
+    characters) and logprobs concatenated, finish from the last; the whole equals generate()."""
+    model = gpt2_vocab_model(seed=3)
+    prompt = tokenizer.encode("Streams that fall behind")
+    p = SamplingParams(max_tokens=24, temperature=0.8, seed=5, logprobs=2, ignore_eos=True)
+    ref = generate(model, [prompt], p, tokenizer=tokenizer)[0]
+
+    async def main():
+        engine = Engine(model, tokenizer)
+        async with AsyncEngine(engine) as ae:
+            agen = ae.stream(prompt, p)
+            first = await agen.__anext__()
+            await until(lambda: not engine.has_unfinished())  # the consumer is away: 23 tokens pile up
+            rest = [out async for out in agen]
+            return first, rest
+
+    first, rest = asyncio.run(main())
+    assert len(first.new_token_ids) >= 1 and not first.finished
+    assert len(rest) == 1  # one catch-up, not one output per token
+    merged = rest[0]
+    assert merged.finished and merged.finish_reason == "length" and merged.completion_tokens == 24
+    assert first.new_token_ids + merged.new_token_ids == ref.token_ids
+    assert first.text + merged.text == ref.text == tokenizer.decode(ref.token_ids)
+    assert [lp.token_id for lp in first.logprobs + merged.logprobs] == ref.token_ids
+    assert [lp.logprob for lp in first.logprobs + merged.logprobs] == [lp.logprob for lp in ref.logprobs]
+
+
+def test_merge_outputs_keeps_the_last_finish_and_whole_text():
+    from lmcore.async_engine import merge_outputs
+    from lmcore.engine import StepOutput
+
+    a = StepOutput("r", [1], "", False, None, None, 3, 1)  # a partial character: no text yet
+    b = StepOutput("r", [2, 3], "é", False, None, None, 3, 3)
+    c = StepOutput("r", [4], "!", True, "stop", None, 3, 4)
+    m = merge_outputs([a, b, c])
+    assert (m.new_token_ids, m.text, m.finished, m.finish_reason, m.logprobs, m.completion_tokens) == \
+        ([1, 2, 3, 4], "é!", True, "stop", None, 4)
+    assert merge_outputs([a]) is a
