@@ -16,7 +16,19 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-GPT2_TIKTOKEN = ROOT.parent / "shared" / "fixtures" / "gpt2.tiktoken"
+
+
+def _find_gpt2_tiktoken() -> Path:
+    """The real GPT-2 rank file: $LMSTACK_GPT2_TIKTOKEN, else ``shared/fixtures/`` beside the checkout
+    or beside any folder above it (a CI clone may sit deeper than the working copy)."""
+    if os.environ.get("LMSTACK_GPT2_TIKTOKEN"):
+        return Path(os.environ["LMSTACK_GPT2_TIKTOKEN"])
+    candidates = [d / "shared" / "fixtures" / "gpt2.tiktoken" for d in ROOT.parents]
+    candidates.append(Path("/work/shared/fixtures/gpt2.tiktoken"))
+    return next((c for c in candidates if c.is_file()), candidates[0])
+
+
+GPT2_TIKTOKEN = _find_gpt2_tiktoken()
 
 # Two cores, many processes: tests run torch on one intra-op thread, like one engine's decode loop.
 torch.set_num_threads(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -21,7 +22,11 @@ def readme_steps(target: str) -> list[str]:
 
 
 def make_dry_run(clone: Path, target: str) -> list[str]:
-    out = subprocess.run(["make", "-n", target], cwd=clone, capture_output=True, text=True, check=True)
+    # Run as a newcomer would: not inside another make (CI's `make test` exports MAKEFLAGS/MAKELEVEL,
+    # which would add "Entering directory" lines).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=clone, capture_output=True,
+                         text=True, check=True, env=env)
     # the stamp file is bookkeeping, not a step a reader needs
     return [line.strip() for line in out.stdout.splitlines() if line.strip() and not line.startswith("touch ")]
 
