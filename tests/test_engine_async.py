@@ -219,3 +219,46 @@ def test_merge_outputs_keeps_the_last_finish_and_whole_text():
     assert (m.new_token_ids, m.text, m.finished, m.finish_reason, m.logprobs, m.completion_tokens) == \
         ([1, 2, 3, 4], "é!", True, "stop", None, 4)
     assert merge_outputs([a]) is a
+
+
+def test_adapters_added_to_a_running_engine_batch_with_the_base(tmp_path):
+    """``AsyncEngine.add_adapter`` on a serving engine (fast weight layouts already built): base and
+    adapter requests in flight together equal ``generate`` on the base and on base + adapter alone."""
+    import copy
+
+    import torch
+
+    from lmcore.lora import LoRAConfig, apply_lora, load_adapter_model, lora_state_dict, save_adapter
+
+    base = random_model(37)
+    for i, targets in enumerate([("attn.c_attn",), ("attn.c_proj", "mlp.c_fc", "mlp.c_proj")]):
+        m = apply_lora(copy.deepcopy(base), LoRAConfig(rank=4, alpha=8, target_modules=targets))
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in lora_state_dict(m).values():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        save_adapter(m, tmp_path / f"a{i}", base_model="base")
+    prompts = random_prompts(512, [5, 9, 3, 7, 4, 6], seed=8)
+    which = [None, "a0", "a1", "a1", None, "a0"]
+    p = SamplingParams(max_tokens=12, **GREEDY)
+    refs = {None: base, **{f"a{i}": load_adapter_model(base, tmp_path / f"a{i}") for i in range(2)}}
+    expected = [generate(refs[a], [pr], p)[0].token_ids for pr, a in zip(prompts, which)]
+    assert len({tuple(e) for e in expected[:3]}) == 3  # the adapters change the outputs
+
+    async def main():
+        engine = Engine(copy.deepcopy(base), max_batch_size=8)
+        async with AsyncEngine(engine) as ae:
+            await ae.generate(prompts[0], p)  # serving before any adapter exists
+            for i in range(2):
+                assert await asyncio.to_thread(ae.add_adapter, f"a{i}", tmp_path / f"a{i}") == i
+            steps = engine.stats()["steps"]
+
+            async def consume(pr, a):
+                return [t async for o in ae.stream(pr, p, adapter=a) for t in o.new_token_ids]
+
+            got = await asyncio.gather(*(consume(pr, a) for pr, a in zip(prompts, which)))
+            return got, engine.stats()["steps"] - steps
+
+    got, steps = asyncio.run(main())
+    assert got == expected
+    assert steps < len(prompts) * 12 / 2  # they shared steps
