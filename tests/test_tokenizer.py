@@ -17,6 +17,7 @@ import pytest
 import tiktoken
 import tiktoken.load
 import torch
+from conftest import GPT2_TIKTOKEN  # the real GPT-2 rank file, found beside the checkout
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiktoken_ext.openai_public import r50k_pat_str
@@ -26,7 +27,6 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from lmcore import Tokenizer
 from lmcore.bpe_io import bytes_to_unicode
 
-GPT2_TIKTOKEN = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "gpt2.tiktoken"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 HYPOTHESIS = settings(max_examples=120, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
