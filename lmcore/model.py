@@ -69,14 +69,6 @@ class CausalSelfAttention(nn.Module):
         )  # (B, nh, T, hs)
         return self.merge_heads(y)
 
-    def forward_cached(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       batch: CacheBatch) -> torch.Tensor:
-        """Attention over the KV cache for a flat batch ``x (N, C)`` of tokens from many sequences
-        (see :func:`cached_attention`); ``k_cache, v_cache``: this layer's ``(n_slots, nh, max_seq, hs)``."""
-        N, _ = x.shape
-        qkv = self.c_attn(x).view(N, 3, self.n_head, self.head_dim)  # (N, 3, nh, hs)
-        return self.c_proj(cached_attention(qkv, k_cache, v_cache, batch))
-
 
 def cached_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      batch: CacheBatch) -> torch.Tensor:
