@@ -18,12 +18,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
-
-from services.config import DEFAULT_MAX_MESSAGE_BYTES
+from services.client import Client
 from services.gen.lmstack.v1 import finetune_pb2 as pb
 from services.gen.lmstack.v1 import finetune_pb2_grpc
-from services.server import channel_options
 
 CHUNK_BYTES = 1 << 20
 TERMINAL = (pb.JOB_STATUS_SUCCEEDED, pb.JOB_STATUS_FAILED, pb.JOB_STATUS_CANCELLED)
@@ -53,27 +50,13 @@ def hyperparameters(**kw) -> pb.Hyperparameters:
     return pb.Hyperparameters(**kw)
 
 
-class FineTuneClient:
+class FineTuneClient(Client):
+    """``services.client.Client`` (channel, API key, timeouts, health, ``wait_ready``) plus the
+    fine-tuning stub; one channel reaches every service a server hosts."""
+
     def __init__(self, target: str, api_key: str | None = None, timeout: float = 60.0):
-        self.channel = grpc.insecure_channel(target, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES))
+        super().__init__(target, api_key=api_key, timeout=timeout)
         self.stub = finetune_pb2_grpc.FineTuningServiceStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self.timeout = timeout
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _kw(self, timeout=None) -> dict:
-        return {"timeout": timeout or self.timeout, "metadata": self.metadata}
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        grpc.channel_ready_future(self.channel).result(timeout=timeout)
 
     # --- datasets ------------------------------------------------------------------------------
     def upload_dataset(self, source: str | Path | bytes, filename: str | None = None, model: str = "",
