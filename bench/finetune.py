@@ -45,10 +45,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lmcore.config import GPTConfig  # noqa: E402
-from lmcore.data import TokenBlocks  # noqa: E402
-from lmcore.model import GPT  # noqa: E402
-from lmcore.trainer import TrainConfig, Trainer, lr_at, make_adamw, param_groups  # noqa: E402
+from lmcore.model import GPT, GPTConfig  # noqa: E402
+from lmcore.training import TrainConfig, Trainer  # noqa: E402
+from lmcore.training.data import TokenBlocks  # noqa: E402
+from lmcore.training.trainer import lr_at, make_adamw, param_groups  # noqa: E402
 
 LR, WD, WARMUP = 3e-4, 0.1, 2
 
@@ -204,7 +204,7 @@ def free_port() -> int:
 
 
 def bench_latency(a) -> dict:
-    from lmcore.trainer import train_from_scratch
+    from lmcore.training import train_from_scratch
     from services.client import Client
     from services.finetune.client import FineTuneClient
     from services.gen.lmstack.v1 import finetune_pb2 as pb

@@ -37,8 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lmcore import Engine, SamplingParams, generate  # noqa: E402
-from lmcore.config import GPTConfig  # noqa: E402
-from lmcore.model import GPT  # noqa: E402
+from lmcore.model.config import GPTConfig  # noqa: E402
+from lmcore.model.gpt import GPT  # noqa: E402
 
 # tiny: the test preset with room for 32 + 128 tokens.
 SHAPES = {"gpt2": GPTConfig.from_preset("gpt2"), "tiny": GPTConfig.from_preset("tiny", block_size=256)}

@@ -185,16 +185,16 @@ async def reference_worker(model_dir: Path, max_tokens: int, max_batch: int, thr
     the same history: warm caches, touched KV pages). One AsyncEngine and one bare Engine, built
     once; each stdin line ``[n_clients, per_client]`` runs both and answers one JSON line."""
     from lmcore import Engine, SamplingParams, Tokenizer, load_model
-    from lmcore.async_engine import AsyncEngine
+    from lmcore.engine import AsyncEngine
 
     torch.set_num_threads(threads)
     prompt_ids = prompts(Tokenizer.from_file(GPT2_TIKTOKEN), 64)
     model = load_model(model_dir)
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    engine = AsyncEngine(Engine(model, model.tokenizer, max_batch_size=max_batch, max_waiting=1024),
+    engine = AsyncEngine(Engine(model, tokenizer=model.tokenizer, max_batch_size=max_batch, max_waiting=1024),
                          num_threads=threads)
     engine.start()
-    bare = Engine(model, model.tokenizer, max_batch_size=max_batch, max_waiting=1024)
+    bare = Engine(model, tokenizer=model.tokenizer, max_batch_size=max_batch, max_waiting=1024)
 
     async def in_process(i):
         async for out in engine.stream(prompt_ids[i % len(prompt_ids)], params):

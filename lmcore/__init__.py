@@ -1,5 +1,11 @@
 """lmcore: a readable, fast GPT-2 stack: model, tokenizer, generation engine, trainer.
 
+One subpackage per layer; imports run one way (``lmcore._io`` is below everything)::
+
+    tokenizer  <-  model  <-  lora  <-  engine
+                     ^
+                     +-- training, tasks   (model and tokenizer only)
+
 Public names are imported lazily so ``import lmcore`` stays cheap (a service that only tokenizes
 never pays for the engine's imports).
 """
@@ -10,27 +16,28 @@ import importlib
 
 _EXPORTS = {
     "GPT": "lmcore.model",
-    "GPTConfig": "lmcore.config",
-    "PRESETS": "lmcore.config",
-    "load_model": "lmcore.checkpoint",
-    "save_pretrained": "lmcore.checkpoint",
+    "GPTConfig": "lmcore.model",
+    "PRESETS": "lmcore.model",
+    "load_model": "lmcore.model",
+    "save_pretrained": "lmcore.model",
     "Tokenizer": "lmcore.tokenizer",
-    "SamplingParams": "lmcore.sampling",
-    "generate": "lmcore.generation",
-    "Completion": "lmcore.generation",
+    "SamplingParams": "lmcore.engine",
+    "TokenLogprob": "lmcore.engine",
+    "generate": "lmcore.engine",
+    "Completion": "lmcore.engine",
     "Engine": "lmcore.engine",
+    "EngineConfig": "lmcore.engine",
     "EngineOverloaded": "lmcore.engine",
     "StepOutput": "lmcore.engine",
-    "AsyncEngine": "lmcore.async_engine",
-    "TokenLogprob": "lmcore.sampling",
-    "RenderedPrompt": "lmcore.fewshot",
-    "PromptStyle": "lmcore.fewshot",
-    "ChoiceScore": "lmcore.scoring",
-    "FewShotPrompt": "lmcore.fewshot",
-    "score": "lmcore.scoring",
-    "Trainer": "lmcore.trainer",
-    "TrainConfig": "lmcore.trainer",
-    "train_from_scratch": "lmcore.trainer",
+    "AsyncEngine": "lmcore.engine",
+    "RenderedPrompt": "lmcore.tasks",
+    "PromptStyle": "lmcore.tasks",
+    "ChoiceScore": "lmcore.tasks",
+    "FewShotPrompt": "lmcore.tasks",
+    "score": "lmcore.tasks",
+    "Trainer": "lmcore.training",
+    "TrainConfig": "lmcore.training",
+    "train_from_scratch": "lmcore.training",
     "LoRAConfig": "lmcore.lora",
     "apply_lora": "lmcore.lora",
     "load_adapter_model": "lmcore.lora",

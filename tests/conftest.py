@@ -1,6 +1,7 @@
-"""Shared fixtures: the real GPT-2 vocabulary, free ports, a real redis-server, torch threads.
+"""Shared fixtures: the real GPT-2 vocabulary, a real redis-server, tiny checkpoints, torch threads.
 
-Area-specific fixtures live next to their tests (``tests/<area>_fixtures.py`` or in the test file).
+Helpers the fixtures use (paths, free ports, models, servers) live in ``tests/helpers``; tests mirror
+the package layout (``tests/lmcore/<layer>/``, ``tests/services/``, ``tests/deploy/``).
 """
 
 from __future__ import annotations
@@ -15,29 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _find_gpt2_tiktoken() -> Path:
-    """The real GPT-2 rank file: $LMSTACK_GPT2_TIKTOKEN, else ``shared/fixtures/`` beside the checkout
-    or beside any folder above it (a CI clone may sit deeper than the working copy)."""
-    if os.environ.get("LMSTACK_GPT2_TIKTOKEN"):
-        return Path(os.environ["LMSTACK_GPT2_TIKTOKEN"])
-    candidates = [d / "shared" / "fixtures" / "gpt2.tiktoken" for d in ROOT.parents]
-    candidates.append(Path("/work/shared/fixtures/gpt2.tiktoken"))
-    return next((c for c in candidates if c.is_file()), candidates[0])
-
-
-GPT2_TIKTOKEN = _find_gpt2_tiktoken()
+from tests.helpers import GPT2_TIKTOKEN, free_port, gpt2_tokenizer
+from tests.helpers.models import save_tiny_model
 
 # Two cores, many processes: tests run torch on one intra-op thread, like one engine's decode loop.
 torch.set_num_threads(1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -105,3 +88,12 @@ def redis_server(tmp_path: Path):
 @pytest.fixture(scope="session")
 def cuda_available() -> bool:
     return torch.cuda.is_available() and os.environ.get("LMSTACK_SKIP_CUDA") != "1"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny model directories: ``tiny`` (context 128) and ``tiny-b`` (different weights, context 96)."""
+    root = tmp_path_factory.mktemp("models")
+    tok = gpt2_tokenizer()
+    return {"tiny": save_tiny_model(root / "tiny", 0, tok),
+            "tiny-b": save_tiny_model(root / "tiny-b", 1, tok, block_size=96)}

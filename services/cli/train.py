@@ -13,7 +13,7 @@ import sys
 
 
 def add_arguments(p) -> None:
-    from lmcore.config import PRESETS
+    from lmcore.model import PRESETS
 
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
                    help="text file(s), or directories searched recursively for --glob")
@@ -40,7 +40,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from lmcore.scratch import train_from_scratch
+    from lmcore.training import train_from_scratch
 
     try:
         result = train_from_scratch(

@@ -10,8 +10,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from lmcore.config import GPTConfig
 from lmcore.lora import is_adapter_dir
+from lmcore.model import GPTConfig
 from services.errors import InvalidArgument, NotFound
 from services.models import parse_model_specs
 

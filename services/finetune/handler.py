@@ -17,7 +17,8 @@ from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from lmcore.data import DatasetError, parse_record, tokenize_record
+from lmcore.training import DatasetError
+from lmcore.training.data import parse_record, tokenize_record
 from services.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.gen.lmstack.v1 import finetune_pb2 as pb
 

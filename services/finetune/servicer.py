@@ -13,7 +13,7 @@ import logging
 import grpc
 import redis
 
-from lmcore.data import DatasetError
+from lmcore.training import DatasetError
 from services.errors import InvalidArgument, Unavailable, status_for
 from services.gen.lmstack.v1 import finetune_pb2_grpc
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 import re
 
-from lmcore.data import eval_count
 from lmcore.lora import LoRAConfig
-from lmcore.trainer import TrainConfig
+from lmcore.training import TrainConfig
+from lmcore.training.data import eval_count
 
 METHODS = ("FULL", "LORA")
 MAX_STEPS = 1_000_000

@@ -10,7 +10,7 @@ The life of a job on a worker (the Redis side of each step is in ``store.py``)::
     publish        write the model (or adapter) to <store>/.tmp-..., rename it to
                    <store>/ft:<base>:<suffix>:<short id>, then finish SUCCEEDED (fenced)
 
-Crash safety: checkpoints are atomic (``lmcore.trainer``) and live in the shared model store
+Crash safety: checkpoints are atomic (``lmcore.training.trainer``) and live in the shared model store
 (``<store>/.checkpoints/<job id>``), so whichever worker takes over resumes the same trajectory
 and, training being deterministic for a seed, ends with the same weights. SIGTERM/SIGINT stop the
 job after the current step, checkpoint it and hand it back to the queue (status QUEUED), so a
@@ -35,8 +35,9 @@ from pathlib import Path
 
 import redis
 
-from lmcore.data import DatasetError, RecordDataset, read_records, train_eval_split
-from lmcore.trainer import TrainEvent, latest_checkpoint
+from lmcore.training import DatasetError, RecordDataset, TrainEvent
+from lmcore.training.data import read_records, train_eval_split
+from lmcore.training.trainer import latest_checkpoint
 
 from .bases import BaseModels
 from .settings import WorkerSettings
@@ -240,8 +241,8 @@ class JobRun:
     def _train_and_publish(self) -> None:
         import torch
 
-        from lmcore.checkpoint import load_model
         from lmcore.lora import apply_lora
+        from lmcore.model import load_model
 
         job = self.store.job(self.job_id)
         hp = json.loads(job["hyperparameters"])
@@ -262,7 +263,7 @@ class JobRun:
         lora = job["method"] == "LORA"
         if lora:
             apply_lora(model, lora_config(hp))
-        from lmcore.trainer import Trainer
+        from lmcore.training import Trainer
 
         ckpt_dir = self.w.store_dir / ".checkpoints" / self.job_id
         self.trainer = Trainer(model, train_config(hp, self.w.settings.keep_checkpoints), train_set, eval_set,
@@ -302,8 +303,8 @@ class JobRun:
 
     def _publish(self, model, tokenizer, name: str, job: dict, hp: dict, result, lora: bool) -> bool:
         """Write the result beside its final name, then rename it in (a reader never sees half a model)."""
-        from lmcore.checkpoint import save_pretrained
         from lmcore.lora import save_adapter
+        from lmcore.model import save_pretrained
 
         final = self.w.store_dir / name
         if final.exists():  # an earlier attempt published it and died before recording SUCCEEDED

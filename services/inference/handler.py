@@ -4,7 +4,7 @@ No transport code: the gRPC servicer and a Ray Serve deployment call the same me
 full model has its own ``lmcore.Engine`` (continuous batching over a KV cache) driven by an
 ``AsyncEngine`` background thread. A LoRA adapter from the model store whose base model is served
 gets no engine of its own: it is loaded into the base engine's adapter bank
-(``lmcore.lora_batch``) and its requests run in the base's batches with ``adapter=<name>``, beside
+(``lmcore.lora.bank``) and its requests run in the base's batches with ``adapter=<name>``, beside
 the base's own requests and other adapters' (S-LoRA, LoRAX); the prefix cache stays per adapter.
 An adapter whose base is not served is loaded on its own (``lmcore.lora.load_adapter_model``).
  ``complete_stream`` yields a chunk per engine output as it is
@@ -153,7 +153,7 @@ def make_starter(settings: InferenceSettings):
 
 async def start_engine(entry: Entry, torch_threads: int = 1) -> None:
     try:
-        from lmcore.async_engine import AsyncEngine
+        from lmcore.engine import AsyncEngine
     except ImportError:  # older layout
         from lmcore.engine import AsyncEngine
 
@@ -394,11 +394,11 @@ class InferenceHandler:
 
     @staticmethod
     def _score(served: ServedModel, context_ids: list[int], continuations: list[list[int]]):
-        from lmcore.scoring import score
+        from lmcore.tasks import score
 
         if served.adapter is None:
             return score(served.model, context_ids, continuations)
-        from lmcore.lora_batch import use_adapter
+        from lmcore.lora.bank import use_adapter
 
         with use_adapter(served.model, served.adapter):  # this thread only: the engine's batches are unaffected
             return score(served.model, context_ids, continuations)

@@ -1,0 +1,315 @@
+"""The continuous-batching engine: ``step()`` = schedule, run the model once, emit outputs.
+
+Layers, as in vLLM: the :class:`~lmcore.engine.scheduler.Scheduler` decides who runs (token counts only,
+no model); the :class:`~lmcore.engine.runner.ModelRunner` owns the weights, the KV cache and the prefix
+pool and turns the decision into one forward pass plus sampling; the :class:`Engine` keeps each
+request's generation state (text, stop strings, log-probabilities) and emits :class:`StepOutput`.
+The asyncio front end is :class:`lmcore.engine.async_engine.AsyncEngine` (it imports this module,
+never the other way). No transport here.
+
+Context policy: a request needs ``len(prompt) + max_tokens <= max_seq_len`` (the model's context
+unless capped lower); anything longer is refused with a ``ValueError`` naming both numbers, never
+silently truncated (truncating a prompt silently changes what is asked).
+
+Batch invariance: each request owns its random stream (see :mod:`lmcore.engine.sampling`), so a seeded
+request samples the same tokens alone or in any batch *as long as its logits are the same*. They
+are the same up to float rounding: a BLAS matrix product's result for one row can depend on how
+many rows are in the product (MKL switches kernels and blocking with the row count; measured on
+this CPU: a row computed alone differs in the last bits from the same row in a batch of 2-15, and
+again from 16 on). A token can therefore differ only where two candidates are within ~1e-6 of each
+other (a near tie in greedy decoding, or the uniform landing within ~1e-6 of a CDF boundary when
+sampling). ``bench/generate.py`` measures that divergence rate on GPT-2-small-shaped weights and
+the test suite checks a 16-request mixed batch token for token. Exact invariance would need
+batch-invariant matmul kernels (fixed reduction order whatever the batch), which PyTorch lacks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+import uuid
+from dataclasses import dataclass, replace
+
+import torch
+
+from lmcore.model.gpt import GPT
+
+from .outputs import StepOutput
+from .prefix_cache import PrefixCache
+from .runner import ModelRunner
+from .sampling import SamplingParams, TokenLogprob
+from .scheduler import Scheduler, Sequence
+from .text_stream import TextStream
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full: retry later (a service maps this to RESOURCE_EXHAUSTED)."""
+
+
+@dataclass(eq=False)
+class _Generation:
+    """The engine's per-request state beyond the scheduler's token counts."""
+
+    seq: Sequence
+    params: SamplingParams
+    rng: object
+    text: TextStream | None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How an :class:`Engine` is sized and what it enables: the one source of truth for its knobs.
+
+    Args:
+        max_batch_size: KV-cache slots, i.e. the most sequences decoding at once.
+        max_waiting: how many requests may wait for a slot once all slots are taken; beyond it
+            :meth:`Engine.add_request` raises :class:`EngineOverloaded`.
+        prefill_chunk_size: prompt tokens computed per step, shared by all prefilling requests.
+            Smaller keeps the time per token of running streams steadier (a step's cost grows
+            with its prompt tokens), larger gives a long prompt its first token sooner.
+        enable_prefix_cache: reuse keys/values of shared prompt prefixes (see ``prefix_cache``).
+        max_seq_len: cap on prompt + generated tokens per request (default: the model's context);
+            the KV cache reserves ``max_batch_size * max_seq_len`` positions.
+        prefix_cache_tokens: size of the prefix pool in tokens (default: 4 contexts).
+        prefix_block_size: tokens per cached prefix block (a prefix is reused in whole blocks).
+        eos_id: end-of-text token (default: the tokenizer's, else none).
+        prepack_weights: keep contiguous ``(in, out)`` copies of the plain Linear weights and the
+            head for fast decode (see :mod:`lmcore.engine.weight_layout`); costs one more copy.
+        device, dtype: where and in what precision to run (default: the model's).
+    """
+
+    max_batch_size: int = 16
+    max_waiting: int = 64
+    prefill_chunk_size: int = 256
+    enable_prefix_cache: bool = True
+    max_seq_len: int | None = None
+    prefix_cache_tokens: int | None = None
+    prefix_block_size: int = 16
+    eos_id: int | None = None
+    prepack_weights: bool = True
+    device: str | torch.device | None = None
+    dtype: torch.dtype | None = None
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "prefill_chunk_size", "prefix_block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.max_seq_len is not None and self.max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1 (or None for the model's context), got {self.max_seq_len}")
+
+
+class Engine:
+    """Serve many generation requests at once, one :meth:`step` at a time.
+
+    ``Engine(model, EngineConfig(max_batch_size=8), tokenizer=tok)``; keyword overrides of the
+    config's fields are accepted too (``Engine(model, max_batch_size=8)``).
+
+    Args:
+        model: a :class:`~lmcore.model.GPT` (LoRA-wrapped Linears are fine). Put in eval mode and
+            moved to the config's ``device``/``dtype`` when given. Weight layouts the runner copies
+            (the output head) are taken now: build a new Engine after changing the weights.
+        config: an :class:`EngineConfig` (default: its defaults).
+        tokenizer: optional; enables text deltas, stop strings and the end-of-text token.
+    """
+
+    def __init__(self, model: GPT, config: EngineConfig | None = None, *, tokenizer=None, **overrides):
+        if config is not None and not isinstance(config, EngineConfig):
+            raise TypeError(f"Engine's second argument is an EngineConfig, got {type(config).__name__}; "
+                            "pass a tokenizer as tokenizer=...")
+        config = replace(config or EngineConfig(), **overrides)
+        self.config = config
+        device = torch.device(config.device) if config.device is not None else model.device
+        dtype = config.dtype if config.dtype is not None else model.dtype
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.tokenizer = tokenizer
+        self.eos_id = config.eos_id if config.eos_id is not None else getattr(tokenizer, "eos_id", None)
+        ctx = model.config.block_size
+        self.max_seq_len = min(ctx, config.max_seq_len) if config.max_seq_len else ctx
+        self.max_waiting = config.max_waiting
+        self.prefix_cache: PrefixCache | None = None
+        prefix_blocks = 0
+        block = config.prefix_block_size
+        if config.enable_prefix_cache:
+            tokens = config.prefix_cache_tokens if config.prefix_cache_tokens is not None else 4 * self.max_seq_len
+            prefix_blocks = max(1, tokens // block)
+            self.prefix_cache = PrefixCache(prefix_blocks, block)
+        self.runner = ModelRunner(self.model, config.max_batch_size, self.max_seq_len, device, dtype,
+                                  prefix_blocks, block, config.prepack_weights)
+        matcher = self._match_prefix if self.prefix_cache is not None else None
+        self.scheduler = Scheduler(config.max_batch_size, config.prefill_chunk_size, matcher)
+        self._gens: dict[str, _Generation] = {}
+        self._ids = itertools.count()
+        self._stats = dict(steps=0, tokens_generated=0, prompt_tokens_computed=0, requests_finished=0,
+                           requests_aborted=0)
+
+    # --- requests -----------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, adapter: str | int | None = None) -> str:
+        """Queue a request; returns its id. Raises ValueError (bad input) or EngineOverloaded.
+
+        ``adapter``: the name (or index) of a LoRA adapter in the model's bank
+        (:mod:`lmcore.lora.bank`); requests with different adapters share one batch.
+        """
+        params = params if params is not None else SamplingParams()
+        try:  # ints (numpy's and torch's too), never floats or strings
+            prompt_ids = [operator.index(t) for t in prompt_ids]
+        except TypeError:
+            raise ValueError("prompt_ids must be a list of integer token ids") from None
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token {bad} is outside the vocabulary [0, {vocab})")
+        if len(prompt_ids) + params.max_tokens > self.max_seq_len:
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens + max_tokens {params.max_tokens} = "
+                f"{len(prompt_ids) + params.max_tokens} exceeds the context of {self.max_seq_len} tokens"
+            )
+        adapter_index = self._adapter_index(adapter)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (the engine was built without one)")
+        # Queued requests first claim the free slots; beyond those, at most max_waiting may wait.
+        free_slots = self.scheduler.max_slots - self.scheduler.num_running
+        if self.scheduler.num_waiting >= self.max_waiting + free_slots:
+            raise EngineOverloaded(
+                f"engine overloaded: {self.scheduler.num_running} requests running (all "
+                f"{self.scheduler.max_slots} slots) and {self.max_waiting} waiting (max_waiting); retry later"
+            )
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        seq = Sequence(request_id, prompt_ids, params.max_tokens, adapter=adapter_index)
+        self.scheduler.add(seq)  # raises on a duplicate id
+        text = TextStream(self.tokenizer.stream_decoder(), params.stop) if self.tokenizer is not None else None
+        self._gens[request_id] = _Generation(seq, params, params.make_rng(), text)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request now; its slot is free for the next step. False if it was unknown/finished."""
+        gen = self._gens.pop(request_id, None)
+        if gen is None:
+            return False
+        self.scheduler.finish(gen.seq)
+        self._stats["requests_aborted"] += 1
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def num_unfinished(self) -> int:
+        return self.scheduler.num_waiting + self.scheduler.num_running
+
+    def stats(self) -> dict:
+        pc = self.prefix_cache
+        return {
+            **self._stats,
+            "running": self.scheduler.num_running,
+            "waiting": self.scheduler.num_waiting,
+            "max_batch_size": self.scheduler.max_slots,
+            "kv_cache_bytes": self.runner.cache.nbytes(),
+            "prefix_cache_enabled": pc is not None,
+            "prefix_cache_queries": pc.queries if pc is not None else 0,
+            "prefix_cache_hits": pc.hits if pc is not None else 0,
+            "prefix_cache_hit_tokens": pc.hit_tokens if pc is not None else 0,
+            "prefix_cache_blocks_used": len(pc) if pc is not None else 0,
+            "prefix_cache_blocks_total": pc.num_blocks if pc is not None else 0,
+        }
+
+    # --- the step -----------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        """Schedule, run the model once over every scheduled token, emit what was generated."""
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        for seq in plan.admitted:
+            self.runner.admit(seq, self._gens[seq.request_id].params)
+        params = {s.request_id: self._gens[s.request_id].params for s in plan.decode}
+        rngs = {s.request_id: self._gens[s.request_id].rng for s in plan.decode}
+        for chunk in plan.prefill:
+            rid = chunk.seq.request_id
+            params[rid], rngs[rid] = self._gens[rid].params, self._gens[rid].rng
+        samplers, token_ids, logprobs = self.runner.execute(plan, params, rngs)
+        self.scheduler.advance(plan)
+        self._stats["steps"] += 1
+        self._stats["prompt_tokens_computed"] += sum(c.end - c.start for c in plan.prefill)
+        if self.prefix_cache is not None:
+            for chunk in plan.prefill:
+                new_blocks = self.prefix_cache.insert(chunk.seq.prompt_ids, chunk.end, namespace=-2 - chunk.seq.adapter)
+                if new_blocks:
+                    self.runner.save_prefix_blocks(chunk.seq, new_blocks)
+        outputs = []
+        for i, (seq, tok) in enumerate(zip(samplers, token_ids)):
+            lp = None
+            if logprobs is not None and self._gens[seq.request_id].params.logprobs:
+                n = self._gens[seq.request_id].params.logprobs
+                chosen, values, ids = logprobs
+                lp = [TokenLogprob(tok, chosen[i], list(zip(ids[i][:n], values[i][:n])))]
+            outputs.append(self._append(seq, tok, lp))
+        return outputs
+
+    def _append(self, seq: Sequence, tok: int, lp) -> StepOutput:
+        gen = self._gens[seq.request_id]
+        seq.output_ids.append(tok)
+        self._stats["tokens_generated"] += 1
+        reason = None
+        is_eos = tok == self.eos_id and not gen.params.ignore_eos
+        delta = ""
+        if gen.text is not None and not is_eos:
+            delta = gen.text.push(tok)
+            if gen.text.stopped:
+                reason = "stop"
+        if reason is None and is_eos:
+            reason = "eos"
+        if reason is None and len(seq.output_ids) >= seq.max_tokens:
+            reason = "length"
+        if reason is not None:
+            if gen.text is not None and reason != "stop":
+                delta += gen.text.finish()
+            self.scheduler.finish(seq)
+            del self._gens[seq.request_id]
+            self._stats["requests_finished"] += 1
+        return StepOutput(seq.request_id, [tok], delta, reason is not None, reason, lp,
+                          seq.prompt_len, len(seq.output_ids))
+
+    def _match_prefix(self, seq: Sequence) -> tuple[int, list[int]]:
+        rows = self.prefix_cache.match(seq.prompt_ids, namespace=-2 - seq.adapter)
+        return len(rows) * self.prefix_cache.block_size, rows
+
+    def _adapter_index(self, adapter: str | int | None) -> int:
+        if adapter is None:
+            return -1
+        from lmcore.lora.bank import adapter_index
+
+        return adapter_index(self.model, adapter)
+
+    # --- LoRA adapters ------------------------------------------------------------------------
+    def add_adapter(self, name: str, adapter_dir) -> int:
+        """Load a LoRA adapter directory into the model's bank; requests then name it with
+        ``add_request(..., adapter=name)`` and share batches with the base and other adapters.
+
+        The first adapter attaches the bank (:func:`lmcore.lora.bank.attach_lora_bank`, in place)
+        and wraps the runner's fast weight layouts so the base GEMMs keep them. Call it between
+        steps (``AsyncEngine.add_adapter`` does). Returns the adapter's index; a name already loaded
+        returns its index again.
+        """
+        from lmcore.lora.bank import add_adapter, attach_lora_bank, bank_layers
+
+        if not self.runner.has_bank:
+            attach_lora_bank(self.model)
+            w = self.runner.weights  # lmcore.engine.weight_layout.DecodeWeights: one set of callables per row count
+            shared = w.many_rows is w.one_row
+            w.one_row = bank_layers(w.one_row, self.model)
+            w.many_rows = w.one_row if shared else bank_layers(w.many_rows, self.model)
+            self.runner.has_bank = True
+        return add_adapter(self.model, name, adapter_dir)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter (between steps); refused while a request still uses it."""
+        from lmcore.lora.bank import remove_adapter
+
+        index = self._adapter_index(name)
+        if any(g.seq.adapter == index for g in self._gens.values()):
+            raise ValueError(f"adapter {name!r} is still in use by unfinished requests")
+        remove_adapter(self.model, name)  # its index is never reused, so its prefix blocks just age out
+

@@ -1,0 +1,239 @@
+"""The model runner: owns the weights' fast layouts, the KV cache and the prefix pool; runs one step.
+
+Given the scheduler's decision it builds the step's flat token batch (:class:`CacheBatch`), runs the
+model once over it, projects only the rows that sample a token onto the vocabulary, and samples.
+The only host-device synchronisation per step is reading back the sampled ids (and, when asked,
+their log-probabilities): everything else is enqueued, so the same code runs on a GPU.
+
+The weights' fast layouts (re-laid-out copies kept beside the model, made when the runner is built)
+are described in :mod:`lmcore.engine.weight_layout`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmcore.model.gpt import GPT
+from lmcore.model.kv_cache import BlockPool, CacheBatch, KVCache, PrefillSegment
+
+from .sampling import SamplingParams, apply_penalties, logits_to_probs, sample_from_probs, top_logprobs
+from .scheduler import SchedulerOutput, Sequence
+from .weight_layout import DecodeWeights
+
+
+@dataclass
+class StepInputs:
+    """One step's inputs, on the device."""
+
+    tokens: torch.Tensor  # (N,) token ids, flat
+    batch: CacheBatch
+    samplers: list[Sequence]  # the sequences that sample a token this step, in row order
+    params: list[SamplingParams]  # theirs
+    rows: torch.Tensor | None  # (R,) rows of the flat batch they sample from; None = the first R
+    slots: torch.Tensor  # (R,) their slots
+    uniforms: torch.Tensor | None  # (R,) one draw each from their own streams; None = all greedy
+    greedy: torch.Tensor | None  # (R,) bool; None = no greedy row among sampled ones
+    adapters: torch.Tensor | None = None  # (N,) LoRA adapter per token row (-1 = base); None = no bank
+
+
+class ModelRunner:
+    def __init__(self, model: GPT, n_slots: int, max_seq_len: int, device: torch.device,
+                 dtype: torch.dtype, prefix_blocks: int = 0, prefix_block_size: int = 16,
+                 prepack_weights: bool = True):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        cfg = model.config
+        self.vocab_size = cfg.vocab_size
+        self.cache = KVCache(cfg.n_layer, n_slots, cfg.n_head, max_seq_len, cfg.head_dim, device, dtype)
+        self.n_head = cfg.n_head
+        self.k_layers, self.v_layers = list(self.cache.k), list(self.cache.v)  # per-layer views, made once
+        self.weights = DecodeWeights(model, device, dtype, n_slots, prepack_weights)
+        self.has_bank = hasattr(model, "adapter_names")  # a LoRA bank: every row picks its adapter
+        self.pool = None  # keys/values of cached prompt blocks (see lmcore.engine.prefix_cache)
+        if prefix_blocks > 0:
+            self.pool = BlockPool(prefix_blocks, prefix_block_size, cfg.n_layer, cfg.n_head, cfg.head_dim,
+                                  device, dtype)
+        # Per-slot sampling parameters, written once at admission, gathered by row every step.
+        f32 = dict(device=device, dtype=torch.float32)
+        self.temperature = torch.ones(n_slots, **f32)
+        self.top_k = torch.zeros(n_slots, device=device, dtype=torch.long)
+        self.top_p = torch.ones(n_slots, **f32)
+        self.repetition = torch.ones(n_slots, **f32)
+        self.presence = torch.zeros(n_slots, **f32)
+        self.frequency = torch.zeros(n_slots, **f32)
+        self.seen: torch.Tensor | None = None  # (n_slots, V) bool, allocated on first use of penalties
+        self.counts: torch.Tensor | None = None  # (n_slots, V) float
+
+    # --- admission --------------------------------------------------------------------------------
+    def admit(self, seq: Sequence, params: SamplingParams) -> None:
+        """Copy the sequence's cached prefix into its slot and record its sampling parameters."""
+        s = seq.slot
+        if seq.prefix_rows:
+            self.pool.load(self.cache, s, seq.prefix_rows)
+        self.temperature[s] = params.temperature if params.temperature > 0 else 1.0
+        self.top_k[s] = params.top_k
+        self.top_p[s] = params.top_p
+        self.repetition[s] = params.repetition_penalty
+        self.presence[s] = params.presence_penalty
+        self.frequency[s] = params.frequency_penalty
+        if params.uses_penalties:
+            if self.seen is None:
+                n_slots = self.temperature.numel()
+                self.seen = torch.zeros(n_slots, self.vocab_size, device=self.device, dtype=torch.bool)
+                self.counts = torch.zeros(n_slots, self.vocab_size, device=self.device)
+            self.seen[s] = False
+            self.seen[s, torch.tensor(seq.prompt_ids, device=self.device)] = True
+            self.counts[s] = 0.0
+
+    def save_prefix_blocks(self, seq: Sequence, blocks: list[tuple[int, int]]) -> None:
+        """Copy computed prompt blocks ``(block_index, pool_row)`` from the slot into the pool."""
+        self.pool.save(self.cache, seq.slot, blocks)
+
+    # --- one step --------------------------------------------------------------------------------
+    def _upload(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """One host list -> one device tensor. On a GPU through pinned memory without blocking, so
+        building the next inputs never waits for the device."""
+        t = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def prepare(self, out: SchedulerOutput, params: dict[str, SamplingParams], rngs: dict) -> StepInputs:
+        """Everything the step needs on the device, built from the schedule in one upload."""
+        tokens: list[int] = []
+        slots: list[int] = []
+        positions: list[int] = []
+        samplers: list[Sequence] = []
+        rows: list[int] = []
+        D = len(out.decode)
+        for i, seq in enumerate(out.decode):  # decode rows first, ascending slot
+            tokens.append(seq.next_input())
+            slots.append(seq.slot)
+            positions.append(seq.num_computed)
+            samplers.append(seq)
+            rows.append(i)
+        spans = []
+        for chunk in out.prefill:
+            seq, start, end = chunk.seq, chunk.start, chunk.end
+            spans.append((len(tokens), seq.slot, start, end))
+            tokens.extend(seq.prompt_ids[start:end])
+            slots.extend([seq.slot] * (end - start))
+            positions.extend(range(start, end))
+            if chunk.completes_prompt:
+                samplers.append(seq)
+                rows.append(len(tokens) - 1)
+        R = len(samplers)
+        # Cache rows written this step, viewing a layer's buffer as (n_slots * nh * max_seq, hs).
+        nh, T = self.n_head, self.cache.max_seq_len
+        write = [(s * nh + h) * T + p for s, p in zip(slots, positions) for h in range(nh)]
+        lo = hi = L = 0
+        holes = False
+        range_pos: list[int] = []
+        if D:
+            lo, hi = slots[0], slots[D - 1] + 1
+            L = max(positions[:D]) + 1
+            holes = hi - lo != D
+            if holes:  # rows of the slot range that do not decode: a dummy query at position 0
+                range_pos = [0] * (hi - lo)
+                for s, p in zip(slots[:D], positions[:D]):
+                    range_pos[s - lo] = p
+        uniform_decode = D and not holes and min(positions[:D]) == L - 1
+        adapters: list[int] = []
+        if self.has_bank:  # one adapter index per token row, same layout as the tokens
+            adapters = [s.adapter for s in out.decode]
+            for chunk in out.prefill:
+                adapters.extend([chunk.seq.adapter] * (chunk.end - chunk.start))
+        parts = [tokens, slots, positions, write, [s.slot for s in samplers], rows,
+                 [s - lo for s in slots[:D]] if holes else [], range_pos, adapters]
+        ints = self._upload([v for part in parts for v in part], torch.long)
+        views = []
+        at = 0
+        for part in parts:
+            views.append(ints[at:at + len(part)])
+            at += len(part)
+        tok_t, slot_t, pos_t, write_t, sample_slot_t, row_t, index_t, range_pos_t, adapter_t = views
+
+        dev = self.device
+        mask = None
+        if D and not uniform_decode:  # each row sees positions <= its own (dummy rows: 0 only)
+            row_pos = range_pos_t if holes else pos_t[:D]
+            visible = torch.arange(L, device=dev)[None, :] <= row_pos[:, None]  # (rows of the range, L)
+            # Additive float mask (0 or -inf): SDPA's CPU kernel ran ~30% faster with it than with bool.
+            mask = torch.zeros(visible.shape, device=dev, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
+            mask = mask[:, None, None, :]  # (R, 1, 1, L)
+        segments = []
+        for r0, slot, start, end in spans:
+            seg_mask = None
+            if start > 0:  # query i (position start+i) sees keys 0..start+i
+                seg_mask = torch.arange(end, device=dev)[None, :] <= torch.arange(start, end, device=dev)[:, None]
+            segments.append(PrefillSegment(r0, r0 + end - start, slot, start, seg_mask))
+        batch = CacheBatch(slots=slot_t, positions=pos_t, write_index=write_t, num_decode=D, decode_lo=lo,
+                           decode_hi=hi, decode_len=L, decode_mask=mask,
+                           decode_index=index_t if holes else None, prefill=tuple(segments))
+
+        ps = [params[s.request_id] for s in samplers]
+        uniforms = greedy = None
+        if any(not p.greedy for p in ps):  # one draw per sampled token from the request's own stream
+            u = [0.0 if p.greedy else rngs[s.request_id].random() for s, p in zip(samplers, ps)]
+            g = [p.greedy for p in ps]
+            floats = self._upload(u + [float(x) for x in g], torch.float32)
+            uniforms, greedy = floats[:R], floats[R:] > 0.5
+        return StepInputs(tok_t, batch, samplers, ps, None if rows == list(range(R)) else row_t,
+                          sample_slot_t, uniforms, greedy if greedy is not None and any(g) else None,
+                          adapter_t if self.has_bank else None)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Project final hidden states ``(R, C)`` onto the vocabulary: ``(R, V)``."""
+        return self.weights.head(hidden.size(0))(hidden)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, params: dict[str, SamplingParams], rngs: dict) -> tuple:
+        """Run one step: ``(samplers, token_ids, logprobs)``, the latter two on the host."""
+        step = self.prepare(out, params, rngs)
+        if step.adapters is not None:
+            from lmcore.lora.bank import set_adapter_ids
+
+            set_adapter_ids(self.model, step.adapters)
+        layers = self.weights.layers(step.tokens.size(0))
+        hidden = self.model.forward_cached(step.tokens, step.batch, self.k_layers, self.v_layers, layers)
+        if not step.samplers:
+            return [], [], None
+        R = len(step.samplers)
+        hidden = hidden[:R] if step.rows is None else hidden.index_select(0, step.rows)  # (R, C)
+        logits = self.logits(hidden).float()  # (R, V)
+        ids, lp = self.sample(logits, step)
+        return step.samplers, ids, lp
+
+    def sample(self, logits: torch.Tensor, step: StepInputs):
+        """Penalties, greedy/temperature/top-k/top-p choice, log-probabilities; one host sync."""
+        ps, slot_t = step.params, step.slots
+        raw = logits
+        penalised = self.seen is not None and any(p.uses_penalties for p in ps)
+        if penalised:
+            logits = apply_penalties(logits, self.seen[slot_t], self.counts[slot_t], self.repetition[slot_t],
+                                     self.presence[slot_t], self.frequency[slot_t])
+        ids = logits.max(-1).indices  # (R,) greedy; first maximum on ties, like argmax, ~3x faster on CPU
+        if step.uniforms is not None:
+            k_max = max(p.top_k for p in ps)
+            any_top_p = any(p.top_p < 1.0 for p in ps)
+            probs = logits_to_probs(
+                logits, self.temperature[slot_t], self.top_k[slot_t] if k_max else None,
+                self.top_p[slot_t] if any_top_p else None, k_max=k_max,
+            )
+            choice = sample_from_probs(probs, step.uniforms)
+            ids = choice if step.greedy is None else torch.where(step.greedy, ids, choice)
+        if penalised:
+            self.counts.index_put_((slot_t, ids), torch.ones_like(ids, dtype=self.counts.dtype), accumulate=True)
+            self.seen[slot_t, ids] = True
+        n_lp = max(p.logprobs for p in ps)
+        if n_lp:
+            chosen, values, top_ids = top_logprobs(raw, ids, n_lp)
+            packed = torch.cat([ids.double()[:, None], chosen.double()[:, None], values.double(),
+                                top_ids.double()], dim=1).tolist()  # the step's one host sync
+            ids_list = [int(r[0]) for r in packed]
+            return ids_list, ([r[1] for r in packed], [r[2:2 + n_lp] for r in packed],
+                              [[int(i) for i in r[2 + n_lp:]] for r in packed])
+        return ids.tolist(), None  # the step's one host sync

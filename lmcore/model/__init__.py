@@ -1,0 +1,10 @@
+"""The model layer: GPT-2's architecture, its config, the KV-cache types it reads, checkpoint I/O.
+
+Imports nothing from the other layers but the tokenizer (a checkpoint directory carries one).
+"""
+
+from .checkpoint import read_checkpoint, write_checkpoint
+from .config import PRESETS, GPTConfig
+from .gpt import GPT, load_model, save_pretrained
+
+__all__ = ["GPT", "GPTConfig", "PRESETS", "load_model", "read_checkpoint", "save_pretrained", "write_checkpoint"]
