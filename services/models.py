@@ -14,6 +14,9 @@ Models come from two places:
 ListModels and whenever a request names an unknown model, so a freshly published fine-tune is
 served on the next request without a restart. Entries that fail to load are logged and retried
 only when their directory changes. Loading runs in a worker thread, never on the event loop.
+A store entry whose directory is gone is closed (``close_entry``: the inference service unloads
+an adapter from its base's bank, or stops a model's engine) and forgotten; a close hook that
+answers "busy" (requests still use it) keeps it served until a later refresh finds it idle.
 
 The registry is generic over what it loads: the inference service loads models with engines
 (``services.inference.handler.load_served_model``), the tokenizer service only tokenizers.
@@ -101,8 +104,10 @@ Loader = Callable[[ModelSpec, "ModelRegistry"], Any]
 class ModelRegistry:
     """Name -> loaded model, with a default, a model store and ``refresh()``.
 
-    ``start_entry``/``close_entry`` are optional coroutines run on the event loop after a load
-    (start an engine's background task) and at ``close()``.
+    ``start_entry(entry)`` and ``close_entry(entry, idle_only=False) -> bool`` are optional
+    coroutines run on the event loop: after a load (start an engine's background task), and at
+    ``close()`` or when a store entry's directory is gone. For a gone entry ``idle_only`` is True
+    and a False answer means "busy, not closed": the entry stays until a later refresh.
     """
 
     def __init__(self, specs: list[ModelSpec], loader: Loader, default: str = "", store: str | Path = "",
@@ -185,17 +190,19 @@ class ModelRegistry:
                 continue
             if d.name in self._entries:
                 continue
-            if not ((d / MODEL_CONFIG).is_file() or (d / ADAPTER_CONFIG).is_file()):
+            if not _holds_model(d):
                 continue  # still being written, or not a model
             found.append(ModelSpec(d.name, d, source="store"))
         return found
 
     async def refresh(self) -> list[str]:
-        """Load store entries that appeared since the last scan; returns the names newly loaded."""
+        """Close store entries whose directory is gone, then load those that appeared since the
+        last scan; returns the names newly loaded."""
         if self.store is None or not self.loaded:
             return []
         new: list[str] = []
         async with self._lock:
+            await self._close_removed()
             # Full models first: an adapter may name a full model published in the same scan.
             for spec in sorted(self.scan_store(), key=lambda s: s.is_adapter):
                 mtime = _mtime(spec.path)
@@ -212,11 +219,40 @@ class ModelRegistry:
                     log.warning("model store entry %s not served: %s", spec.path, e)
         return new
 
+    async def _close_removed(self) -> list[str]:
+        """Close and forget store entries whose directory no longer holds a model; returns their
+        names. An entry another one names as its base (an adapter in its bank) waits for it, and
+        an entry the close hook finds busy stays served until a later refresh."""
+        for name in [n for n in self._failed if not _holds_model(self.store / n)]:
+            del self._failed[name]  # a failed entry that is gone: nothing to report any more
+        gone = [e for e in self._entries.values() if e.spec.source == "store" and not _holds_model(e.spec.path)]
+        closed: list[str] = []
+        progress = True
+        while gone and progress:  # adapters first: their base may be gone too
+            progress = False
+            for entry in list(gone):
+                if any(e.spec.base_model == entry.name for e in self._entries.values() if e is not entry):
+                    continue
+                gone.remove(entry)
+                del self._entries[entry.name]  # no new lookup finds it while it closes
+                if self.close_entry is not None and not await self.close_entry(entry, idle_only=True):
+                    self._entries[entry.name] = entry  # busy: retried at the next refresh
+                    continue
+                log.info("model store entry %s is gone: %r no longer served", entry.spec.path, entry.name)
+                closed.append(entry.name)
+                progress = True
+        return closed
+
     async def close(self) -> None:
         for entry in list(self._entries.values()):
             if self.close_entry is not None:
                 await self.close_entry(entry)
         self._entries.clear()
+
+
+def _holds_model(path: Path) -> bool:
+    """A complete model or adapter directory (its config file is written last)."""
+    return (path / MODEL_CONFIG).is_file() or (path / ADAPTER_CONFIG).is_file()
 
 
 def _mtime(path: Path) -> float:

@@ -167,9 +167,7 @@ class AsyncEngine:
     def _reset_after(self, error: Exception) -> None:
         """A step raised: every request in flight (its state is unknown now) is aborted and its
         stream ends with the error; the engine itself stays up for new requests."""
-        sched = self.engine.scheduler
-        for seq in list(sched.running) + list(sched.waiting):
-            self.engine.abort(seq.request_id)
+        self.engine.abort_all()
         self._fail_all(error)
 
     # --- requests -----------------------------------------------------------------------------

@@ -9,7 +9,9 @@ never the other way). No transport here.
 
 Context policy: a request needs ``len(prompt) + max_tokens <= max_seq_len`` (the model's context
 unless capped lower); anything longer is refused with a ``ValueError`` naming both numbers, never
-silently truncated (truncating a prompt silently changes what is asked).
+silently truncated (truncating a prompt silently changes what is asked). The rule is written once,
+in :func:`check_context`; :meth:`Engine.check_request` runs every check of a request, and services
+call it (or :func:`check_context`) rather than restating them.
 
 Batch invariance: each request owns its random stream (see :mod:`lmcore.engine.sampling`), so a seeded
 request samples the same tokens alone or in any batch *as long as its logits are the same*. They
@@ -149,28 +151,12 @@ class Engine:
                     request_id: str | None = None, adapter: str | int | None = None) -> str:
         """Queue a request; returns its id. Raises ValueError (bad input) or EngineOverloaded.
 
-        ``adapter``: the name (or index) of a LoRA adapter in the model's bank
-        (:mod:`lmcore.lora.bank`); requests with different adapters share one batch.
+        Checks it with :meth:`check_request`. ``adapter``: the name (or index) of a LoRA adapter
+        loaded with :meth:`add_adapter`; requests with different adapters share one batch.
         """
         params = params if params is not None else SamplingParams()
-        try:  # ints (numpy's and torch's too), never floats or strings
-            prompt_ids = [operator.index(t) for t in prompt_ids]
-        except TypeError:
-            raise ValueError("prompt_ids must be a list of integer token ids") from None
-        if not prompt_ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        vocab = self.model.config.vocab_size
-        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt token {bad} is outside the vocabulary [0, {vocab})")
-        if len(prompt_ids) + params.max_tokens > self.max_seq_len:
-            raise ValueError(
-                f"prompt of {len(prompt_ids)} tokens + max_tokens {params.max_tokens} = "
-                f"{len(prompt_ids) + params.max_tokens} exceeds the context of {self.max_seq_len} tokens"
-            )
-        adapter_index = self._adapter_index(adapter)
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer (the engine was built without one)")
+        prompt_ids = self.check_request(prompt_ids, params)
+        adapter_index = self.runner.adapter_index(adapter)
         # Queued requests first claim the free slots; beyond those, at most max_waiting may wait.
         free_slots = self.scheduler.max_slots - self.scheduler.num_running
         if self.scheduler.num_waiting >= self.max_waiting + free_slots:
@@ -194,11 +180,46 @@ class Engine:
         self._stats["requests_aborted"] += 1
         return True
 
+    def abort_all(self) -> list[str]:
+        """Drop every unfinished request (running or waiting); returns their ids."""
+        ids = list(self._gens)
+        for rid in ids:
+            self.abort(rid)
+        return ids
+
+    def check_request(self, prompt_ids, params: SamplingParams) -> list[int]:
+        """The checks :meth:`add_request` makes on what it is asked to run, callable beforehand (a
+        service checks before it queues anything, so the message reaches the caller unchanged).
+        Returns the prompt as a list of ints; raises ValueError naming what is wrong."""
+        try:  # ints (numpy's and torch's too), never floats or strings
+            prompt_ids = [operator.index(t) for t in prompt_ids]
+        except TypeError:
+            raise ValueError("prompt_ids must be a list of integer token ids") from None
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token {bad} is outside the vocabulary: this model's ids are 0..{vocab - 1}")
+        check_context(len(prompt_ids), params.max_tokens, self.max_seq_len)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (the engine was built without one)")
+        return prompt_ids
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def num_unfinished(self) -> int:
         return self.scheduler.num_waiting + self.scheduler.num_running
+
+    def load(self, adapter: str | None = None) -> tuple[int, int]:
+        """``(running, waiting)`` requests: all of them, or those of one LoRA adapter. Safe to call
+        from another thread (a metrics scrape) while the engine steps: it reads a snapshot."""
+        if adapter is None:
+            return self.scheduler.num_running, self.scheduler.num_waiting
+        index = self.runner.adapter_index(adapter)
+        return (sum(s.adapter == index for s in list(self.scheduler.running)),
+                sum(s.adapter == index for s in list(self.scheduler.waiting)))
 
     def stats(self) -> dict:
         pc = self.prefix_cache
@@ -276,40 +297,45 @@ class Engine:
         rows = self.prefix_cache.match(seq.prompt_ids, namespace=-2 - seq.adapter)
         return len(rows) * self.prefix_cache.block_size, rows
 
-    def _adapter_index(self, adapter: str | int | None) -> int:
-        if adapter is None:
-            return -1
-        from lmcore.lora.bank import adapter_index
-
-        return adapter_index(self.model, adapter)
-
     # --- LoRA adapters ------------------------------------------------------------------------
     def add_adapter(self, name: str, adapter_dir) -> int:
-        """Load a LoRA adapter directory into the model's bank; requests then name it with
-        ``add_request(..., adapter=name)`` and share batches with the base and other adapters.
+        """Load a LoRA adapter directory into the runner's bank (:class:`lmcore.lora.LoRABank`);
+        requests then name it with ``add_request(..., adapter=name)`` and share batches with the
+        base and other adapters.
 
-        The first adapter attaches the bank (:func:`lmcore.lora.bank.attach_lora_bank`, in place)
-        and wraps the runner's fast weight layouts so the base GEMMs keep them. Call it between
-        steps (``AsyncEngine.add_adapter`` does). Returns the adapter's index; a name already loaded
+        The first adapter creates the bank: it wraps the model's projections in place and the
+        runner's fast weight layouts, so the base GEMMs keep them. Call it between steps
+        (``AsyncEngine.add_adapter`` does). Returns the adapter's index; a name already loaded
         returns its index again.
         """
-        from lmcore.lora.bank import add_adapter, attach_lora_bank, bank_layers
-
-        if not self.runner.has_bank:
-            attach_lora_bank(self.model)
-            w = self.runner.weights  # lmcore.engine.weight_layout.DecodeWeights: one set of callables per row count
-            shared = w.many_rows is w.one_row
-            w.one_row = bank_layers(w.one_row, self.model)
-            w.many_rows = w.one_row if shared else bank_layers(w.many_rows, self.model)
-            self.runner.has_bank = True
-        return add_adapter(self.model, name, adapter_dir)
+        return self.runner.add_adapter(name, adapter_dir)
 
     def remove_adapter(self, name: str) -> None:
-        """Unload an adapter (between steps); refused while a request still uses it."""
-        from lmcore.lora.bank import remove_adapter
-
-        index = self._adapter_index(name)
+        """Unload an adapter (between steps), freeing its tensors; refused (ValueError) while a
+        request still uses it. Its index is never reused, so its prefix blocks just age out."""
+        index = self.runner.adapter_index(name)
         if any(g.seq.adapter == index for g in self._gens.values()):
             raise ValueError(f"adapter {name!r} is still in use by unfinished requests")
-        remove_adapter(self.model, name)  # its index is never reused, so its prefix blocks just age out
+        self.runner.remove_adapter(name)
 
+    def adapters(self) -> list[str]:
+        """The LoRA adapters loaded, in the order they were added."""
+        return self.runner.adapters()
+
+    def adapter_parameters(self, name: str) -> int:
+        """How many numbers adapter ``name`` adds to the base model (its A and B as loaded)."""
+        return self.runner.adapter_parameters(name)
+
+    def use_adapter(self, adapter: str | None):
+        """Context manager: this thread's plain ``engine.model(...)`` calls go through ``adapter``
+        (None: the base alone); the engine's own batches (on their step thread) are unaffected."""
+        return self.runner.use_adapter(adapter)
+
+
+def check_context(n_prompt: int, max_tokens: int, max_seq_len: int) -> None:
+    """The context rule: a request needs ``prompt + max_tokens <= max_seq_len``; ValueError otherwise."""
+    if n_prompt + max_tokens > max_seq_len:
+        raise ValueError(
+            f"prompt of {n_prompt} tokens + max_tokens {max_tokens} = {n_prompt + max_tokens} exceeds "
+            f"the context of {max_seq_len} tokens: shorten the prompt or lower max_tokens"
+        )

@@ -6,15 +6,19 @@ The only host-device synchronisation per step is reading back the sampled ids (a
 their log-probabilities): everything else is enqueued, so the same code runs on a GPU.
 
 The weights' fast layouts (re-laid-out copies kept beside the model, made when the runner is built)
-are described in :mod:`lmcore.engine.weight_layout`.
+are described in :mod:`lmcore.engine.weight_layout`. The runner also owns the LoRA bank
+(:class:`lmcore.lora.LoRABank`, made when the first adapter is added): it wraps those layouts so
+the base GEMMs keep them, and each step routes every token row to its request's adapter.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from lmcore.lora.bank import LoRABank
 from lmcore.model.gpt import GPT
 from lmcore.model.kv_cache import BlockPool, CacheBatch, KVCache, PrefillSegment
 
@@ -51,7 +55,7 @@ class ModelRunner:
         self.n_head = cfg.n_head
         self.k_layers, self.v_layers = list(self.cache.k), list(self.cache.v)  # per-layer views, made once
         self.weights = DecodeWeights(model, device, dtype, n_slots, prepack_weights)
-        self.has_bank = hasattr(model, "adapter_names")  # a LoRA bank: every row picks its adapter
+        self.bank: LoRABank | None = None  # LoRA adapters, every row picking its own (add_adapter)
         self.pool = None  # keys/values of cached prompt blocks (see lmcore.engine.prefix_cache)
         if prefix_blocks > 0:
             self.pool = BlockPool(prefix_blocks, prefix_block_size, cfg.n_layer, cfg.n_head, cfg.head_dim,
@@ -92,6 +96,42 @@ class ModelRunner:
         """Copy computed prompt blocks ``(block_index, pool_row)`` from the slot into the pool."""
         self.pool.save(self.cache, seq.slot, blocks)
 
+    # --- LoRA adapters ---------------------------------------------------------------------------
+    def add_adapter(self, name: str, adapter_dir) -> int:
+        """Load an adapter into the bank (made on first use: it wraps the model's projections in
+        place and the fast weight layouts, so the base GEMMs keep their layouts); returns its index."""
+        if self.bank is None:
+            self.bank = LoRABank(self.model)
+            self.weights.wrap_blocks(self.bank.wrap)
+        return self.bank.add(name, adapter_dir)
+
+    def remove_adapter(self, name: str) -> None:
+        self._require_bank(name).remove(name)
+
+    def adapter_index(self, adapter: str | int | None) -> int:
+        """The bank index a request's ``adapter`` names (-1: the base model); ValueError if unknown."""
+        if adapter is None:
+            return -1
+        return self._require_bank(adapter).index(adapter)
+
+    def adapters(self) -> list[str]:
+        return self.bank.adapters() if self.bank is not None else []
+
+    def adapter_parameters(self, adapter: str | int) -> int:
+        return self._require_bank(adapter).parameters(adapter)
+
+    def use_adapter(self, adapter: str | int | None):
+        """A context manager running this thread's plain ``model(...)`` calls through ``adapter``."""
+        if adapter is None and self.bank is None:
+            return nullcontext(self.model)
+        return self._require_bank(adapter).use(adapter)
+
+    def _require_bank(self, adapter: str | int) -> LoRABank:
+        if self.bank is None:
+            raise ValueError(f"adapter {adapter!r} requested, but the engine has no LoRA bank "
+                             "(load one with Engine.add_adapter)")
+        return self.bank
+
     # --- one step --------------------------------------------------------------------------------
     def _upload(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         """One host list -> one device tensor. On a GPU through pinned memory without blocking, so
@@ -102,14 +142,47 @@ class ModelRunner:
         return t.pin_memory().to(self.device, non_blocking=True)
 
     def prepare(self, out: SchedulerOutput, params: dict[str, SamplingParams], rngs: dict) -> StepInputs:
-        """Everything the step needs on the device, built from the schedule in one upload."""
+        """Everything the step needs on the device, built from the schedule: the int lists of every
+        step below go up in **one** upload (and the sampling draws in one more), then are viewed."""
+        tokens, slots, positions, samplers, rows, spans = self._flat_rows(out)
+        D, R = len(out.decode), len(samplers)
+        lo, hi, L, holes, range_pos = self._decode_range(slots, positions, D)
+        uniform_decode = D and not holes and min(positions[:D]) == L - 1
+        parts = [tokens, slots, positions, self._write_index(slots, positions), [s.slot for s in samplers],
+                 rows, [s - lo for s in slots[:D]] if holes else [], range_pos,
+                 self._adapter_rows(out) if self.bank is not None else []]
+        ints = self._upload([v for part in parts for v in part], torch.long)
+        views = []
+        at = 0
+        for part in parts:
+            views.append(ints[at:at + len(part)])
+            at += len(part)
+        tok_t, slot_t, pos_t, write_t, sample_slot_t, row_t, index_t, range_pos_t, adapter_t = views
+
+        mask = None
+        if D and not uniform_decode:  # each row sees positions <= its own (dummy rows: 0 only)
+            mask = self._decode_mask(range_pos_t if holes else pos_t[:D], L)
+        batch = CacheBatch(slots=slot_t, positions=pos_t, write_index=write_t, num_decode=D, decode_lo=lo,
+                           decode_hi=hi, decode_len=L, decode_mask=mask,
+                           decode_index=index_t if holes else None, prefill=self._prefill_segments(spans))
+        ps = [params[s.request_id] for s in samplers]
+        uniforms, greedy = self._sampling_draws(samplers, ps, rngs)
+        return StepInputs(tok_t, batch, samplers, ps, None if rows == list(range(R)) else row_t,
+                          sample_slot_t, uniforms, greedy, adapter_t if self.bank is not None else None)
+
+    @staticmethod
+    def _flat_rows(out: SchedulerOutput) -> tuple:
+        """The flat token layout: decode rows first (ascending slot), then each prefill chunk's
+        tokens. Returns host lists ``(tokens, slots, positions)`` (one entry per row), the
+        ``samplers`` (sequences that sample a token: every decode row, and prefill chunks that
+        complete their prompt) with the ``rows`` they sample from, and the prefill ``spans``
+        ``(first row, slot, start, end)``."""
         tokens: list[int] = []
         slots: list[int] = []
         positions: list[int] = []
         samplers: list[Sequence] = []
         rows: list[int] = []
-        D = len(out.decode)
-        for i, seq in enumerate(out.decode):  # decode rows first, ascending slot
+        for i, seq in enumerate(out.decode):
             tokens.append(seq.next_input())
             slots.append(seq.slot)
             positions.append(seq.num_computed)
@@ -125,65 +198,69 @@ class ModelRunner:
             if chunk.completes_prompt:
                 samplers.append(seq)
                 rows.append(len(tokens) - 1)
-        R = len(samplers)
-        # Cache rows written this step, viewing a layer's buffer as (n_slots * nh * max_seq, hs).
-        nh, T = self.n_head, self.cache.max_seq_len
-        write = [(s * nh + h) * T + p for s, p in zip(slots, positions) for h in range(nh)]
-        lo = hi = L = 0
-        holes = False
-        range_pos: list[int] = []
-        if D:
-            lo, hi = slots[0], slots[D - 1] + 1
-            L = max(positions[:D]) + 1
-            holes = hi - lo != D
-            if holes:  # rows of the slot range that do not decode: a dummy query at position 0
-                range_pos = [0] * (hi - lo)
-                for s, p in zip(slots[:D], positions[:D]):
-                    range_pos[s - lo] = p
-        uniform_decode = D and not holes and min(positions[:D]) == L - 1
-        adapters: list[int] = []
-        if self.has_bank:  # one adapter index per token row, same layout as the tokens
-            adapters = [s.adapter for s in out.decode]
-            for chunk in out.prefill:
-                adapters.extend([chunk.seq.adapter] * (chunk.end - chunk.start))
-        parts = [tokens, slots, positions, write, [s.slot for s in samplers], rows,
-                 [s - lo for s in slots[:D]] if holes else [], range_pos, adapters]
-        ints = self._upload([v for part in parts for v in part], torch.long)
-        views = []
-        at = 0
-        for part in parts:
-            views.append(ints[at:at + len(part)])
-            at += len(part)
-        tok_t, slot_t, pos_t, write_t, sample_slot_t, row_t, index_t, range_pos_t, adapter_t = views
+        return tokens, slots, positions, samplers, rows, spans
 
+    def _write_index(self, slots: list[int], positions: list[int]) -> list[int]:
+        """Cache rows written this step, ``nh`` per token, viewing a layer's buffer as
+        ``(n_slots * nh * max_seq, hs)``: row ``(slot * nh + head) * max_seq + position``."""
+        nh, T = self.n_head, self.cache.max_seq_len
+        return [(s * nh + h) * T + p for s, p in zip(slots, positions) for h in range(nh)]
+
+    @staticmethod
+    def _decode_range(slots: list[int], positions: list[int], D: int) -> tuple[int, int, int, bool, list[int]]:
+        """Decode attention runs over the slot range ``[lo, hi)`` reading ``L`` keys per slot.
+        ``holes``: some slot of the range does not decode (free, or still prefilling); then
+        ``range_pos`` holds each range row's position, 0 for a hole (a dummy query, dropped)."""
+        if not D:
+            return 0, 0, 0, False, []
+        lo, hi = slots[0], slots[D - 1] + 1
+        L = max(positions[:D]) + 1
+        holes = hi - lo != D
+        range_pos: list[int] = []
+        if holes:
+            range_pos = [0] * (hi - lo)
+            for s, p in zip(slots[:D], positions[:D]):
+                range_pos[s - lo] = p
+        return lo, hi, L, holes, range_pos
+
+    @staticmethod
+    def _adapter_rows(out: SchedulerOutput) -> list[int]:
+        """One LoRA adapter index per token row (-1: the base), in the layout of the tokens."""
+        adapters = [s.adapter for s in out.decode]
+        for chunk in out.prefill:
+            adapters.extend([chunk.seq.adapter] * (chunk.end - chunk.start))
+        return adapters
+
+    def _decode_mask(self, row_pos: torch.Tensor, L: int) -> torch.Tensor:
+        """``(rows of the range, 1, 1, L)`` additive mask: row i sees keys ``0..row_pos[i]``.
+        Float (0 or -inf), not bool: SDPA's CPU kernel ran ~30% faster with it."""
+        visible = torch.arange(L, device=self.device)[None, :] <= row_pos[:, None]  # (rows, L)
+        mask = torch.zeros(visible.shape, device=self.device, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
+        return mask[:, None, None, :]
+
+    def _prefill_segments(self, spans: list[tuple[int, int, int, int]]) -> tuple[PrefillSegment, ...]:
+        """One segment per prefill chunk; a chunk past position 0 gets its causal mask over the
+        cached keys (query i, at position start+i, sees keys 0..start+i)."""
         dev = self.device
-        mask = None
-        if D and not uniform_decode:  # each row sees positions <= its own (dummy rows: 0 only)
-            row_pos = range_pos_t if holes else pos_t[:D]
-            visible = torch.arange(L, device=dev)[None, :] <= row_pos[:, None]  # (rows of the range, L)
-            # Additive float mask (0 or -inf): SDPA's CPU kernel ran ~30% faster with it than with bool.
-            mask = torch.zeros(visible.shape, device=dev, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
-            mask = mask[:, None, None, :]  # (R, 1, 1, L)
         segments = []
         for r0, slot, start, end in spans:
             seg_mask = None
-            if start > 0:  # query i (position start+i) sees keys 0..start+i
+            if start > 0:
                 seg_mask = torch.arange(end, device=dev)[None, :] <= torch.arange(start, end, device=dev)[:, None]
             segments.append(PrefillSegment(r0, r0 + end - start, slot, start, seg_mask))
-        batch = CacheBatch(slots=slot_t, positions=pos_t, write_index=write_t, num_decode=D, decode_lo=lo,
-                           decode_hi=hi, decode_len=L, decode_mask=mask,
-                           decode_index=index_t if holes else None, prefill=tuple(segments))
+        return tuple(segments)
 
-        ps = [params[s.request_id] for s in samplers]
-        uniforms = greedy = None
-        if any(not p.greedy for p in ps):  # one draw per sampled token from the request's own stream
-            u = [0.0 if p.greedy else rngs[s.request_id].random() for s, p in zip(samplers, ps)]
-            g = [p.greedy for p in ps]
-            floats = self._upload(u + [float(x) for x in g], torch.float32)
-            uniforms, greedy = floats[:R], floats[R:] > 0.5
-        return StepInputs(tok_t, batch, samplers, ps, None if rows == list(range(R)) else row_t,
-                          sample_slot_t, uniforms, greedy if greedy is not None and any(g) else None,
-                          adapter_t if self.has_bank else None)
+    def _sampling_draws(self, samplers: list[Sequence], ps: list[SamplingParams], rngs: dict) -> tuple:
+        """``(uniforms (R,), greedy (R,) bool)`` on the device, in one upload: one draw per sampled
+        token from the request's own stream. ``(None, None)`` when every row is greedy; ``greedy``
+        is None when no row is."""
+        if all(p.greedy for p in ps):
+            return None, None
+        R = len(samplers)
+        u = [0.0 if p.greedy else rngs[s.request_id].random() for s, p in zip(samplers, ps)]
+        g = [p.greedy for p in ps]
+        floats = self._upload(u + [float(x) for x in g], torch.float32)
+        return floats[:R], (floats[R:] > 0.5) if any(g) else None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project final hidden states ``(R, C)`` onto the vocabulary: ``(R, V)``."""
@@ -193,12 +270,15 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput, params: dict[str, SamplingParams], rngs: dict) -> tuple:
         """Run one step: ``(samplers, token_ids, logprobs)``, the latter two on the host."""
         step = self.prepare(out, params, rngs)
-        if step.adapters is not None:
-            from lmcore.lora.bank import set_adapter_ids
-
-            set_adapter_ids(self.model, step.adapters)
         layers = self.weights.layers(step.tokens.size(0))
-        hidden = self.model.forward_cached(step.tokens, step.batch, self.k_layers, self.v_layers, layers)
+        if step.adapters is None:
+            hidden = self.model.forward_cached(step.tokens, step.batch, self.k_layers, self.v_layers, layers)
+        else:  # this (the step) thread's rows, one adapter each, for this forward only
+            self.bank.route(step.adapters)
+            try:
+                hidden = self.model.forward_cached(step.tokens, step.batch, self.k_layers, self.v_layers, layers)
+            finally:
+                self.bank.route(None)
         if not step.samplers:
             return [], [], None
         R = len(step.samplers)

@@ -110,6 +110,14 @@ class DecodeWeights:
             self.many_rows = [tuple(make(m) if i in linear else m for i, m in enumerate(block)) for block in modules]
             self.head_many_rows = make(model.lm_head)
 
+    def wrap_blocks(self, wrap) -> None:
+        """Replace each set of block callables by ``wrap(set)`` (a LoRA bank adding its updates:
+        :meth:`lmcore.lora.LoRABank.wrap`); a set shared by both row counts stays shared. The head
+        is left alone (adapters never touch it)."""
+        shared = self.many_rows is self.one_row
+        self.one_row = wrap(self.one_row)
+        self.many_rows = self.one_row if shared else wrap(self.many_rows)
+
     def layers(self, rows: int) -> list[tuple]:
         return self.one_row if rows == 1 else self.many_rows
 

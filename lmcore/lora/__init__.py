@@ -11,6 +11,7 @@ from .adapter import (
     read_adapter_config,
     save_adapter,
 )
+from .bank import LoRABank
 
-__all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "is_adapter_dir", "load_adapter_model", "merge_lora",
+__all__ = ["LoRABank", "LoRAConfig", "LoRALinear", "apply_lora", "is_adapter_dir", "load_adapter_model", "merge_lora",
            "read_adapter_config", "save_adapter"]

@@ -2,13 +2,13 @@
 
 :func:`lmcore.lora.load_adapter_model` gives each adapter its own model object that *shares* the
 base weights, which is enough to serve many fine-tunes from one copy of the base, but each model
-then needs its own batch. Here the base model carries a bank of adapters instead::
+then needs its own batch. Here one base model serves a :class:`LoRABank` of adapters instead::
 
-    model = attach_lora_bank(base)                  # wraps the attention/MLP projections, in place
-    a = add_adapter(model, "ft:tiny:sql:1a2b", adapter_dir_1)      # -> adapter index 0
-    b = add_adapter(model, "ft:tiny:poem:3c4d", adapter_dir_2)     # -> adapter index 1
-    set_adapter_ids(model, torch.tensor([[a], [b], [-1]]))         # (B, 1): one adapter per row
-    logits = model(idx)                                            # idx (B, T); -1 = the base alone
+    bank = LoRABank(base)                            # wraps the attention/MLP projections, in place
+    a = bank.add("ft:tiny:sql:1a2b", adapter_dir_1)  # -> adapter index 0
+    b = bank.add("ft:tiny:poem:3c4d", adapter_dir_2) # -> adapter index 1
+    bank.route(torch.tensor([[a], [b], [-1]]))       # (B, 1): one adapter per row, this thread
+    logits = base(idx)                               # idx (B, T); -1 = the base alone
 
 The ids tensor must broadcast to the token layout of the forward call (``(B, 1)`` or ``(B, T)``
 for ``model(idx)``; ``(N,)`` for a runner that feeds flat ``(N, C)`` token rows). Each projection
@@ -20,11 +20,13 @@ belong to which adapter is worked out once per ids tensor and shape, not once pe
 
 The chosen ids are **per thread**: an engine's step thread routes its batch while another thread
 runs the same model's plain forward (a Score request) and sees the base model alone, or its own
-choice (:func:`use_adapter`).
+choice (:meth:`LoRABank.use`).
 
-A serving engine can add a bank to a model it already serves (:meth:`lmcore.Engine.add_adapter`):
-:func:`bank_layers` then wraps the engine's fast weight layouts (:mod:`lmcore.engine.weight_layout`) so
-the base GEMM keeps its re-laid-out copy and only the low-rank updates are added.
+The bank is an object, not state hung on the model: it holds the adapter names, the routing and
+the wrapped projections, and whoever owns it (an engine's :class:`~lmcore.engine.runner.ModelRunner`,
+which creates it on :meth:`lmcore.Engine.add_adapter`) asks it. :meth:`LoRABank.wrap` wraps the
+runner's fast weight layouts (:mod:`lmcore.engine.weight_layout`) so the base GEMM keeps its
+re-laid-out copy and only the low-rank updates are added.
 """
 
 from __future__ import annotations
@@ -124,112 +126,123 @@ class BankedProjection:
 
 
 def _banks(model: nn.Module):
+    """``(qualified name, parent module, attribute)`` of every projection a bank may wrap."""
     for i, block in enumerate(model.transformer.h):
         for t in TARGETS:
             sub, attr = t.split(".")
             yield f"transformer.h.{i}.{t}", getattr(block, sub), attr
 
 
-def attach_lora_bank(model: nn.Module) -> nn.Module:
-    """Wrap every attention and MLP projection in :class:`MultiLoRALinear` (in place; weights shared)."""
-    for name, parent, attr in _banks(model):
-        module = getattr(parent, attr)
-        if type(module) is not nn.Linear and not isinstance(module, MultiLoRALinear):
-            raise ValueError(f"{name} is a {type(module).__name__}; attach the bank to a plain base model")
-    routing = getattr(model, "lora_routing", None) or _Routing()
-    for _, parent, attr in _banks(model):
-        if not isinstance(getattr(parent, attr), MultiLoRALinear):
-            setattr(parent, attr, MultiLoRALinear(getattr(parent, attr), routing))
-    model.lora_routing = routing
-    model.adapter_names = getattr(model, "adapter_names", [])
-    return model
+class LoRABank:
+    """The adapters one base model serves in one batch: their names, their tensors, the routing.
 
+    Building it wraps every attention and MLP projection of ``model`` in :class:`MultiLoRALinear`
+    (in place; the base weights are shared, not copied). Adapters get increasing indices; a removed
+    adapter's index is never reused, so an index handed out (a request's, a prefix-cache namespace)
+    never silently names another adapter.
+    """
 
-def bank_layers(layers: list[tuple], model: nn.Module) -> list[tuple]:
-    """An engine's per-block callables (``model.decode_layers()`` order, some replaced by fast
-    re-laid-out copies of the plain Linears) made to add the bank's updates; ``model`` has the bank."""
-    banked = model.decode_layers()
-    out = []
-    for block, bank_block in zip(layers, banked):
-        row = []
-        for fn, layer in zip(block, bank_block):
-            if not isinstance(layer, MultiLoRALinear) or fn is layer:
-                row.append(fn)
-            elif fn is layer.base:  # the plain module itself: call the bank layer instead
-                row.append(layer)
-            else:
-                row.append(BankedProjection(fn, layer))
-        out.append(tuple(row))
-    return out
+    def __init__(self, model: nn.Module):
+        for name, parent, attr in _banks(model):
+            module = getattr(parent, attr)
+            if isinstance(module, MultiLoRALinear):
+                raise ValueError(f"{name} is already in a LoRA bank; one bank per model")
+            if type(module) is not nn.Linear:
+                raise ValueError(f"{name} is a {type(module).__name__}; attach the bank to a plain base model")
+        self.model = model
+        self.routing = _Routing()
+        self.names: list[str | None] = []  # by adapter index; None: removed
+        self.layers: dict[str, MultiLoRALinear] = {}  # qualified projection name -> its bank layer
+        for name, parent, attr in _banks(model):
+            layer = MultiLoRALinear(getattr(parent, attr), self.routing)
+            setattr(parent, attr, layer)
+            self.layers[name] = layer
 
+    # --- which adapters ---------------------------------------------------------------------------
+    def adapters(self) -> list[str]:
+        """The loaded adapters' names, in index order."""
+        return [n for n in self.names if n is not None]
 
-def add_adapter(model: nn.Module, name: str, adapter_dir: str | Path) -> int:
-    """Load an adapter directory into the bank; returns its index for :func:`set_adapter_ids`."""
-    from safetensors.torch import load_file
+    def index(self, adapter: str | int) -> int:
+        """The index of an adapter named (or numbered) ``adapter``; ValueError if it is not loaded."""
+        if isinstance(adapter, str):
+            if adapter not in self.names:
+                raise ValueError(f"unknown adapter {adapter!r}; loaded: {self.adapters()}")
+            return self.names.index(adapter)
+        if not 0 <= adapter < len(self.names) or self.names[adapter] is None:
+            raise ValueError(f"unknown adapter index {adapter}; loaded: {self.adapters()}")
+        return adapter
 
-    if not hasattr(model, "adapter_names"):
-        raise ValueError("call attach_lora_bank(model) first")
-    if name in model.adapter_names:
-        return model.adapter_names.index(name)
-    meta = read_adapter_config(adapter_dir)
-    scaling = float(meta["lora_alpha"]) / int(meta["r"])
-    tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS_FILE))
-    index = len(model.adapter_names)
-    staged = {}
-    for qualified, parent, attr in _banks(model):
-        a, b = tensors.pop(qualified + ".lora_A", None), tensors.pop(qualified + ".lora_B", None)
-        if a is None and b is None:
-            continue
-        layer = getattr(parent, attr)
-        if a is None or b is None or a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
-            raise ValueError(f"{adapter_dir}: adapter tensors for {qualified} do not fit the base model")
-        w = layer.base.weight
-        staged[(qualified, id(layer))] = (layer, a.to(w.device, w.dtype), b.to(w.device, w.dtype))
-    if tensors:
-        raise ValueError(f"{adapter_dir}: unexpected adapter tensors {sorted(tensors)[:3]}")
-    for layer, a, b in staged.values():
-        layer.adapters[index] = (a, b, scaling)
-    model.adapter_names.append(name)
-    return index
+    def parameters(self, adapter: str | int) -> int:
+        """How many numbers the adapter adds: its A ``(r, in)`` and B ``(out, r)`` as loaded."""
+        index = self.index(adapter)
+        loaded = (layer.adapters[index] for layer in self.layers.values() if index in layer.adapters)
+        return sum(a.numel() + b.numel() for a, b, _ in loaded)
 
+    # --- loading ----------------------------------------------------------------------------------
+    def add(self, name: str, adapter_dir: str | Path) -> int:
+        """Load an adapter directory; returns its index for :meth:`route`. A name already loaded
+        returns its index again. Nothing changes if the tensors do not fit the base model."""
+        from safetensors.torch import load_file
 
-def remove_adapter(model: nn.Module, name: str) -> None:
-    """Drop an adapter's tensors; its index is not reused (ids already handed out stay valid)."""
-    index = model.adapter_names.index(name)
-    for _, parent, attr in _banks(model):
-        getattr(parent, attr).adapters.pop(index, None)
-    model.adapter_names[index] = None
+        if name in self.names:
+            return self.names.index(name)
+        meta = read_adapter_config(adapter_dir)
+        scaling = float(meta["lora_alpha"]) / int(meta["r"])
+        tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS_FILE))
+        staged = []
+        for qualified, layer in self.layers.items():
+            a, b = tensors.pop(qualified + ".lora_A", None), tensors.pop(qualified + ".lora_B", None)
+            if a is None and b is None:
+                continue
+            if a is None or b is None or a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
+                raise ValueError(f"{adapter_dir}: adapter tensors for {qualified} do not fit the base model")
+            w = layer.base.weight
+            staged.append((layer, a.to(w.device, w.dtype), b.to(w.device, w.dtype)))  # A (r, in), B (out, r)
+        if tensors:
+            raise ValueError(f"{adapter_dir}: unexpected adapter tensors {sorted(tensors)[:3]}")
+        index = len(self.names)
+        for layer, a, b in staged:
+            layer.adapters[index] = (a, b, scaling)
+        self.names.append(name)
+        return index
 
+    def remove(self, name: str) -> None:
+        """Drop an adapter's tensors; its index is not reused (ids already handed out stay valid)."""
+        index = self.index(name)
+        for layer in self.layers.values():
+            layer.adapters.pop(index, None)
+        self.names[index] = None
 
-def set_adapter_ids(model: nn.Module, ids: torch.Tensor | None) -> None:
-    """Choose each row's adapter for this thread's next forward calls (-1 or None: the base model)."""
-    routing: _Routing = model.lora_routing
-    routing.ids, routing.plan = ids, None
+    # --- routing ----------------------------------------------------------------------------------
+    def route(self, ids: torch.Tensor | None) -> None:
+        """Choose each row's adapter for this thread's next forward calls (-1 or None: the base)."""
+        self.routing.ids, self.routing.plan = ids, None
 
+    @contextmanager
+    def use(self, adapter: str | int | None):
+        """Run this thread's plain ``model(...)`` calls through one adapter (None: the base alone)."""
+        saved = self.routing.ids
+        index = -1 if adapter is None else self.index(adapter)
+        self.route(torch.tensor(index))  # 0-dim: broadcasts to any token layout
+        try:
+            yield self.model
+        finally:
+            self.route(saved)
 
-def adapter_index(model: nn.Module, adapter: str | int) -> int:
-    """The bank index of an adapter named (or numbered) ``adapter``; ValueError if it is not loaded."""
-    names = getattr(model, "adapter_names", None)
-    if names is None:
-        raise ValueError(f"adapter {adapter!r} requested, but the model has no LoRA bank "
-                         "(lmcore.lora.bank.attach_lora_bank)")
-    if isinstance(adapter, str):
-        if adapter not in names:
-            raise ValueError(f"unknown adapter {adapter!r}; loaded: {[n for n in names if n]}")
-        return names.index(adapter)
-    if not 0 <= adapter < len(names) or names[adapter] is None:
-        raise ValueError(f"unknown adapter index {adapter}; loaded: {[n for n in names if n]}")
-    return adapter
-
-
-@contextmanager
-def use_adapter(model: nn.Module, adapter: str | int | None):
-    """Run this thread's plain ``model(...)`` calls through one adapter (None: the base alone)."""
-    routing: _Routing = model.lora_routing
-    saved = routing.ids
-    index = -1 if adapter is None else adapter_index(model, adapter)
-    set_adapter_ids(model, torch.tensor(index))  # 0-dim: broadcasts to any token layout
-    try:
-        yield model
-    finally:
-        set_adapter_ids(model, saved)
+    def wrap(self, layers: list[tuple]) -> list[tuple]:
+        """An engine's per-block callables (``model.decode_layers()`` order, some replaced by fast
+        re-laid-out copies of the plain Linears) made to add the bank's updates."""
+        banked = self.model.decode_layers()
+        out = []
+        for block, bank_block in zip(layers, banked):
+            row = []
+            for fn, layer in zip(block, bank_block):
+                if not isinstance(layer, MultiLoRALinear) or fn is layer:
+                    row.append(fn)
+                elif fn is layer.base:  # the plain module itself: call the bank layer instead
+                    row.append(layer)
+                else:
+                    row.append(BankedProjection(fn, layer))
+            out.append(tuple(row))
+        return out

@@ -4,30 +4,31 @@ No transport code: the gRPC servicer and a Ray Serve deployment call the same me
 full model has its own ``lmcore.Engine`` (continuous batching over a KV cache) driven by an
 ``AsyncEngine`` background thread. A LoRA adapter from the model store whose base model is served
 gets no engine of its own: it is loaded into the base engine's adapter bank
-(``lmcore.lora.bank``) and its requests run in the base's batches with ``adapter=<name>``, beside
-the base's own requests and other adapters' (S-LoRA, LoRAX); the prefix cache stays per adapter.
-An adapter whose base is not served is loaded on its own (``lmcore.lora.load_adapter_model``).
- ``complete_stream`` yields a chunk per engine output as it is
-produced, and ``complete`` is the same stream gathered. When the consumer stops early (client
-cancel, deadline, disconnect), closing the stream aborts the engine request, which frees its slot
-before the next step.
+(``Engine.add_adapter``, ``lmcore.lora.LoRABank``) and its requests run in the base's batches with
+``adapter=<name>``, beside the base's own requests and other adapters' (S-LoRA, LoRAX); the prefix
+cache stays per adapter. When its directory leaves the store, the next refresh unloads it from the
+bank (once no request uses it). An adapter whose base is not served is loaded on its own
+(``lmcore.lora.load_adapter_model``).
+``complete_stream`` yields a chunk per engine output as it is produced, and ``complete`` is the
+same stream gathered. When the consumer stops early (client cancel, deadline, disconnect), closing
+the stream aborts the engine request, which frees its slot before the next step.
 
-Validation policy: what lmcore validates (``SamplingParams`` fields, prompt styles) is left to it
-(its ``ValueError``s become ``INVALID_ARGUMENT``); the handler checks what is about the request
-rather than the model: an empty prompt, both prompt forms at once, token ids outside the
-vocabulary, too many or empty stop strings, and prompt + max_tokens beyond the context (checked
-here so the message names both numbers before anything is queued).
+Validation policy: lmcore owns the rules of what it executes and the handler asks it. Sampling
+fields and stop strings are checked by ``lmcore.SamplingParams`` (a pydantic ``ValidationError``:
+``INVALID_ARGUMENT``), the prompt's token ids and prompt + max_tokens against the context by
+``Engine.check_request`` before anything is queued (its ``ValueError``: ``INVALID_ARGUMENT``, the
+message naming both numbers), prompt styles by ``FewShotPrompt``. The handler checks only what is
+about the request's form: an empty prompt, both prompt forms at once, Score's choices.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.config import InferenceSettings
 from services.errors import InvalidArgument
@@ -36,10 +37,12 @@ from services.gen.lmstack.v1 import inference_pb2 as pb
 from services.metrics import InferenceMetrics
 from services.models import Entry, ModelRegistry, ModelSpec, parse_model_specs, resolve_base
 
+if TYPE_CHECKING:  # lmcore is imported when a model loads, not when the service module does
+    from lmcore import GPT, AsyncEngine, Engine, SamplingParams, Tokenizer, TokenLogprob
+
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
                    "presence_penalty", "frequency_penalty", "seed", "logprobs", "ignore_eos")
 FLOAT_FIELDS = {"temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"}
-MAX_STOP_STRINGS = 8
 MAX_SCORE_CHOICES = 64
 
 
@@ -53,10 +56,10 @@ class ServedModel:
     """
 
     name: str
-    model: Any
-    tokenizer: Any
-    engine: Any
-    async_engine: Any = None
+    model: GPT
+    tokenizer: Tokenizer
+    engine: Engine
+    async_engine: AsyncEngine | None = None
     adapter: str | None = None  # the adapter's name in the base engine's LoRA bank
     base: str = ""  # the served base model's name, for a banked adapter
     parameters: int = 0  # 0: the model's own count
@@ -70,34 +73,16 @@ class ServedModel:
         return self.adapter is None
 
     def load(self) -> tuple[int, int]:
-        """(running, waiting) requests, for the queue gauges (a bank's: this adapter's, or the base's own)."""
-        if getattr(self.engine.runner, "has_bank", False):
-            index = self.engine._adapter_index(self.adapter)
-            sched = self.engine.scheduler
-            return (sum(s.adapter == index for s in list(sched.running)),
-                    sum(s.adapter == index for s in list(sched.waiting)))
-        stats = getattr(self.engine, "stats", None)
-        stats = stats() if callable(stats) else stats
-        if isinstance(stats, dict):
-            running = stats.get("running", stats.get("num_running"))
-            waiting = stats.get("waiting", stats.get("num_waiting"))
-            if running is not None and waiting is not None:
-                return int(running), int(waiting)
-        return int(self.engine.num_unfinished()), 0
-
-
-def _accepted_kwargs(fn, **kwargs) -> dict:
-    params = inspect.signature(fn).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    return {k: v for k, v in kwargs.items() if k in params}
+        """(running, waiting) requests, for the queue gauges: a banked adapter's own, or for a
+        model with an engine every request in it (its adapters' too: they share its slots)."""
+        return self.engine.load(self.adapter)
 
 
 def make_loader(settings: InferenceSettings):
     """The registry loader: a model directory (or store adapter) -> ServedModel with an Engine."""
 
     def load(spec: ModelSpec, registry: ModelRegistry) -> ServedModel:
-        from lmcore import Engine, load_model
+        from lmcore import Engine, EngineConfig, load_model
 
         if spec.is_adapter:
             from lmcore.lora import load_adapter_model
@@ -108,12 +93,11 @@ def make_loader(settings: InferenceSettings):
             model = load_adapter_model(spec.base_model, spec.path)
         else:
             model = load_model(spec.path, device=settings.device)
-        if getattr(model, "tokenizer", None) is None:
+        if model.tokenizer is None:
             raise ValueError(f"{spec.path}: no tokenizer files (tokenizer.json or vocab.json + merges.txt); "
                              "save the model with its tokenizer")
-        engine = Engine(model, **_accepted_kwargs(Engine, tokenizer=model.tokenizer,
-                                                  max_batch_size=settings.max_batch_size,
-                                                  max_waiting=settings.max_waiting))
+        config = EngineConfig(max_batch_size=settings.max_batch_size, max_waiting=settings.max_waiting)
+        engine = Engine(model, config, tokenizer=model.tokenizer)
         return ServedModel(spec.name, model, model.tokenizer, engine)
 
     return load
@@ -121,25 +105,12 @@ def make_loader(settings: InferenceSettings):
 
 def bank_adapter(spec: ModelSpec, base: Entry) -> ServedModel:
     """Serve an adapter from its base's engine: load it into the bank (between two steps)."""
-    from lmcore.lora import read_adapter_config
-
     served: ServedModel = base.obj
-    meta = read_adapter_config(spec.path)
     served.async_engine.add_adapter(spec.name, spec.path)
     spec.base_model = base.name
-    cfg = served.model.config
-    targets = meta["target_modules"]
-    # A's (r, in) and B's (out, r) per targeted projection per block, on top of the base's count.
-    widths = {"attn.c_attn": (cfg.n_embd, 3 * cfg.n_embd), "attn.c_proj": (cfg.n_embd, cfg.n_embd),
-              "mlp.c_fc": (cfg.n_embd, 4 * cfg.n_embd), "mlp.c_proj": (4 * cfg.n_embd, cfg.n_embd)}
-    extra = cfg.n_layer * sum(int(meta["r"]) * sum(widths.get(t, (0, 0))) for t in targets)
+    parameters = served.model.num_parameters() + served.engine.adapter_parameters(spec.name)
     return ServedModel(spec.name, served.model, served.tokenizer, served.engine, served.async_engine,
-                       adapter=spec.name, base=base.name, parameters=served.model.num_parameters() + extra)
-
-
-async def _maybe_await(value):
-    if inspect.isawaitable(value):
-        await value
+                       adapter=spec.name, base=base.name, parameters=parameters)
 
 
 def make_starter(settings: InferenceSettings):
@@ -152,22 +123,31 @@ def make_starter(settings: InferenceSettings):
 
 
 async def start_engine(entry: Entry, torch_threads: int = 1) -> None:
-    try:
-        from lmcore.engine import AsyncEngine
-    except ImportError:  # older layout
-        from lmcore.engine import AsyncEngine
+    from lmcore import AsyncEngine
 
     served: ServedModel = entry.obj
     if not served.owns_engine:  # an adapter in a base's bank: the base's engine is already running
         return
-    served.async_engine = AsyncEngine(served.engine, **_accepted_kwargs(AsyncEngine, num_threads=torch_threads))
-    await _maybe_await(served.async_engine.start())
+    served.async_engine = AsyncEngine(served.engine, num_threads=torch_threads)
+    served.async_engine.start()
 
 
-async def stop_engine(entry: Entry) -> None:
+async def stop_engine(entry: Entry, idle_only: bool = False) -> bool:
+    """The registry's close hook: unload a banked adapter from its base's bank, or stop a model's
+    engine. Returns False ("busy": the registry retries at its next refresh) while requests still
+    use the adapter, or, with ``idle_only`` (the model left the store), while the engine has work."""
     served: ServedModel = entry.obj
-    if served.owns_engine and served.async_engine is not None:
+    if not served.owns_engine:
+        try:
+            await asyncio.to_thread(served.async_engine.remove_adapter, served.adapter)
+        except ValueError:  # unfinished requests use it
+            return False
+        return True
+    if served.async_engine is not None:
+        if idle_only and served.engine.load() != (0, 0):
+            return False
         await asyncio.to_thread(served.async_engine.stop)
+    return True
 
 
 def inference_registry(settings: InferenceSettings) -> ModelRegistry:
@@ -176,8 +156,11 @@ def inference_registry(settings: InferenceSettings) -> ModelRegistry:
 
 
 # --- protobuf <-> lmcore ---------------------------------------------------------------------------
-def sampling_params(sp: common_pb2.SamplingParams, extra_stop: list[str] | tuple = ()):
-    """``lmstack.v1.SamplingParams`` -> ``lmcore.SamplingParams``; unset fields keep lmcore's defaults."""
+def sampling_params(sp: common_pb2.SamplingParams, extra_stop: list[str] | tuple = ()) -> SamplingParams:
+    """``lmstack.v1.SamplingParams`` -> ``lmcore.SamplingParams``; unset fields keep lmcore's defaults.
+
+    lmcore validates every field (stop strings included: at most ``lmcore.engine.MAX_STOP_STRINGS``,
+    none empty); its ``ValidationError`` becomes ``INVALID_ARGUMENT`` naming the field."""
     from lmcore import SamplingParams
 
     kw: dict[str, Any] = {}
@@ -187,37 +170,21 @@ def sampling_params(sp: common_pb2.SamplingParams, extra_stop: list[str] | tuple
             # float32 on the wire: 0.7 arrives as 0.699999988; give lmcore the number the user wrote.
             kw[f] = float(f"{v:.7g}") if f in FLOAT_FIELDS else v
     stops = list(sp.stop)
-    if len(stops) > MAX_STOP_STRINGS:
-        raise InvalidArgument(f"too many stop strings: {len(stops)} given, at most {MAX_STOP_STRINGS}")
-    if any(s == "" for s in stops):
-        raise InvalidArgument("stop strings must not be empty")
     if stops or extra_stop:
         kw["stop"] = stops + [s for s in extra_stop if s not in stops]
     return SamplingParams(**kw)
 
 
-def _token_text(tokenizer, token_id: int) -> str:
-    return tokenizer.token_bytes(int(token_id)).decode("utf-8", errors="replace")
+def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    return tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
 
 
-def logprobs_pb(items, tokenizer) -> list[common_pb2.TokenLogprob]:
-    """lmcore's per-token logprobs -> ``TokenLogprob`` messages.
-
-    Accepts each item as an object or dict with ``token_id``, ``logprob`` and ``top_logprobs``
-    (a dict id -> logprob or a list of (id, logprob) pairs / objects).
-    """
-    out = []
-    for item in items or ():
-        get = item.get if isinstance(item, dict) else (lambda k, d=None, _i=item: getattr(_i, k, d))
-        tid = int(get("token_id"))
-        top = get("top_logprobs", None) or get("top", None) or ()
-        pairs = top.items() if isinstance(top, dict) else [
-            (t if isinstance(t, tuple | list) else (t.token_id, t.logprob)) for t in top]
-        out.append(common_pb2.TokenLogprob(
-            token_id=tid, token=_token_text(tokenizer, tid), logprob=float(get("logprob")),
-            top_logprobs=[common_pb2.TopLogprob(token_id=int(i), token=_token_text(tokenizer, i),
-                                                logprob=float(lp)) for i, lp in pairs]))
-    return out
+def logprobs_pb(items: list[TokenLogprob], tokenizer: Tokenizer) -> list[common_pb2.TokenLogprob]:
+    """lmcore's per-token log-probabilities -> ``TokenLogprob`` messages (``top``: (id, logprob) pairs)."""
+    return [common_pb2.TokenLogprob(
+        token_id=item.token_id, token=_token_text(tokenizer, item.token_id), logprob=item.logprob,
+        top_logprobs=[common_pb2.TopLogprob(token_id=i, token=_token_text(tokenizer, i), logprob=lp)
+                      for i, lp in item.top]) for item in items]
 
 
 def model_info(entry: Entry) -> pb.ModelInfo:
@@ -243,28 +210,16 @@ class InferenceHandler:
 
     @staticmethod
     def _prompt_ids(req: pb.CompleteRequest, served: ServedModel) -> list[int]:
+        """The request's prompt as token ids (its form only: the engine checks the ids themselves)."""
         if req.prompt and req.prompt_token_ids:
             raise InvalidArgument("give either prompt or prompt_token_ids, not both")
         if req.prompt_token_ids:
-            ids = list(req.prompt_token_ids)
-            vocab = served.model.config.vocab_size
-            bad = [i for i in ids if i < 0 or i >= vocab]
-            if bad:
-                raise InvalidArgument(f"prompt_token_ids {bad[:5]} out of range: this model's ids are 0..{vocab - 1}")
-            return ids
+            return list(req.prompt_token_ids)
         if not req.prompt:
             raise InvalidArgument("prompt is empty: give prompt text or prompt_token_ids")
         if req.allow_special:
             return served.tokenizer.encode(req.prompt, allowed_special="all")
         return served.tokenizer.encode(req.prompt)
-
-    @staticmethod
-    def _check_context(n_prompt: int, max_tokens: int, served: ServedModel) -> None:
-        ctx = served.context_length
-        if n_prompt + max_tokens > ctx:
-            raise InvalidArgument(
-                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {n_prompt + max_tokens} exceeds "
-                f"the model's context of {ctx} tokens: shorten the prompt or lower max_tokens")
 
     def _record(self, name: str, start: float, first: float | None, n_prompt: int, n: int, finished: bool) -> None:
         if self.metrics is None:
@@ -296,9 +251,8 @@ class InferenceHandler:
         speed): the engine stream is consumed directly, without the generic ``_generate`` layer."""
         name, served = await self._served(req.model)
         params = sampling_params(req.sampling)
-        ids = self._prompt_ids(req, served)
+        ids = served.engine.check_request(self._prompt_ids(req, served), params)  # vocabulary, context
         n_prompt = len(ids)
-        self._check_context(n_prompt, params.max_tokens, served)
         chunk_type = pb.CompleteChunk
         start, first, completion, finished = time.perf_counter(), None, 0, False
         try:
@@ -337,6 +291,7 @@ class InferenceHandler:
 
     async def few_shot(self, req: pb.FewShotRequest) -> pb.FewShotResponse:
         from lmcore import FewShotPrompt, SamplingParams
+        from lmcore.engine import check_context
 
         name, served = await self._served(req.model)
         if not req.query.strip():
@@ -345,16 +300,15 @@ class InferenceHandler:
         examples = [(e.input, e.output) for e in req.examples]
         kw = {"style": req.style} if req.style else {}
         prompt = FewShotPrompt(req.instruction, examples, **kw)
-        budget = served.context_length - params.max_tokens
-        if budget <= 0:
-            self._check_context(1, params.max_tokens, served)
+        budget = served.engine.max_seq_len - params.max_tokens
+        if budget <= 0:  # not even a one-token prompt fits: say so before rendering
+            check_context(1, params.max_tokens, served.engine.max_seq_len)
         rendered = prompt.render(req.query, served.tokenizer, budget)
         stop = [rendered.stop] if isinstance(rendered.stop, str) else list(rendered.stop or ())
         if stop:
             merged = list(params.stop or []) + [s for s in stop if s not in (params.stop or [])]
             params = SamplingParams(**{**params.model_dump(), "stop": merged})
-        ids = list(rendered.token_ids)
-        self._check_context(len(ids), params.max_tokens, served)
+        ids = served.engine.check_request(rendered.token_ids, params)
         text, n, finish = [], 0, ""
         async with aclosing(self._generate(name, served, ids, params)) as outputs:
             async for out in outputs:
@@ -396,11 +350,9 @@ class InferenceHandler:
     def _score(served: ServedModel, context_ids: list[int], continuations: list[list[int]]):
         from lmcore.tasks import score
 
-        if served.adapter is None:
-            return score(served.model, context_ids, continuations)
-        from lmcore.lora.bank import use_adapter
-
-        with use_adapter(served.model, served.adapter):  # this thread only: the engine's batches are unaffected
+        # A plain forward in this worker thread, through the adapter (or the base alone): the
+        # engine's batches, routed on its step thread, are unaffected.
+        with served.engine.use_adapter(served.adapter):
             return score(served.model, context_ids, continuations)
 
     async def list_models(self, req: pb.ListModelsRequest) -> pb.ListModelsResponse:

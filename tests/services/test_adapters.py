@@ -102,7 +102,12 @@ def test_adapters_are_listed_and_share_the_base_engine(client, server):
     tiny, sql, poem = served(server, "tiny"), served(server, SQL), served(server, POEM)
     assert sql.engine is tiny.engine and poem.engine is tiny.engine  # no engine of their own
     assert sql.async_engine is tiny.async_engine and poem.async_engine is tiny.async_engine
-    assert sorted(tiny.engine.model.adapter_names) == [POEM, SQL]  # store entries load in name order
+    assert tiny.engine.adapters() == [POEM, SQL]  # store entries load in name order
+    for name in (SQL, POEM):  # the count is the adapter's tensors as loaded: A (r, in) + B (out, r)
+        assert info[name].parameters == info["tiny"].parameters + tiny.engine.adapter_parameters(name)
+    cfg = tiny.model.config  # SQL: rank 4 on c_attn (C -> 3C); POEM: rank 2 on all four projections
+    assert tiny.engine.adapter_parameters(SQL) == cfg.n_layer * 4 * (cfg.n_embd + 3 * cfg.n_embd)
+    assert tiny.engine.adapter_parameters(POEM) == cfg.n_layer * 2 * 16 * cfg.n_embd
 
 
 def test_concurrent_base_and_adapters_batch_together_and_match_solo(client, server, base, store):
@@ -121,13 +126,13 @@ def test_concurrent_base_and_adapters_batch_together_and_match_solo(client, serv
     assert merged == solo[(POEM, PROMPTS[1])][:12]
 
     engine = served(server, "tiny").engine
-    index = {name: i for i, name in enumerate(engine.model.adapter_names)}
     steps_before = engine.stats()["steps"]
     calls = {(m, p): client.complete_stream(p, model=m, max_tokens=n_tokens, temperature=0, ignore_eos=True)
              for m in models for p in PROMPTS}
     firsts = {key: next(call) for key, call in calls.items()}  # all 12 are mid-generation now
-    in_flight = [s.adapter for s in list(engine.scheduler.running)]
-    assert set(in_flight) == {-1, index[SQL], index[POEM]}, in_flight  # one batch, three models
+    running = {m: engine.load(m if m != "tiny" else None)[0] for m in models}
+    own = running["tiny"] - running[SQL] - running[POEM]  # the base's own requests
+    assert running[SQL] > 0 and running[POEM] > 0 and own > 0, running  # one batch, three models
     assert engine.num_unfinished() >= 9
 
     def rest(key):
@@ -175,7 +180,7 @@ def test_adapter_published_after_startup_is_served_without_restart(client, serve
     # requested by name before any ListModels: the registry rescans the store
     got = client.complete(PROMPTS[0], model=LATE, max_tokens=16, temperature=0, ignore_eos=True)
     assert list(got.token_ids) == reference(base, store, LATE, PROMPTS[0], 16)
-    assert served(server, LATE).engine is engine and engine.model.adapter_names[-1] == LATE
+    assert served(server, LATE).engine is engine and engine.adapters()[-1] == LATE
     assert {m.name: m.base_model for m in client.list_models()}[LATE] == "tiny"
     # and the adapters loaded before still answer the same
     again = client.complete(PROMPTS[0], model=SQL, max_tokens=16, temperature=0, ignore_eos=True)
@@ -223,5 +228,65 @@ def test_bad_adapter_is_skipped_and_the_base_keeps_serving(client, server, store
     with pytest.raises(grpc.RpcError) as e:
         client.complete("x", model=bad)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND and "could not be loaded" in e.value.details()
-    assert bad not in served(server, "tiny").engine.model.adapter_names
+    assert bad not in served(server, "tiny").engine.adapters()
     assert client.complete("hello", model=SQL, max_tokens=3, temperature=0, ignore_eos=True).usage.completion_tokens == 3
+
+
+def test_adapter_removed_from_the_store_leaves_the_bank(client, server, store, tiny_models):
+    import shutil
+
+    import grpc
+
+    gone = "ft:tiny:gone:aaa999"
+    publish_adapter(store, gone, tiny_models["tiny"], "tiny", seed=6, rank=2, targets=("attn.c_attn",))
+    assert gone in {m.name for m in client.list_models()}
+    engine = served(server, "tiny").engine
+    assert gone in engine.adapters()
+    assert client.complete("hi", model=gone, max_tokens=2, temperature=0, ignore_eos=True).usage.completion_tokens == 2
+    shutil.rmtree(store / gone)
+    assert gone not in {m.name for m in client.list_models()}  # ListModels refreshes: the slot is freed
+    assert gone not in engine.adapters()
+    with pytest.raises(grpc.RpcError) as e:
+        client.complete("hi", model=gone, max_tokens=2)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and gone in e.value.details()
+    # the base and the other adapters serve on
+    assert client.complete("hi", model=SQL, max_tokens=2, temperature=0, ignore_eos=True).usage.completion_tokens == 2
+    assert SQL in engine.adapters() and "tiny" in {m.name for m in client.list_models()}
+
+
+def test_registry_retries_a_busy_close_and_closes_adapters_before_their_base(tmp_path):
+    """The registry's side, without an engine: a close hook that answers "busy" keeps the entry
+    served until a later refresh; an adapter's base waits for the adapter to close first."""
+    import asyncio
+    import json
+    import shutil
+
+    from services.models import ModelRegistry
+
+    store = tmp_path / "store"
+    for name, config in (("base", "config.json"), ("ft:base:x:1", "adapter_config.json")):
+        (store / name).mkdir(parents=True)
+        (store / name / config).write_text(json.dumps({"base_model": "base"}))
+    busy = {"ft:base:x:1": 1}  # the adapter is busy once
+    closed = []
+
+    async def close_entry(entry, idle_only=False):
+        assert idle_only
+        if busy.get(entry.name, 0) > 0:
+            busy[entry.name] -= 1
+            return False
+        closed.append(entry.name)
+        return True
+
+    async def run():
+        registry = ModelRegistry([], lambda spec, reg: spec.name, store=store, close_entry=close_entry)
+        await registry.load_all()
+        assert registry.names() == ["base", "ft:base:x:1"]
+        shutil.rmtree(store / "base")
+        shutil.rmtree(store / "ft:base:x:1")
+        await registry.refresh()  # the adapter is busy, so its base waits too
+        assert registry.names() == ["base", "ft:base:x:1"] and closed == []
+        await registry.refresh()
+        assert registry.names() == [] and closed == ["ft:base:x:1", "base"]
+
+    asyncio.run(run())

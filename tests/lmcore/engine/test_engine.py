@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -381,8 +383,6 @@ def test_tiny_prefix_pool_evicts_and_stays_correct():
 
 
 def _lora_variant(base, seed):
-    import copy
-
     from lmcore.lora import LoRAConfig, apply_lora
 
     model = copy.deepcopy(base)
@@ -396,22 +396,19 @@ def _lora_variant(base, seed):
 
 
 def test_one_batch_serves_several_lora_adapters(tmp_path):
-    import copy
-
     from lmcore.lora import save_adapter
-    from lmcore.lora.bank import add_adapter, attach_lora_bank
 
     base = random_model(50)
     variants = {name: _lora_variant(base, i) for i, name in enumerate(["sql", "poem"])}
-    bank = attach_lora_bank(copy.deepcopy(base))
-    for name, m in variants.items():
+    e = Engine(copy.deepcopy(base), max_batch_size=4, prefill_chunk_size=16)
+    for i, (name, m) in enumerate(variants.items()):
         save_adapter(m, tmp_path / name, base_model="base")
-        add_adapter(bank, name, tmp_path / name)
+        assert e.add_adapter(name, tmp_path / name) == i
+    assert e.add_adapter("sql", tmp_path / "sql") == 0 and e.adapters() == ["sql", "poem"]
     shared = random_prompts(512, [35], seed=50)[0]  # a shared prefix: cached per adapter, never across
     prompts = [shared + q for q in random_prompts(512, [3, 5, 4, 6, 2, 7], seed=51)]
     which = [None, "sql", "poem", "sql", None, 1]  # 1 is "poem" by index
     refs = {None: base, "sql": variants["sql"], "poem": variants["poem"], 1: variants["poem"]}
-    e = Engine(bank, max_batch_size=4, prefill_chunk_size=16)
     ids = [e.add_request(p, SamplingParams(max_tokens=8, **GREEDY), adapter=a) for p, a in zip(prompts, which)]
     got = run_to_end(e)
     expected = [greedy_without_cache(refs[a], p, 8) for p, a in zip(prompts, which)]
@@ -421,6 +418,53 @@ def test_one_batch_serves_several_lora_adapters(tmp_path):
         e.add_request([1], SamplingParams(), adapter="chat")
     with pytest.raises(ValueError, match="no LoRA bank"):
         Engine(base).add_request([1], SamplingParams(), adapter="sql")
+
+
+def test_adapters_are_counted_loaded_and_removed_between_steps(tmp_path):
+    """The questions a service asks the engine: adapter parameter counts (from the loaded tensors),
+    per-adapter load, and removal, refused while a request uses the adapter."""
+    from lmcore.lora import save_adapter
+
+    base = random_model(51)
+    variant = _lora_variant(base, 0)
+    save_adapter(variant, tmp_path / "a", base_model="base")
+    e = Engine(copy.deepcopy(base), max_batch_size=2)
+    assert e.adapters() == [] and e.load() == (0, 0)
+    e.add_adapter("a", tmp_path / "a")
+    cfg = base.config
+    per_block = 4 * ((cfg.n_embd + 3 * cfg.n_embd) + (cfg.n_embd + cfg.n_embd) + (cfg.n_embd + 4 * cfg.n_embd)
+                     + (4 * cfg.n_embd + cfg.n_embd))  # rank 4: A (r, in) + B (out, r) of each projection
+    assert e.adapter_parameters("a") == cfg.n_layer * per_block
+    for a in ("a", None, "a"):
+        e.add_request([1, 2, 3], SamplingParams(max_tokens=4, **GREEDY), adapter=a)
+    assert e.load() == (0, 3) and e.load("a") == (0, 2)
+    e.step()
+    assert e.load() == (2, 1) and e.load("a") == (1, 1)
+    with pytest.raises(ValueError, match="still in use"):
+        e.remove_adapter("a")
+    run_to_end(e)
+    assert e.load("a") == (0, 0)
+    idx = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        with e.use_adapter("a"):  # this thread's plain forward goes through the adapter
+            torch.testing.assert_close(e.model(idx), variant(idx), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(e.model(idx), variant(idx))  # and only inside the block
+    e.remove_adapter("a")
+    assert e.adapters() == []
+    with pytest.raises(ValueError, match="unknown adapter 'a'"):
+        e.add_request([1], SamplingParams(), adapter="a")
+    with torch.no_grad(), e.use_adapter(None):
+        torch.testing.assert_close(e.model(idx), base(idx))
+    rid = e.add_request([1, 2], SamplingParams(max_tokens=3, **GREEDY))  # the base still serves
+    assert run_to_end(e)[rid] == greedy_without_cache(base, [1, 2], 3)
+
+
+def test_a_failed_step_can_abort_everything():
+    e = Engine(random_model(), max_batch_size=1)
+    ids = [e.add_request([i + 1], SamplingParams(max_tokens=5)) for i in range(3)]
+    e.step()
+    assert sorted(e.abort_all()) == sorted(ids) and not e.has_unfinished() and e.abort_all() == []
+    assert e.stats()["requests_aborted"] == 3
 
 
 def test_sampled_tokens_follow_the_model_distribution():

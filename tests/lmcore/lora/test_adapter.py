@@ -145,7 +145,7 @@ def test_lora_training_lowers_loss_and_resumes_bit_exact(tmp_path):
 
 def test_adapter_bank_serves_different_adapters_in_one_batch(tmp_path):
     """S-LoRA style: rows of one batch use different adapters (or none) and match each model alone."""
-    from lmcore.lora.bank import add_adapter, attach_lora_bank, remove_adapter, set_adapter_ids
+    from lmcore.lora import LoRABank
 
     dirs = []
     for i, (targets, rank) in enumerate([(("c_attn",), 2), (ALL, 4)]):
@@ -157,18 +157,29 @@ def test_adapter_bank_serves_different_adapters_in_one_batch(tmp_path):
     idx = torch.randint(0, CFG.vocab_size, (3, 12))
     with torch.no_grad():
         alone = [load_adapter_model(base, d)(idx) for d in dirs] + [base(idx)]
-        bank = attach_lora_bank(make_model())
-        first, second = add_adapter(bank, "one", dirs[0]), add_adapter(bank, "two", dirs[1])
-        assert (first, second) == (0, 1) and add_adapter(bank, "one", dirs[0]) == 0
-        set_adapter_ids(bank, torch.tensor([[second], [-1], [first]]))  # (B, 1): one adapter per row
-        mixed = bank(idx)
+        model = make_model()
+        bank = LoRABank(model)
+        first, second = bank.add("one", dirs[0]), bank.add("two", dirs[1])
+        assert (first, second) == (0, 1) and bank.add("one", dirs[0]) == 0
+        assert bank.adapters() == ["one", "two"] and not hasattr(model, "adapter_names")
+        bank.route(torch.tensor([[second], [-1], [first]]))  # (B, 1): one adapter per row
+        mixed = model(idx)
         torch.testing.assert_close(mixed[0], alone[1][0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(mixed[1], alone[2][1], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(mixed[2], alone[0][2], rtol=1e-5, atol=1e-5)
-        set_adapter_ids(bank, None)
-        assert torch.equal(bank(idx), base(idx))
-        remove_adapter(bank, "one")
-        set_adapter_ids(bank, torch.tensor([[first], [second], [second]]))
-        after = bank(idx)
+        bank.route(None)
+        assert torch.equal(model(idx), base(idx))
+        bank.remove("one")
+        assert bank.adapters() == ["two"] and bank.add("three", dirs[0]) == 2  # indices are never reused
+        bank.remove("three")
+        bank.route(torch.tensor([[first], [second], [second]]))
+        after = model(idx)
         torch.testing.assert_close(after[0], alone[2][0], rtol=1e-5, atol=1e-5)  # removed: the base alone
         torch.testing.assert_close(after[1:], alone[1][1:], rtol=1e-5, atol=1e-5)
+        with bank.use("two"):  # a plain forward through one adapter, this thread only
+            torch.testing.assert_close(model(idx), alone[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(idx)[1:], alone[1][1:], rtol=1e-5, atol=1e-5)  # routing restored
+    with pytest.raises(ValueError, match="unknown adapter 'one'.*two"):
+        bank.index("one")
+    with pytest.raises(ValueError, match="already in a LoRA bank"):
+        LoRABank(model)
