@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +41,19 @@ def _sampling_args(p, max_tokens: int = 64) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=None, type=unescape,
+                   help="stop string (repeatable); \\n, \\t, \\r and \\\\ are unescaped, so --stop '\\n\\n' "
+                        "stops at a blank line")
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """``\\n``, ``\\t``, ``\\r`` and ``\\\\`` typed on a command line -> the characters. A shell passes
+    ``"\\n"`` as a backslash and an n; the stop string a user means is a newline. Nothing else changes
+    (no ``unicode_escape``: it would mangle non-ASCII text)."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
 def _sampling(args) -> dict:
@@ -210,11 +223,25 @@ def _tokenize(args) -> int:
 def _models_args(p) -> None:
     _connection_args(p, INFERENCE_ADDR, "inference")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--wait", action="store_true",
+                   help="while the service is still loading its models, wait (up to --timeout) instead of exiting 1")
 
 
 def _models(args) -> int:
     def go() -> int:
         with _client(args) as c:
+            # A server that listens but has not loaded its models has nothing to list yet: say so.
+            if args.wait:
+                try:
+                    c.wait_ready(timeout=args.timeout)
+                except TimeoutError:
+                    return _fail("models", f"the inference service at {args.addr} was still loading its models "
+                                           f"after {args.timeout:.0f}s")
+            else:
+                status = c.health_status(timeout=min(args.timeout, 5.0))
+                if status != "SERVING":
+                    return _fail("models", f"the inference service at {args.addr} is still loading its models "
+                                           f"(health {status}); retry in a moment, or pass --wait")
             models = c.list_models()
         if args.json:
             from google.protobuf.json_format import MessageToDict

@@ -13,19 +13,37 @@ cancelled. Server errors print as one line with exit code 1, never a traceback.
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 import os
 import sys
 from pathlib import Path
 
+import grpc
+
+from lmcore._io import atomic_write
+
 FINETUNE_ADDR = os.environ.get("LMSTACK_FINETUNE_ADDR", "127.0.0.1:50053")
 
 
-def add_arguments(p) -> None:
-    p.add_argument("--addr", default=FINETUNE_ADDR, help=f"fine-tuning service address (default {FINETUNE_ADDR}, "
-                                                         "or $LMSTACK_FINETUNE_ADDR)")
-    p.add_argument("--api-key", default=os.environ.get("LMSTACK_API_KEY"),
+def _connection_args(p, defaults: bool) -> None:
+    """--addr, --api-key, --timeout. On the ``finetune`` parser with their defaults, and again on every
+    action with ``SUPPRESS`` defaults, so they work wherever a user types them
+    (``lmstack finetune --addr X list`` and ``lmstack finetune list --addr X`` alike)."""
+    def default(value):
+        return value if defaults else argparse.SUPPRESS
+
+    p.add_argument("--addr", default=default(FINETUNE_ADDR),
+                   help=f"fine-tuning service address (default {FINETUNE_ADDR}, or $LMSTACK_FINETUNE_ADDR)")
+    p.add_argument("--api-key", default=default(os.environ.get("LMSTACK_API_KEY")),
                    help="API key sent as 'authorization: Bearer KEY' (default $LMSTACK_API_KEY)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per call before giving up (default 120)")
+    p.add_argument("--timeout", type=float, default=default(120.0),
+                   help="seconds per call before giving up (default 120)")
+
+
+def add_arguments(p) -> None:
+    _connection_args(p, defaults=True)
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     up = sub.add_parser("upload", help="upload a JSONL dataset ({'prompt','completion'} or {'text'} per line)")
@@ -71,6 +89,8 @@ def add_arguments(p) -> None:
                             ("checkpoints", "list a job's checkpoints")):
         sp = sub.add_parser(name, help=help_text)
         sp.add_argument("job_id")
+    for action in sub.choices.values():
+        _connection_args(action, defaults=False)
 
 
 HP_ARGS = ("epochs", "max_steps", "learning_rate", "batch_size", "grad_accum_steps", "seed", "warmup_steps",
@@ -79,8 +99,6 @@ HP_ARGS = ("epochs", "max_steps", "learning_rate", "batch_size", "grad_accum_ste
 
 
 def run(args) -> int:
-    import grpc
-
     from services.finetune.client import FineTuneClient
 
     try:
@@ -105,17 +123,74 @@ def _fail(args, message: str) -> int:
 
 # --- actions -------------------------------------------------------------------------------------------
 def _upload(client, args) -> int:
-    ds = client.upload_dataset(args.file, model=args.model)
+    data = Path(args.file).read_bytes()
+    ds = client.upload_dataset(data, filename=Path(args.file).name, model=args.model)
+    cache = UploadCache()
+    cache.put(cache.key(args.addr, args.model, data), ds.id)  # a later `create --dataset FILE` reuses it
     print(f"{ds.id}  {ds.examples:,} records, {ds.tokens:,} tokens ({ds.filename}, counted with {ds.model})")
     return 0
 
 
-def _create(client, args) -> int:
+class UploadCache:
+    """Which dataset id a file's exact bytes were uploaded as, per server and model, so ``create
+    --dataset FILE`` uploads a file once, not on every job. ``$XDG_CACHE_HOME/lmstack/datasets.json``
+    (default ``~/.cache``); an entry is used only after the server confirms the dataset still exists."""
+
+    def __init__(self):
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        self.path = root / "lmstack" / "datasets.json"
+
+    @staticmethod
+    def key(addr: str, model: str, data: bytes) -> str:
+        return f"{addr}|{model}|{hashlib.sha256(data).hexdigest()}"
+
+    def get(self, key: str) -> str | None:
+        try:
+            return json.loads(self.path.read_text()).get(key)
+        except (OSError, ValueError):
+            return None
+
+    def put(self, key: str, dataset_id: str) -> None:
+        try:
+            entries = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except (OSError, ValueError):
+            entries = {}
+        entries[key] = dataset_id
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, json.dumps(entries, indent=1) + "\n")
+        except OSError:
+            pass  # a cache that cannot be written only costs a re-upload next time
+
+
+def _dataset_for(client, args) -> str:
+    """``--dataset``: an id as given, or a JSONL file uploaded unless these bytes already were."""
     dataset = args.dataset
-    if not dataset.startswith("ds-") or Path(dataset).is_file():
-        ds = client.upload_dataset(dataset, model=args.model)
-        print(f"uploaded {dataset}: {ds.id} ({ds.examples:,} records, {ds.tokens:,} tokens)")
-        dataset = ds.id
+    if dataset.startswith("ds-") and not Path(dataset).is_file():
+        return dataset
+    try:
+        data = Path(dataset).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{dataset}: {e.strerror} (give a dataset id ds-... or a JSONL file)") from None
+    cache = UploadCache()
+    key = cache.key(args.addr, args.model, data)
+    known = cache.get(key)
+    if known is not None:
+        try:
+            client.get_dataset(known)
+            print(f"{dataset} was already uploaded as {known} (same bytes); not uploading again")
+            return known
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+    ds = client.upload_dataset(data, filename=Path(dataset).name, model=args.model)
+    print(f"uploaded {dataset}: {ds.id} ({ds.examples:,} records, {ds.tokens:,} tokens)")
+    cache.put(key, ds.id)
+    return ds.id
+
+
+def _create(client, args) -> int:
+    dataset = _dataset_for(client, args)
     hp = {name: getattr(args, name) for name in HP_ARGS}
     job = client.create_job(args.model, dataset, method=args.method.upper(), suffix=args.suffix,
                             idempotency_key=args.idempotency_key, **hp)

@@ -14,10 +14,20 @@ everything and exits 1 (a crash loop is a bug to read about, not to hide). Ctrl-
 all children cleanly: SIGTERM (each service drains in-flight RPCs), then SIGKILL after the grace
 period. Children run in their own sessions, so a terminal's Ctrl-C reaches only the supervisor,
 which then stops them in order.
+
+Conflicts are loud, before anything starts: every port the platform will bind (gRPC, metrics,
+an explicit Redis port) is checked first, and a port in use fails with one line naming it and,
+when /proc says, the process holding it (``services.ports``). The data directory is locked
+(``<data-dir>/lmstack.lock``, an ``flock`` held by the supervisor and inherited by its children):
+a second ``lmstack serve`` on the same directory is refused, so two private Redis servers never
+share ``<data-dir>/redis``. A lock left by a process that died is released by the kernel with it,
+so a stale lock never blocks; a lock still held by orphaned children (the supervisor was killed
+with ``kill -9``) names their pids.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -33,6 +43,7 @@ READY_TIMEOUT_S = 120.0
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "pycode"
+LOCK_FILE = "lmstack.lock"
 
 
 def add_arguments(p) -> None:
@@ -64,11 +75,11 @@ class Child:
     proc: subprocess.Popen | None = None
     crashes: list[float] = field(default_factory=list)
 
-    def start(self, log_dir: Path) -> None:
+    def start(self, log_dir: Path, keep_fds: tuple[int, ...] = ()) -> None:
         log = open(log_dir / f"{self.name}.log", "ab")
         self.proc = subprocess.Popen(
             self.argv, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=REPO_ROOT,
+            start_new_session=True, cwd=REPO_ROOT, pass_fds=keep_fds,
         )
         log.close()
 
@@ -89,6 +100,97 @@ class Child:
             except ProcessLookupError:
                 pass
             self.proc.wait()
+
+
+class DataDirLock:
+    """``<data-dir>/lmstack.lock``: one ``lmstack serve`` per data directory.
+
+    An exclusive ``flock`` on the file, taken before anything starts and held until the supervisor
+    and every child it started have exited (the children inherit the descriptor). The kernel drops
+    the lock when the last holder dies, so there is no stale-lock cleanup to get wrong; the pid
+    written inside is only for the message.
+    """
+
+    def __init__(self, data_dir: Path):
+        self.path = data_dir / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            recorded = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SystemExit(f"lmstack serve: {self.path.parent} is in use by another lmstack serve "
+                             f"(pid {recorded}{self._holders_note(recorded)}); stop it, or pass --data-dir "
+                             "to use another directory") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.set_inheritable(fd, True)
+        self.fd = fd
+
+    def _holders_note(self, recorded: str) -> str:
+        """When the recorded supervisor is gone, the children still holding the lock, by pid."""
+        if recorded.isdigit() and Path(f"/proc/{recorded}").exists():
+            return ""
+        holders = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(self.path) for fd in os.listdir(f"/proc/{pid}/fd")):
+                    holders.append(pid)
+            except OSError:
+                continue
+        return f", no longer running; its children still hold the directory: pids {', '.join(holders)}" \
+            if holders else ""
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def check_ports(args) -> None:
+    """Every port ``lmstack serve`` will bind, checked before anything starts (one line if taken)."""
+    from services.ports import PortInUse, check_port_free
+
+    wanted = [(args.inference_port, "inference gRPC", "--inference-port"),
+              (args.tokenizer_port, "tokenizer gRPC", "--tokenizer-port")]
+    if not args.no_finetune:
+        wanted.append((args.finetune_port, "fine-tuning gRPC", "--finetune-port"))
+        if args.redis_port:
+            wanted.append((args.redis_port, "private Redis", "--redis-port"))
+    if args.metrics_port:
+        names = ["inference", "tokenizer"] + ([] if args.no_finetune else ["fine-tuning API", "worker"])
+        wanted += [(args.metrics_port + i, f"{n} metrics", "--metrics-port (the first of consecutive ports)")
+                   for i, n in enumerate(names)]
+    seen: dict[int, str] = {}
+    for port, what, flag in wanted:
+        if port in seen:
+            raise SystemExit(f"lmstack serve: port {port} is given to both {seen[port]} and {what}; change {flag}")
+        seen[port] = what
+        try:
+            check_port_free(args.host, port, what, hint=f"stop that process or choose another port with {flag}")
+        except PortInUse as e:
+            raise SystemExit(f"lmstack serve: {e.strerror}") from None
+
+
+def cli_hint() -> str:
+    """How to reach the ``lmstack`` CLI from the caller's shell (``make serve`` does not activate .venv)."""
+    bin_dir = Path(sys.executable).parent
+    exe = bin_dir / "lmstack"
+    if shutil.which("lmstack") == str(exe):
+        return "CLI: lmstack --help"
+    try:
+        shown = exe.relative_to(Path.cwd())
+    except ValueError:
+        shown = exe
+    activate = bin_dir / "activate"
+    try:
+        activate = activate.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return f"CLI: {shown} --help   (or run `source {activate}` once, then `lmstack ...`)"
 
 
 def _free_port() -> int:
@@ -180,10 +282,11 @@ def _serving(endpoint: str) -> bool:
 
 
 class Supervisor:
-    def __init__(self, children: list[Child], log_dir: Path, grace_s: float = 15.0):
+    def __init__(self, children: list[Child], log_dir: Path, grace_s: float = 15.0, keep_fds: tuple[int, ...] = ()):
         self.children = children
         self.log_dir = log_dir
         self.grace_s = grace_s
+        self.keep_fds = keep_fds  # the data directory's lock, held by every child too
         self.stopping = False
 
     def _on_signal(self, signum, _frame) -> None:
@@ -194,7 +297,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_signal)
         try:
             for child in self.children:
-                child.start(self.log_dir)
+                child.start(self.log_dir, self.keep_fds)
             if not self._wait_ready():
                 return 1
             self._print_endpoints()
@@ -229,6 +332,7 @@ class Supervisor:
                 if c.metrics_port else ""
             print(f"  {c.name:<10} {where}{metrics}  (pid {c.proc.pid})", flush=True)
         print(f"logs: {self.log_dir}   Ctrl-C stops everything", flush=True)
+        print(cli_hint(), flush=True)
 
     def _watch(self) -> int:
         while not self.stopping:
@@ -247,7 +351,7 @@ class Supervisor:
                 print(f"lmstack: {child.name} exited with code {code}; restarting (see {log})",
                       file=sys.stderr, flush=True)
                 time.sleep(0.5 * len(child.crashes))
-                child.start(self.log_dir)
+                child.start(self.log_dir, self.keep_fds)
             time.sleep(0.2)
         return 0
 
@@ -266,7 +370,15 @@ class Supervisor:
 
 
 def run(args) -> int:
-    children, _ = plan(args)
-    log_dir = Path(args.data_dir).expanduser().resolve() / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    return Supervisor(children, log_dir).run()
+    data = Path(args.data_dir).expanduser().resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    lock = DataDirLock(data)
+    lock.acquire()  # before the port check: a second serve on this directory is named as such
+    try:
+        children, _ = plan(args)
+        check_ports(args)
+        log_dir = data / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        return Supervisor(children, log_dir, keep_fds=(lock.fd,)).run()
+    finally:
+        lock.release()
