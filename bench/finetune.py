@@ -204,7 +204,8 @@ def free_port() -> int:
 
 
 def bench_latency(a) -> dict:
-    from lmcore.training import train_from_scratch
+    from lmcore.model import GPTConfig
+    from lmcore.training import TrainConfig, train_from_scratch
     from services.client import Client
     from services.finetune.client import FineTuneClient
     from services.gen.lmstack.v1 import finetune_pb2 as pb
@@ -215,8 +216,8 @@ def bench_latency(a) -> dict:
     procs = []
     try:
         base = tmp / "tiny"
-        train_from_scratch(sorted((ROOT / "lmcore").glob("*.py")), base, preset="tiny", vocab_size=300, steps=5,
-                           progress=False)
+        train_from_scratch(sorted((ROOT / "lmcore").rglob("*.py")), base, GPTConfig.from_preset("tiny", vocab_size=300),
+                           TrainConfig(max_steps=5, batch_size=16, learning_rate=1e-3))
         rport, port = free_port(), free_port()
         procs.append(subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--dir", str(tmp),
                                        "--appendonly", "yes", "--save", ""], stdout=subprocess.DEVNULL))

@@ -2,21 +2,29 @@
 
 Handlers raise plain exceptions; ``ErrorBoundary`` (a ``grpc.aio`` server interceptor installed by
 ``services.server.GrpcServer``) turns each into a status code, logs it once and records it in the
-RPC metrics. The mapping, most specific first:
+RPC metrics, for every RPC kind lmstack serves: unary, server-streaming (``CompleteStream``,
+``WatchJob``) and client-streaming (``UploadDataset``). So a servicer is one line per RPC and no
+RPC kind needs its own copy of the mapping. The mapping, most specific first:
 
 * ``ServiceError`` subclasses carry their own code: ``InvalidArgument``, ``NotFound``,
   ``ResourceExhausted``, ``Unauthenticated``, ``FailedPrecondition``, ``Unavailable``.
 * ``pydantic.ValidationError`` (e.g. ``lmcore.SamplingParams``): ``INVALID_ARGUMENT``, listing each
   bad field and why.
-* ``lmcore.engine.EngineOverloaded``: ``RESOURCE_EXHAUSTED`` (the waiting queue is full; retry later).
+* The service's own mappings, registered where the service is added to its server
+  (``GrpcServer.map_errors({...})``) rather than in a process-wide table, because only that
+  service knows what its dependencies raise: the inference service maps
+  ``lmcore.EngineOverloaded`` to ``RESOURCE_EXHAUSTED`` ("server overloaded, retry later: ..."),
+  the fine-tuning service ``redis.RedisError`` to ``UNAVAILABLE`` and ``DatasetError`` to
+  ``INVALID_ARGUMENT``. A rule is a code (the message is ``str(exc)``) or ``(code, template)``
+  with ``{e}`` standing for the exception; the most specific class of the exception wins.
 * ``ValueError``: ``INVALID_ARGUMENT``. lmcore's contract is that bad input raises ``ValueError``
   with a clear message (unknown token ids, prompts past the context, unknown prompt styles).
-* Types added with ``register(exc_type, code)`` (the fine-tuning service maps Redis outages to
-  ``UNAVAILABLE`` this way).
 * Anything else is a server bug: ``INTERNAL`` with a short message, the traceback in the log.
 
 Cancellation and deadlines are left to gRPC (``CANCELLED``, ``DEADLINE_EXCEEDED``); a handler that
 already called ``context.abort`` keeps its status. The server keeps serving after every error.
+``status_for(exc, error_map)`` is the same table for transports that are not a ``grpc.aio`` server
+(the Ray Serve deployment sets it on Ray's context).
 """
 
 from __future__ import annotations
@@ -24,8 +32,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import sys
 import time
+from collections.abc import Mapping
 
 import grpc
 
@@ -62,12 +70,10 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-_REGISTERED: list[tuple[type[BaseException], grpc.StatusCode]] = []
-
-
-def register(exc_type: type[BaseException], code: grpc.StatusCode) -> None:
-    """Map another exception type to a status code (checked before the ``ValueError`` fallback)."""
-    _REGISTERED.insert(0, (exc_type, code))
+# An extra mapping: exception type -> status code (message: ``str(exc)``), or -> (code, template)
+# where the template's ``{e}`` is the exception (``"server overloaded, retry later: {e}"``).
+ErrorRule = grpc.StatusCode | tuple[grpc.StatusCode, str]
+ErrorMap = Mapping[type[BaseException], ErrorRule]
 
 
 def format_validation_error(exc) -> str:
@@ -81,8 +87,24 @@ def format_validation_error(exc) -> str:
     return "invalid parameters: " + "; ".join(parts) if parts else str(exc)
 
 
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and client-facing message for an exception raised by a handler."""
+def _lookup(exc: BaseException, error_map: ErrorMap) -> tuple[grpc.StatusCode, str] | None:
+    """The rule for the most specific class of ``exc`` in ``error_map`` (walks the MRO, so a
+    mapping for ``redis.RedisError`` covers ``redis.ConnectionError`` and a subclass listed on
+    its own wins over its base, whatever the order the service registered them in)."""
+    for cls in type(exc).__mro__:
+        rule = error_map.get(cls)
+        if rule is not None:
+            code, template = rule if isinstance(rule, tuple) else (rule, "{e}")
+            return code, template.format(e=exc)
+    return None
+
+
+def status_for(exc: BaseException, error_map: ErrorMap | None = None) -> tuple[grpc.StatusCode, str]:
+    """The status code and client-facing message for an exception raised by a handler.
+
+    ``error_map`` holds the service's own mappings (see the module docstring); they are checked
+    after ``ServiceError`` and pydantic, before the ``ValueError`` fallback.
+    """
     if isinstance(exc, ServiceError):
         return exc.code, str(exc)
     try:
@@ -92,90 +114,103 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
             return grpc.StatusCode.INVALID_ARGUMENT, format_validation_error(exc)
     except ImportError:  # pragma: no cover
         pass
-    engine = sys.modules.get("lmcore.engine")  # only loaded where an engine runs
-    overloaded = getattr(engine, "EngineOverloaded", None)
-    if overloaded is not None and isinstance(exc, overloaded):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded, retry later: {exc}"
-    for exc_type, code in _REGISTERED:
-        if isinstance(exc, exc_type):
-            return code, str(exc)
+    found = _lookup(exc, error_map) if error_map else None
+    if found is not None:
+        return found
     if isinstance(exc, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the server logged the details"
 
 
 class ErrorBoundary(grpc.aio.ServerInterceptor):
-    """Wraps every async unary-request RPC: maps exceptions to statuses, logs once, records metrics.
+    """Wraps every async RPC with a unary response or a unary request (all of lmstack's): maps
+    exceptions to statuses, logs once, records metrics.
 
     ``metrics`` is a ``services.metrics.RpcMetrics`` (or None): a request counter by method and
-    code, and a latency histogram by method.
+    code, and a latency histogram by method. ``error_map`` is the server's extra mappings;
+    :meth:`map_errors` adds more (each service registers its own when it is added).
     """
 
-    def __init__(self, metrics=None):
+    def __init__(self, metrics=None, error_map: ErrorMap | None = None):
         self.metrics = metrics
+        self.error_map: dict[type[BaseException], ErrorRule] = dict(error_map or {})
+
+    def map_errors(self, error_map: ErrorMap) -> None:
+        """Add mappings (exception type -> code or ``(code, template)``); a type given twice is an
+        error, so two services on one server cannot silently override each other's rule."""
+        for exc_type, rule in error_map.items():
+            if exc_type in self.error_map and self.error_map[exc_type] != rule:
+                raise ValueError(f"{exc_type.__name__} is already mapped to {self.error_map[exc_type]!r}")
+            self.error_map[exc_type] = rule
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or handler.request_streaming:
-            return handler  # reflection's bidi stream: not ours, left alone
+        if handler is None:
+            return None
         method = details.method
+        kw = dict(request_deserializer=handler.request_deserializer,
+                  response_serializer=handler.response_serializer)
         if handler.unary_unary and inspect.iscoroutinefunction(handler.unary_unary):
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return grpc.unary_unary_rpc_method_handler(self._wrap_unary(method, handler.unary_unary), **kw)
+        if handler.stream_unary and inspect.iscoroutinefunction(handler.stream_unary):
+            # Client-streaming: the first argument is the request iterator; same wrapper.
+            return grpc.stream_unary_rpc_method_handler(self._wrap_unary(method, handler.stream_unary), **kw)
         if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+            return grpc.unary_stream_rpc_method_handler(self._wrap_stream(method, handler.unary_stream), **kw)
+        return handler  # bidirectional streams (reflection's): not ours, left alone
 
+    # Metrics are recorded before ``context.abort`` sends the status, so a client that has seen
+    # its error finds it counted (abort raises, and code after it runs after the client knows).
     def _wrap_unary(self, method, behavior):
         async def unary(request, context):
-            start, code = time.perf_counter(), grpc.StatusCode.OK
+            start = time.perf_counter()
             try:
-                return await behavior(request, context)
+                response = await behavior(request, context)
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
+                self._record(method, grpc.StatusCode.CANCELLED, start)
                 raise
             except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
+                self._record(method, context.code() or grpc.StatusCode.UNKNOWN, start)
                 raise
             except Exception as exc:  # the boundary: every exception becomes a status
                 code, message = self._handle(method, exc)
-                await context.abort(code, message)
-            finally:
                 self._record(method, code, start)
+                await context.abort(code, message)
+            self._record(method, grpc.StatusCode.OK, start)
+            return response
 
         return unary
 
     def _wrap_stream(self, method, behavior):
         async def stream(request, context):
-            start, code = time.perf_counter(), grpc.StatusCode.OK
+            start = time.perf_counter()
             gen = behavior(request, context)
             try:
                 async for item in gen:
                     yield item
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
+                self._record(method, grpc.StatusCode.CANCELLED, start)
                 raise
             except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
+                self._record(method, context.code() or grpc.StatusCode.UNKNOWN, start)
                 raise
             except Exception as exc:
                 code, message = self._handle(method, exc)
+                await gen.aclose()
+                self._record(method, code, start)
                 await context.abort(code, message)
+            except GeneratorExit:  # the transport closed the stream (client gone): no status of ours
+                self._record(method, grpc.StatusCode.CANCELLED, start)
+                raise
+            else:
+                self._record(method, grpc.StatusCode.OK, start)
             finally:
                 await gen.aclose()  # runs the handler's cleanup now (aborts its engine request)
-                self._record(method, code, start)
 
         return stream
 
     def _handle(self, method: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
-        code, message = status_for(exc)
+        code, message = status_for(exc, self.error_map)
         if code == grpc.StatusCode.INTERNAL:
             log.error("%s failed: %s", method, message, exc_info=exc)
         else:

@@ -9,6 +9,14 @@
 3. Your servicers, plus the ``grpc.health.v1`` health service and server reflection.
 
 Messages up to ``settings.max_message_bytes`` (64 MiB by default) are accepted and sent both ways.
+Each service registers the exceptions only it knows about with ``server.map_errors({...})`` (the
+inference service: ``EngineOverloaded``; the fine-tuning service: Redis and dataset errors).
+
+Ports are never shared: grpcio turns ``SO_REUSEPORT`` on by default, which lets a second server
+bind a port already served and take a random half of its requests. Every server here binds with
+``grpc.so_reuseport`` off, checks its gRPC and metrics ports before binding either, and raises
+``PortInUse`` naming ``host:port`` (and the process holding it, when /proc or psutil can tell);
+``run_service`` prints that as one line and exits with status 2.
 Health reports ``NOT_SERVING`` from ``start()`` until you call ``set_serving()`` (after models
 load), and again from the moment shutdown begins. ``stop()`` is graceful: it stops accepting new
 RPCs and lets in-flight ones finish within ``settings.grace_period_s``.
@@ -21,6 +29,7 @@ Reuse (the fine-tuning service's ``__main__`` is this shape)::
         handler = FineTuneHandler(...)                      # plain class: protobuf in, protobuf out
         server.add_service(finetune_pb2_grpc.add_FineTuningServiceServicer_to_server,
                            FineTuningServicer(handler), "lmstack.v1.FineTuningService")
+        server.map_errors({redis.RedisError: (grpc.StatusCode.UNAVAILABLE, "job store down: {e}")})
         async def ready():                                  # after start(): load what takes time
             await handler.connect()
         async def cleanup():                                # after the graceful stop
@@ -37,9 +46,12 @@ health ``SERVING`` and waits for SIGTERM/SIGINT, then drains and calls ``cleanup
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import logging
+import os
 import signal
+import socket
 import types
 from collections.abc import Awaitable, Callable
 
@@ -49,7 +61,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from .config import ServiceSettings
-from .errors import ErrorBoundary, Unauthenticated
+from .errors import ErrorBoundary, ErrorMap, Unauthenticated
 from .metrics import RpcMetrics
 
 log = logging.getLogger("lmstack.server")
@@ -62,6 +74,97 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     """gRPC options for servers and clients: message size limits both ways."""
     return [("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """``channel_options`` plus ``grpc.so_reuseport`` off: a port in use is an error, never shared."""
+    return [*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)]
+
+
+class PortInUse(RuntimeError):
+    """A port this server needs is held by another socket; the message names it (and its process)."""
+
+    def __init__(self, what: str, host: str, port: int):
+        holder = port_holder(port)
+        self.host, self.port = host, port
+        super().__init__(f"{what} port {host}:{port} is already in use"
+                         + (f" by {holder}" if holder else "")
+                         + "; stop that process or pick another port")
+
+
+def port_holder(port: int) -> str | None:
+    """``pid N (command line)`` of the process listening on TCP ``port``, when it can be found
+    cheaply: /proc on Linux (only processes this user may inspect), else psutil when installed."""
+    try:
+        return _proc_port_holder(port)
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    try:
+        for conn in psutil.net_connections("tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                return f"pid {conn.pid} ({' '.join(psutil.Process(conn.pid).cmdline())[:120]})"
+    except (psutil.Error, OSError):
+        return None
+    return None
+
+
+def _proc_port_holder(port: int) -> str | None:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local_address is HEXIP:HEXPORT; st 0A is LISTEN; field 9 is the socket's inode.
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # another user's process, or gone
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                    return f"pid {pid} ({cmd[:120]})"
+            except OSError:
+                continue
+    return None
+
+
+def check_port_free(what: str, host: str, port: int) -> None:
+    """Raise ``PortInUse`` when ``host:port`` cannot be bound (port 0: any free one, always fine).
+
+    A probe bind with ``SO_REUSEADDR`` (as grpc and http.server set it), so a port left in
+    TIME_WAIT by a previous run is free while a listening one is not. It runs before grpc's own
+    bind because grpc reports a failed bind with a C-core log line and a generic RuntimeError.
+    """
+    if not port:
+        return
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"{what} address {host}:{port}: {e}") from None
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(addr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise PortInUse(what, host, port) from None
+                if e.errno != errno.EADDRNOTAVAIL:  # e.g. no IPv6 on this host: grpc skips it too
+                    raise ValueError(f"cannot bind {what} address {host}:{port}: {e.strerror}") from None
 
 
 class ApiKeyAuth(grpc.aio.ServerInterceptor):
@@ -91,20 +194,17 @@ class ApiKeyAuth(grpc.aio.ServerInterceptor):
         message = ("invalid API key" if has_md else
                    "missing API key: send metadata 'authorization: Bearer <key>'")
 
-        async def deny(request, context):
+        async def deny(request, context):  # the error boundary turns this into UNAUTHENTICATED
             raise Unauthenticated(message)
 
         async def deny_stream(request, context):
             raise Unauthenticated(message)
             yield  # unreachable: makes this an async generator
 
-        async def deny_client_stream(request_iterator, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
         kw = dict(request_deserializer=handler.request_deserializer,
                   response_serializer=handler.response_serializer)
         if handler.stream_unary:  # client-streaming (UploadDataset): refused before reading a chunk
-            return grpc.stream_unary_rpc_method_handler(deny_client_stream, **kw)
+            return grpc.stream_unary_rpc_method_handler(deny, **kw)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(deny_stream, **kw)
         if handler.unary_unary:
@@ -115,14 +215,16 @@ class ApiKeyAuth(grpc.aio.ServerInterceptor):
 class GrpcServer:
     """A ``grpc.aio`` server with lmstack's interceptors, health, reflection and metrics."""
 
-    def __init__(self, settings: ServiceSettings, component: str, registry: CollectorRegistry | None = None):
+    def __init__(self, settings: ServiceSettings, component: str, registry: CollectorRegistry | None = None,
+                 error_map: ErrorMap | None = None):
         self.settings = settings
         self.component = component
         self.metrics_registry = registry or CollectorRegistry()
         self.rpc_metrics = RpcMetrics(component, self.metrics_registry)
+        self.errors = ErrorBoundary(self.rpc_metrics, error_map)
         self.server = grpc.aio.server(
-            interceptors=[ErrorBoundary(self.rpc_metrics), ApiKeyAuth(settings.api_keys)],
-            options=channel_options(settings.max_message_bytes),
+            interceptors=[self.errors, ApiKeyAuth(settings.api_keys)],
+            options=server_options(settings.max_message_bytes),
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -137,6 +239,11 @@ class GrpcServer:
         add_to_server(servicer, self.server)
         self.service_names.append(service_name)
 
+    def map_errors(self, error_map: ErrorMap) -> None:
+        """Map exceptions a service's handler raises to status codes (``services.errors``), e.g.
+        ``{redis.RedisError: (grpc.StatusCode.UNAVAILABLE, "the job store is unavailable: {e}")}``."""
+        self.errors.map_errors(error_map)
+
     def add_generic_handlers(self, handlers) -> None:
         """Register ``grpc.GenericRpcHandler``s (e.g. the benchmark's echo service); same interceptors."""
         self.server.add_generic_rpc_handlers(tuple(handlers))
@@ -146,21 +253,47 @@ class GrpcServer:
         return f"{self.settings.host}:{self.port}"
 
     async def start(self) -> int:
-        """Bind and start serving (health ``NOT_SERVING`` until ``set_serving``); returns the port."""
+        """Bind and start serving (health ``NOT_SERVING`` until ``set_serving``); returns the port.
+
+        Raises ``PortInUse`` (nothing left bound) when the gRPC or the metrics port is taken; the
+        metrics server is up before the gRPC server starts, so "listening" means both are.
+        """
+        cfg = self.settings
+        host = cfg.host
+        check_port_free("gRPC", host, cfg.port)
+        if cfg.metrics_port:
+            check_port_free("metrics", host, cfg.metrics_port)
+            try:
+                self._metrics_http, _ = start_http_server(cfg.metrics_port, host, registry=self.metrics_registry)
+            except OSError as e:  # taken between the check and the bind
+                if e.errno == errno.EADDRINUSE:
+                    raise PortInUse("metrics", host, cfg.metrics_port) from None
+                raise
+        try:
+            try:
+                self.port = self.server.add_insecure_port(f"{host}:{cfg.port}")
+            except RuntimeError:  # grpc's "Failed to bind"
+                self.port = 0
+            if self.port == 0:
+                check_port_free("gRPC", host, cfg.port)  # PortInUse when taken since the first check
+                raise ValueError(f"cannot bind gRPC address {host}:{cfg.port}")
+        except BaseException:
+            self._stop_metrics()
+            raise
         reflection.enable_server_reflection(
             [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
-        if self.port == 0:
-            raise RuntimeError(f"cannot bind {self.settings.host}:{self.settings.port}")
         await self.set_serving(False)
         await self.server.start()
-        if self.settings.metrics_port:
-            self._metrics_http, _ = start_http_server(self.settings.metrics_port, self.settings.host,
-                                                      registry=self.metrics_registry)
         log.info("lmstack %s listening on %s (metrics: %s)", self.component, self.address,
-                 self.settings.metrics_port or "off")
+                 cfg.metrics_port or "off")
         return self.port
+
+    def _stop_metrics(self) -> None:
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
 
     async def set_serving(self, serving: bool = True) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving
@@ -173,10 +306,7 @@ class GrpcServer:
         grace = self.settings.grace_period_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
-            self._metrics_http = None
+        self._stop_metrics()
         self._stopped.set()
         log.info("lmstack %s stopped", self.component)
 
@@ -221,8 +351,8 @@ async def serve(settings: ServiceSettings, component: str, setup: Setup,
         loop.add_signal_handler(sig, got_signal.set)
     server = GrpcServer(settings, component)
     ready, cleanup = await setup(server)
-    await server.start()
     try:
+        await server.start()  # PortInUse: nothing was bound; cleanup below still runs
         if ready is not None:
             loading = asyncio.ensure_future(ready())
             signalled = asyncio.ensure_future(got_signal.wait())
@@ -251,11 +381,12 @@ def run_service(settings: ServiceSettings, component: str, setup: Setup) -> None
     """The body of a service's ``__main__``: configure, serve until SIGTERM, drain, clean up.
 
     A configuration error (``ValueError`` from setup or loading: a missing model directory, a bad
-    model spec) ends the process with status 2 and one clear line, not a traceback.
+    model spec) or a port already in use (``PortInUse``) ends the process with status 2 and one
+    clear line, not a traceback.
     """
     configure_process(settings)
     try:
         asyncio.run(serve(settings, component, setup))
-    except ValueError as e:
+    except (ValueError, PortInUse) as e:
         log.error("lmstack %s: cannot start: %s", component, e)
         raise SystemExit(2) from None

@@ -24,7 +24,7 @@ import binascii
 import json
 from pathlib import Path
 
-from lmcore._io import atomic_write
+from lmcore._io import MERGES_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_JSON_FILE, VOCAB_FILE, atomic_write
 
 # GPT-2's pre-tokenizer, in tiktoken's spelling. OpenAI's original was
 #   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
@@ -365,7 +365,7 @@ def read_vocab_merges(vocab_path: Path, merges_path: Path) -> tuple[dict[bytes, 
 
 def read_eos_token(directory: Path) -> str | None:
     """``eos_token`` from a ``tokenizer_config.json`` beside the vocabulary, if there is one."""
-    path = directory / "tokenizer_config.json"
+    path = directory / TOKENIZER_CONFIG_FILE
     if not path.is_file():
         return None
     eos = _read_json(path).get("eos_token")
@@ -432,7 +432,7 @@ def write_hf_layout(
               "add_prefix_space": False}
     if eos_token is not None:
         config |= {"eos_token": eos_token, "bos_token": eos_token, "unk_token": eos_token}
-    atomic_write(directory / "tokenizer.json", json.dumps(tokenizer_json, ensure_ascii=False).encode())
-    atomic_write(directory / "vocab.json", json.dumps(vocab, ensure_ascii=False).encode())
-    atomic_write(directory / "merges.txt", ("#version: 0.2\n" + "\n".join(merge_strs) + "\n").encode())
-    atomic_write(directory / "tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode())
+    atomic_write(directory / TOKENIZER_JSON_FILE, json.dumps(tokenizer_json, ensure_ascii=False).encode())
+    atomic_write(directory / VOCAB_FILE, json.dumps(vocab, ensure_ascii=False).encode())
+    atomic_write(directory / MERGES_FILE, ("#version: 0.2\n" + "\n".join(merge_strs) + "\n").encode())
+    atomic_write(directory / TOKENIZER_CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())

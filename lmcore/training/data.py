@@ -159,6 +159,19 @@ def tokenize_record(tokenizer, record: dict) -> tuple[list[int], int]:
     return prompt + completion + [tokenizer.eos_id], len(prompt)
 
 
+def check_record(tokenizer, record: dict, block_size: int, lineno: int) -> tuple[list[int], int]:
+    """:func:`tokenize_record`, checked against the model's context: the one owner of that rule,
+    shared by :class:`RecordDataset` and the fine-tuning API's upload validation (which must
+    reject at upload exactly what training would reject later). Raises :class:`DatasetError`."""
+    ids, n_prompt = tokenize_record(tokenizer, record)
+    if len(ids) - 1 > block_size:
+        raise DatasetError(lineno, f"record is {len(ids) - 1} tokens (with <|endoftext|>), longer "
+                                   f"than the model's context of {block_size}")
+    if len(ids) < 2:
+        raise DatasetError(lineno, "record has no tokens to learn from")
+    return ids, n_prompt
+
+
 class RecordDataset:
     """Tokenized ``{"prompt", "completion"}`` / ``{"text"}`` records; loss only on what is learned.
 
@@ -172,15 +185,7 @@ class RecordDataset:
 
     @classmethod
     def from_records(cls, records: list[tuple[int, dict]], tokenizer, block_size: int) -> RecordDataset:
-        sequences = []
-        for lineno, rec in records:
-            ids, n_prompt = tokenize_record(tokenizer, rec)
-            if len(ids) - 1 > block_size:
-                raise DatasetError(lineno, f"record is {len(ids) - 1} tokens (with <|endoftext|>), longer "
-                                           f"than the model's context of {block_size}")
-            if len(ids) < 2:
-                raise DatasetError(lineno, "record has no tokens to learn from")
-            sequences.append((ids, n_prompt))
+        sequences = [check_record(tokenizer, rec, block_size, lineno) for lineno, rec in records]
         return cls(sequences, pad_id=tokenizer.eos_id)
 
     @classmethod

@@ -6,25 +6,28 @@ The whole pipeline in one function, :func:`train_from_scratch` (``lmstack train`
    (``Tokenizer.train``), so the model's vocabulary fits its data.
 2. **Data**: tokenize every file, join files with ``<|endoftext|>``, cut the stream into
    ``block_size + 1`` windows, hold a seeded ``eval_fraction`` of them out.
-3. **Model**: a fresh GPT of the chosen preset shape (``tiny``, ``small``, ``gpt2`` ...), with the
-   vocabulary size the tokenizer actually reached, initialised from ``seed``.
-4. **Train** with :class:`lmcore.training.trainer.Trainer` under a progress bar (loss, tokens/s).
+3. **Model**: a fresh GPT of the given ``GPTConfig`` (or preset: ``tiny``, ``small``, ``gpt2`` ...),
+   with the vocabulary size the tokenizer actually reached, initialised from the seed.
+4. **Train** with :class:`lmcore.training.trainer.Trainer` under the given ``TrainConfig``; progress
+   goes to the caller's callback (``lmstack train`` draws a progress bar from it).
 5. **Save** ``config.json`` + ``model.safetensors`` + the tokenizer + ``training.json`` (how it was
    made, for reproduction): ``lmcore.load_model(out_dir)`` loads it, tokenizer included.
 
-Same files, same arguments, same seed: same model (on the same machine and thread count).
+Same files, same configs, same seed: same model (on the same machine and thread count).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from lmcore.model import GPT, GPTConfig, save_pretrained
+from lmcore._io import atomic_write
+from lmcore.model import GPT, PRESETS, GPTConfig, save_pretrained
 from lmcore.tokenizer import Tokenizer
 
 from .data import TokenBlocks, encode_documents, read_text_files, train_eval_split
@@ -62,71 +65,57 @@ def collect_files(data: str | Path | list, glob: str = "*.txt") -> list[Path]:
     return files
 
 
+def preset_name(config: GPTConfig) -> str | None:
+    """The preset whose shape ``config`` has (``tiny``, ``small``, ``gpt2`` ...), None for a custom one."""
+    shape = ("n_layer", "n_head", "n_embd")
+    return next((name for name, p in PRESETS.items() if all(p[k] == getattr(config, k) for k in shape)), None)
+
+
 def train_from_scratch(
-    data_file: str | Path | list,
+    data: str | Path | list,
     out_dir: str | Path,
-    preset: str = "tiny",
-    vocab_size: int | None = None,
-    block_size: int | None = None,
-    steps: int = 1000,
-    batch_size: int = 16,
-    grad_accum_steps: int = 1,
-    learning_rate: float = 1e-3,
-    warmup_steps: int | None = None,
-    weight_decay: float = 0.1,
-    dropout: float = 0.0,
+    model_config: GPTConfig | str,
+    train_config: TrainConfig,
+    *,
     eval_fraction: float = 0.05,
-    eval_interval: int = 100,
-    eval_batches: int | None = 20,
-    checkpoint_interval: int = 0,
-    seed: int = 0,
     glob: str = "*.txt",
-    num_threads: int | None = None,
     device: str = "cpu",
-    progress: bool = True,
-    callback=None,
+    num_threads: int | None = None,
+    callback: Callable[[TrainEvent], None] | None = None,
 ) -> ScratchResult:
     """Train a tokenizer and a GPT on text files; write a model directory to ``out_dir``.
 
-    ``data_file`` is a file, a directory (every ``glob`` match under it), or a list of those.
-    ``vocab_size`` / ``block_size`` default to the preset's. With ``checkpoint_interval`` > 0
-    checkpoints go to ``out_dir/checkpoints`` and an interrupted run resumes from them.
+    ``data`` is a file, a directory (every ``glob`` match under it), or a list of those.
+    ``model_config`` is the model's shape (a ``GPTConfig``, or a preset name for the preset's
+    defaults); its ``vocab_size`` is the size of the BPE vocabulary to learn (the model gets the
+    size the tokenizer actually reached), its ``block_size`` the context and its ``dropout`` the
+    training dropout. ``train_config`` holds every training knob (steps, batch, learning rate,
+    evaluation, checkpoints, seed: one source of truth, the same class the fine-tuning worker
+    uses); its ``seed`` also fixes the held-out split and the initial weights. With
+    ``checkpoint_interval`` > 0 checkpoints go to ``out_dir/checkpoints`` and an interrupted run
+    resumes from them. ``callback`` receives the trainer's events (``lmstack train`` draws its
+    progress bar from them; lmcore prints nothing).
     """
     if num_threads:
         torch.set_num_threads(num_threads)
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    files = collect_files(data_file, glob)
-    base = GPTConfig.from_preset(preset)
-    vocab_size = vocab_size or base.vocab_size
-    block_size = block_size or base.block_size
+    files = collect_files(data, glob)
+    requested = GPTConfig.from_preset(model_config) if isinstance(model_config, str) else model_config
+    preset = model_config if isinstance(model_config, str) else preset_name(model_config)
+    seed = train_config.seed
 
-    tokenizer = Tokenizer.train(list(files), vocab_size, special_tokens=["<|endoftext|>"])
+    tokenizer = Tokenizer.train(list(files), requested.vocab_size, special_tokens=["<|endoftext|>"])
     tokens = encode_documents(tokenizer, read_text_files(files))
-    blocks = TokenBlocks(tokens, block_size)
+    blocks = TokenBlocks(tokens, requested.block_size)
     train_set, eval_set = train_eval_split(blocks, eval_fraction, seed)
 
-    config = GPTConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, block_size=block_size,
-                                   dropout=dropout)
+    config = replace(requested, vocab_size=tokenizer.vocab_size)
     torch.manual_seed(seed)
     model = GPT(config).to(device)  # initialised on the CPU (same seed, same weights anywhere), then moved
-    train_config = TrainConfig(
-        max_steps=steps, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
-        learning_rate=learning_rate, warmup_steps=warmup_steps, weight_decay=weight_decay,
-        eval_interval=eval_interval, eval_batches=eval_batches, checkpoint_interval=checkpoint_interval,
-        seed=seed, log_interval=1,
-    )
-    ckpt_dir = out_dir / "checkpoints" if checkpoint_interval else None
-
-    with _ProgressBar(steps, enabled=progress, title=f"training {preset} ({model.num_parameters():,} params)") \
-            as bar:
-        def on_event(event: TrainEvent) -> None:
-            bar.update(event)
-            if callback is not None:
-                callback(event)
-
-        trainer = Trainer(model, train_config, train_set, eval_set, checkpoint_dir=ckpt_dir, callback=on_event)
-        result = trainer.train()
+    ckpt_dir = out_dir / "checkpoints" if train_config.checkpoint_interval else None
+    trainer = Trainer(model, train_config, train_set, eval_set, checkpoint_dir=ckpt_dir, callback=callback)
+    result = trainer.train()
 
     model.eval()
     save_pretrained(model, out_dir, tokenizer=tokenizer)
@@ -137,60 +126,18 @@ def train_from_scratch(
         train_loss=result.train_loss, eval_loss=result.eval_loss, seconds=round(seconds, 2),
         tokens_per_s=round(result.trained_tokens / max(result.seconds, 1e-9), 1),
     )
+    tc = train_config
     record = {
         "arguments": {
             "data": [str(f) for f in files][:50] + (["..."] if len(files) > 50 else []), "preset": preset,
-            "vocab_size": vocab_size, "block_size": block_size, "steps": steps, "batch_size": batch_size,
-            "grad_accum_steps": grad_accum_steps, "learning_rate": learning_rate, "warmup_steps": warmup_steps,
-            "weight_decay": weight_decay, "dropout": dropout, "eval_fraction": eval_fraction, "seed": seed,
-            "glob": glob, "device": device,
+            "vocab_size": requested.vocab_size, "block_size": requested.block_size, "steps": result.total_steps,
+            "batch_size": tc.batch_size, "grad_accum_steps": tc.grad_accum_steps, "learning_rate": tc.learning_rate,
+            "warmup_steps": tc.warmup_steps, "weight_decay": tc.weight_decay, "dropout": requested.dropout,
+            "eval_fraction": eval_fraction, "seed": seed, "glob": glob, "device": device,
         },
         "result": asdict(summary),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    (out_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write(out_dir / "training.json", json.dumps(record, indent=2) + "\n")
     return summary
-
-
-class _ProgressBar:
-    """A rich progress bar fed by trainer events: step m/n, loss, eval loss, tokens/s, ETA."""
-
-    def __init__(self, total: int, enabled: bool, title: str):
-        self.total, self.enabled, self.title = total, enabled, title
-        self.progress = None
-        self.task = None
-        self.eval_loss = "-"
-
-    def __enter__(self) -> _ProgressBar:
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss [cyan]{task.fields[loss]}"), TextColumn("eval [magenta]{task.fields[eval]}"),
-                TextColumn("[green]{task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-            )
-            self.progress.start()
-            self.task = self.progress.add_task(self.title, total=self.total, loss="-", eval="-", tps="-")
-        return self
-
-    def update(self, event: TrainEvent) -> None:
-        if self.progress is None:
-            return
-        if event.kind == "step":
-            self.progress.update(self.task, completed=event.step, loss=f"{event.loss:.3f}",
-                                 tps=f"{event.tokens_per_s:,.0f}")
-        elif event.kind == "eval":
-            self.progress.update(self.task, eval=f"{event.eval_loss:.3f}")
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()

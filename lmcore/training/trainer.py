@@ -113,7 +113,11 @@ class TrainConfig:
 
 @dataclass
 class TrainEvent:
-    """What the callback receives. ``kind``: ``step`` | ``eval`` | ``checkpoint`` | ``done``."""
+    """What the callback receives. ``kind``: ``start`` | ``step`` | ``eval`` | ``checkpoint`` | ``done``.
+
+    ``start`` comes first, at the step the run begins from (not 0 when it resumed a checkpoint)
+    and with ``parameters`` set, so a progress display can be drawn right from the first event.
+    """
 
     kind: str
     step: int
@@ -125,6 +129,7 @@ class TrainEvent:
     eval_loss: float | None = None
     path: str | None = None  # the checkpoint written
     epoch: int = 0
+    parameters: int = 0  # ``start`` only: trainable parameters (a tied tensor counted once)
 
 
 @dataclass
@@ -214,6 +219,9 @@ class Trainer:
             if latest is not None:
                 self.load_checkpoint(latest)
         cfg, model = self.config, self.model
+        self.callback(TrainEvent("start", self.step, self.total_steps, trained_tokens=self.trained_tokens,
+                                 epoch=self.sampler.epoch,
+                                 parameters=sum(p.numel() for p in self.trainable.values())))
         model.train()
         t_start = time.perf_counter()
         t_log, tokens_since_log = t_start, 0

@@ -39,18 +39,32 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
 
 
+def configs(args):
+    """The ``GPTConfig`` and ``TrainConfig`` the flags describe (``ValueError`` names a bad one)."""
+    from lmcore.model import GPTConfig
+    from lmcore.training import TrainConfig
+
+    shape = {k: v for k, v in (("vocab_size", args.vocab_size), ("block_size", args.block_size)) if v is not None}
+    model_config = GPTConfig.from_preset(args.preset, dropout=args.dropout, **shape)
+    train_config = TrainConfig(
+        max_steps=args.steps, batch_size=args.batch_size, grad_accum_steps=args.grad_accum, learning_rate=args.lr,
+        warmup_steps=args.warmup, weight_decay=args.weight_decay, eval_interval=args.eval_interval,
+        eval_batches=20, checkpoint_interval=args.checkpoint_interval, seed=args.seed,
+        log_interval=1,  # every step feeds the progress bar
+    )
+    return model_config, train_config
+
+
 def run(args) -> int:
     from lmcore.training import train_from_scratch
 
     try:
-        result = train_from_scratch(
-            args.data, args.out, preset=args.preset, vocab_size=args.vocab_size, block_size=args.block_size,
-            steps=args.steps, batch_size=args.batch_size, grad_accum_steps=args.grad_accum,
-            learning_rate=args.lr, warmup_steps=args.warmup, weight_decay=args.weight_decay,
-            dropout=args.dropout, eval_fraction=args.eval_fraction, eval_interval=args.eval_interval,
-            checkpoint_interval=args.checkpoint_interval, seed=args.seed, glob=args.glob,
-            num_threads=args.threads, device=args.device, progress=not args.no_progress,
-        )
+        model_config, train_config = configs(args)
+        with ProgressBar(enabled=not args.no_progress, title=f"training {args.preset}") as bar:
+            result = train_from_scratch(
+                args.data, args.out, model_config, train_config, eval_fraction=args.eval_fraction,
+                glob=args.glob, device=args.device, num_threads=args.threads, callback=bar.update,
+            )
     except (ValueError, OSError) as e:
         print(f"lmstack train: {e}", file=sys.stderr)
         return 1
@@ -59,3 +73,57 @@ def run(args) -> int:
           f"{result.n_tokens:,} corpus tokens, {result.steps} steps in {result.seconds:.1f}s "
           f"({result.tokens_per_s:,.0f} tok/s), train loss {result.train_loss:.4f}, held-out loss {eval_loss}")
     return 0
+
+
+class ProgressBar:
+    """A rich progress bar fed by trainer events: step m/n, loss, eval loss, tokens/s, ETA.
+
+    It lives here, not in lmcore, so the library prints nothing and needs no terminal package:
+    ``train_from_scratch`` hands its events to a callback, and this is the CLI's. The bar is
+    drawn at the ``start`` event, which carries the run's length (a resumed run starts part-way)
+    and the parameter count for the title.
+    """
+
+    def __init__(self, enabled: bool, title: str):
+        self.enabled, self.title = enabled, title
+        self.progress = None
+        self.task = None
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def update(self, event) -> None:
+        if not self.enabled:
+            return
+        if event.kind == "start":
+            self._start(event)
+        elif self.progress is None:
+            return
+        elif event.kind == "step":
+            self.progress.update(self.task, completed=event.step, loss=f"{event.loss:.3f}",
+                                 tps=f"{event.tokens_per_s:,.0f}")
+        elif event.kind == "eval":
+            self.progress.update(self.task, eval=f"{event.eval_loss:.3f}")
+
+    def _start(self, event) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss [cyan]{task.fields[loss]}"), TextColumn("eval [magenta]{task.fields[eval]}"),
+            TextColumn("[green]{task.fields[tps]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(f"{self.title} ({event.parameters:,} params)", total=event.total_steps,
+                                           completed=event.step, loss="-", eval="-", tps="-")
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from lmcore._io import CONFIG_FILE
 from lmcore.lora import is_adapter_dir
 from lmcore.model import GPTConfig
 from services.errors import InvalidArgument, NotFound
@@ -28,7 +29,7 @@ class BaseModels:
         names = list(self.specs)
         if self.store is not None and self.store.is_dir():
             names += sorted(d.name for d in self.store.iterdir()
-                            if d.name.startswith("ft:") and (d / "config.json").is_file())
+                            if d.name.startswith("ft:") and (d / CONFIG_FILE).is_file())
         return names
 
     def path(self, name: str) -> Path:
@@ -43,7 +44,7 @@ class BaseModels:
             if candidate.is_dir():
                 if is_adapter_dir(candidate):
                     raise InvalidArgument(f"{name!r} is a LoRA adapter; fine-tune its base model instead")
-                if (candidate / "config.json").is_file():
+                if (candidate / CONFIG_FILE).is_file():
                     return candidate
         raise NotFound(f"base model {name!r} not found; available: {self.names()}")
 
@@ -55,7 +56,7 @@ class BaseModels:
         path = self.path(name)
         with self._lock:
             if name not in self._info:
-                config = GPTConfig.from_json_file(path / "config.json")
+                config = GPTConfig.from_json_file(path / CONFIG_FILE)
                 try:
                     tokenizer = Tokenizer.from_file(path)
                 except ValueError as e:

@@ -18,7 +18,7 @@ from pathlib import Path
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lmcore.training import DatasetError
-from lmcore.training.data import parse_record, tokenize_record
+from lmcore.training.data import check_record, parse_record
 from services.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.gen.lmstack.v1 import finetune_pb2 as pb
 
@@ -340,16 +340,17 @@ def dataset_to_pb(meta: dict) -> pb.Dataset:
 
 
 def check_lines(lines: list[bytes], first_lineno: int, tokenizer, block_size: int) -> tuple[int, int]:
-    """Validate JSONL lines (numbered from ``first_lineno + 1``): (records, tokens). Raises DatasetError."""
+    """Validate JSONL lines (numbered from ``first_lineno + 1``): (records, tokens). Raises DatasetError.
+
+    The rules are lmcore's (``parse_record``, ``check_record``): what passes here is what a worker's
+    ``RecordDataset`` accepts, with the same messages.
+    """
     examples = tokens = 0
     for i, line in enumerate(lines, start=first_lineno + 1):
         record = parse_record(line, i)
         if record is None:
             continue
-        ids, _ = tokenize_record(tokenizer, record)
-        if len(ids) - 1 > block_size:
-            raise DatasetError(i, f"record is {len(ids) - 1} tokens (with <|endoftext|>), longer than the "
-                                  f"model's context of {block_size}")
+        ids, _ = check_record(tokenizer, record, block_size, i)
         examples += 1
         tokens += len(ids)
     return examples, tokens

@@ -1,41 +1,29 @@
-"""The gRPC adapter for FineTuneHandler: one line per RPC, plus what the shared boundary cannot do.
+"""The gRPC adapter for FineTuneHandler: one line per RPC, no logic.
 
-``services.errors.ErrorBoundary`` wraps unary-request RPCs only, so the client-streamed
-``UploadDataset`` maps its own exceptions (with the same ``status_for`` table). A Redis outage is
-``UNAVAILABLE`` with a message saying so, on every RPC.
+Errors go through the server's shared boundary (``services.errors.ErrorBoundary``), which covers
+the client-streamed ``UploadDataset`` and the server-streamed ``WatchJob`` like the unary RPCs.
+``add_to_server`` registers the two exceptions only this service knows about: a Redis outage is
+``UNAVAILABLE`` on every RPC, with a message saying so, and a bad dataset is ``INVALID_ARGUMENT``.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
+from contextlib import aclosing
 
 import grpc
 import redis
 
 from lmcore.training import DatasetError
-from services.errors import InvalidArgument, Unavailable, status_for
 from services.gen.lmstack.v1 import finetune_pb2_grpc
 
 from .handler import FineTuneHandler
 
 SERVICE_NAME = "lmstack.v1.FineTuningService"
-log = logging.getLogger("lmstack.finetune")
 
-
-def _unavailable(e: Exception) -> Unavailable:
-    return Unavailable(f"the job store (Redis) is unavailable, retry shortly: {e}")
-
-
-def store_errors(fn):
-    @functools.wraps(fn)
-    async def wrapper(self, request, context):
-        try:
-            return await fn(self, request, context)
-        except redis.RedisError as e:
-            raise _unavailable(e) from None
-
-    return wrapper
+ERRORS = {
+    redis.RedisError: (grpc.StatusCode.UNAVAILABLE, "the job store (Redis) is unavailable, retry shortly: {e}"),
+    DatasetError: (grpc.StatusCode.INVALID_ARGUMENT, "invalid dataset: {e}"),
+}
 
 
 class FineTuningServicer(finetune_pb2_grpc.FineTuningServiceServicer):
@@ -43,53 +31,36 @@ class FineTuningServicer(finetune_pb2_grpc.FineTuningServiceServicer):
         self.handler = handler
 
     async def UploadDataset(self, request_iterator, context):
-        try:
-            return await self.handler.upload_dataset(request_iterator)
-        except Exception as exc:  # this RPC's own error boundary (see the module docstring)
-            if isinstance(exc, DatasetError):
-                exc = InvalidArgument(f"invalid dataset: {exc}")
-            elif isinstance(exc, redis.RedisError):
-                exc = _unavailable(exc)
-            code, message = status_for(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.error("UploadDataset failed", exc_info=exc)
-            else:
-                log.info("UploadDataset -> %s: %s", code.name, message)
-            await context.abort(code, message)
+        return await self.handler.upload_dataset(request_iterator)
 
-    @store_errors
     async def GetDataset(self, request, context):
         return await self.handler.get_dataset(request)
 
-    @store_errors
     async def CreateJob(self, request, context):
         return await self.handler.create_job(request)
 
-    @store_errors
     async def GetJob(self, request, context):
         return await self.handler.get_job(request)
 
-    @store_errors
     async def ListJobs(self, request, context):
         return await self.handler.list_jobs(request)
 
-    @store_errors
     async def CancelJob(self, request, context):
         return await self.handler.cancel_job(request)
 
-    @store_errors
     async def ListCheckpoints(self, request, context):
         return await self.handler.list_checkpoints(request)
 
     async def WatchJob(self, request, context):
-        try:
-            async for event in self.handler.watch_job(request):
+        # aclosing: a cancelled watch stops reading the job's event stream at once.
+        async with aclosing(self.handler.watch_job(request)) as events:
+            async for event in events:
                 yield event
-        except redis.RedisError as e:
-            raise _unavailable(e) from None
 
 
 def add_to_server(server, handler: FineTuneHandler) -> None:
-    """Register the fine-tuning service on a ``services.server.GrpcServer``."""
+    """Register the fine-tuning service and its error mappings on a ``services.server.GrpcServer``
+    (together: the one-line RPCs above rely on the mappings)."""
+    server.map_errors(ERRORS)
     server.add_service(finetune_pb2_grpc.add_FineTuningServiceServicer_to_server, FineTuningServicer(handler),
                        SERVICE_NAME)

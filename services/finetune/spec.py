@@ -8,7 +8,6 @@ configs from it with :func:`train_config` and :func:`lora_config`.
 
 from __future__ import annotations
 
-import math
 import re
 
 from lmcore.lora import LoRAConfig
@@ -48,19 +47,19 @@ def resolve_hyperparameters(method: str, given: dict, n_examples: int) -> dict:
         if not isinstance(hp["max_steps"], int) or not 0 < hp["max_steps"] <= MAX_STEPS:
             raise HyperparameterError(f"hyperparameters.max_steps must be in [1, {MAX_STEPS}], got {hp['max_steps']}")
         hp.pop("epochs", None)
-        total = hp["max_steps"]
     else:
         hp.setdefault("epochs", 3)
         if not isinstance(hp["epochs"], int) or not 0 < hp["epochs"] <= 1000:
             raise HyperparameterError(f"hyperparameters.epochs must be in [1, 1000], got {hp['epochs']}")
-        if not isinstance(hp["batch_size"], int) or hp["batch_size"] <= 0:
-            raise HyperparameterError(f"hyperparameters.batch_size must be a positive integer, got {hp['batch_size']}")
-        if not isinstance(hp["grad_accum_steps"], int) or hp["grad_accum_steps"] <= 0:
-            raise HyperparameterError("hyperparameters.grad_accum_steps must be a positive integer, got "
-                                      f"{hp['grad_accum_steps']}")
-        total = max(1, math.ceil(hp["epochs"] * math.ceil(n_train / hp["batch_size"]) / hp["grad_accum_steps"]))
-        if total > MAX_STEPS:
-            raise HyperparameterError(f"hyperparameters: {total} steps is more than {MAX_STEPS}; use fewer epochs")
+    # The step count is the trainer's rule (TrainConfig.total_steps), so the job record's
+    # total_steps is the number of steps the worker's Trainer will run.
+    try:
+        total = TrainConfig(max_steps=hp.get("max_steps"), epochs=hp.get("epochs", 1), batch_size=hp["batch_size"],
+                            grad_accum_steps=hp["grad_accum_steps"]).total_steps(n_train)
+    except ValueError as e:
+        raise HyperparameterError(f"hyperparameters.{e}") from None
+    if total > MAX_STEPS:
+        raise HyperparameterError(f"hyperparameters: {total} steps is more than {MAX_STEPS}; use fewer epochs")
     hp["total_steps"] = total
     hp.setdefault("warmup_steps", round(0.05 * total))
     hp.setdefault("eval_interval", max(1, total // 4))

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from lmcore._io import has_tokenizer_files
 from services.config import TokenizerSettings
 from services.errors import InvalidArgument
 from services.gen.lmstack.v1 import tokenizer_pb2 as pb
 from services.models import ModelRegistry, ModelSpec, parse_model_specs, resolve_base
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 OFFLOAD_CHARS = 64 * 1024
 
 
@@ -33,7 +33,7 @@ def load_tokenizer(spec: ModelSpec, registry: ModelRegistry):
     from lmcore import Tokenizer
 
     path = spec.path
-    if path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES) and spec.is_adapter:
+    if path.is_dir() and not has_tokenizer_files(path) and spec.is_adapter:
         base = resolve_base(spec, registry)
         if base is not None:
             return base.obj

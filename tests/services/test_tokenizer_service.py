@@ -160,3 +160,26 @@ def test_bad_config_fails_fast(tmp_path):
     assert "cannot start" in proc.stderr and "missing" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+def test_a_taken_port_fails_fast_with_one_line(flag):
+    """grpcio would share the port (SO_REUSEPORT) and split the traffic; lmstack refuses it instead."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        ports = {"--port": str(free_port()), flag: str(busy)}
+        proc = subprocess.run([sys.executable, "-m", "services.tokenizer", "--models", f"gpt2={GPT2_TIKTOKEN}",
+                               "--log-level", "WARNING", *[x for kv in ports.items() for x in kv]],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    what = "gRPC" if flag == "--port" else "metrics"
+    assert f"lmstack tokenizer: cannot start: {what} port 127.0.0.1:{busy} is already in use" in lines[0]
+    if os.path.isfile("/proc/net/tcp"):
+        assert f"by pid {os.getpid()} (" in lines[0]  # the test process holds it

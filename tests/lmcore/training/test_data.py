@@ -68,12 +68,15 @@ def test_record_longer_than_context_is_rejected(tokenizer):
 
 def test_train_from_scratch_writes_a_loadable_model(tmp_path):
     from lmcore import load_model
-    from lmcore.training import train_from_scratch
+    from lmcore.model import GPTConfig
+    from lmcore.training import TrainConfig, train_from_scratch
 
     events = []
-    result = train_from_scratch(CORPUS, tmp_path / "model", preset="tiny", vocab_size=400, steps=30,
-                                batch_size=8, learning_rate=3e-3, eval_interval=15, seed=3, progress=False,
+    result = train_from_scratch(CORPUS, tmp_path / "model", GPTConfig.from_preset("tiny", vocab_size=400),
+                                TrainConfig(max_steps=30, batch_size=8, learning_rate=3e-3, eval_interval=15,
+                                            seed=3),
                                 callback=events.append)
+    assert events[0].kind == "start" and events[0].parameters == result.n_parameters
     steps = [e for e in events if e.kind == "step"]
     assert len(steps) == 30 and steps[-1].loss < steps[0].loss - 1.0
     assert result.eval_loss is not None and result.eval_loss < steps[0].loss
@@ -82,6 +85,8 @@ def test_train_from_scratch_writes_a_loadable_model(tmp_path):
     assert model.config.n_layer == 2 and result.n_parameters == model.num_parameters()
     info = json.loads((tmp_path / "model" / "training.json").read_text())
     assert info["arguments"]["seed"] == 3 and info["result"]["steps"] == 30
+    assert {k: info["arguments"][k] for k in ("preset", "vocab_size", "block_size", "steps", "batch_size")} == \
+        {"preset": "tiny", "vocab_size": 400, "block_size": 128, "steps": 30, "batch_size": 8}
     ids = torch.tensor([model.tokenizer.encode("def forward(self")])
     with torch.no_grad():
         assert model(ids).shape == (1, ids.shape[1], model.config.vocab_size)
@@ -105,11 +110,30 @@ def test_train_from_scratch_is_reproducible(tmp_path):
     """Same files, same arguments, same seed: the same tokenizer and bit-identical weights."""
     from safetensors.torch import load_file
 
-    from lmcore.training import train_from_scratch
+    from lmcore.model import GPTConfig
+    from lmcore.training import TrainConfig, train_from_scratch
 
-    kw = dict(preset="tiny", vocab_size=300, steps=5, batch_size=4, seed=11, progress=False, dropout=0.1)
+    model_config = GPTConfig.from_preset("tiny", vocab_size=300, dropout=0.1)
     for name in ("a", "b"):
-        train_from_scratch(CORPUS[:4], tmp_path / name, **kw)
+        train_from_scratch(CORPUS[:4], tmp_path / name, model_config, TrainConfig(max_steps=5, batch_size=4, seed=11))
     assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_from_scratch_resumes_from_its_checkpoints(tmp_path):
+    """A rerun into the same directory continues from ``out/checkpoints`` instead of starting over."""
+    from lmcore.model import GPTConfig
+    from lmcore.training import TrainConfig, train_from_scratch
+
+    model_config = GPTConfig.from_preset("tiny", vocab_size=300)
+    first = []
+    train_from_scratch(CORPUS[:4], tmp_path / "m", model_config,
+                       TrainConfig(max_steps=4, batch_size=4, checkpoint_interval=2, seed=2), callback=first.append)
+    assert (tmp_path / "m" / "checkpoints" / "step-000004").is_dir()
+    again = []
+    result = train_from_scratch(CORPUS[:4], tmp_path / "m", model_config,
+                                TrainConfig(max_steps=6, batch_size=4, checkpoint_interval=2, seed=2),
+                                callback=again.append)
+    assert (again[0].kind, again[0].step, again[0].total_steps) == ("start", 4, 6)
+    assert [e.step for e in again if e.kind == "step"] == [5, 6] and result.steps == 6

@@ -96,7 +96,9 @@ def test_training_lowers_loss_and_reports_events():
     assert result.steps == 40 and not result.stopped
     assert result.eval_loss < before - 1.0, (before, result.eval_loss)
     kinds = [e.kind for e in events]
-    assert kinds.count("step") == 40 and kinds.count("eval") == 2 and kinds[-1] == "done"
+    assert kinds.count("step") == 40 and kinds.count("eval") == 2 and kinds[0] == "start" and kinds[-1] == "done"
+    assert (events[0].step, events[0].total_steps) == (0, 40)
+    assert events[0].parameters == model.num_parameters()  # everything trains; the tied head counted once
     step = next(e for e in events if e.kind == "step")
     assert step.tokens_per_s > 0 and step.lr > 0 and step.trained_tokens == 8 * CFG.block_size
 

@@ -28,11 +28,12 @@ from tests.helpers import ROOT, free_port
 # --- fixtures ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory) -> Path:
-    from lmcore.training import train_from_scratch
+    from lmcore.model import GPTConfig
+    from lmcore.training import TrainConfig, train_from_scratch
 
     out = tmp_path_factory.mktemp("base") / "tiny"
-    train_from_scratch(sorted((ROOT / "lmcore").rglob("*.py")), out, preset="tiny", vocab_size=400, steps=40,
-                       batch_size=8, learning_rate=3e-3, eval_fraction=0.0, progress=False, seed=0)
+    train_from_scratch(sorted((ROOT / "lmcore").rglob("*.py")), out, GPTConfig.from_preset("tiny", vocab_size=400),
+                       TrainConfig(max_steps=40, batch_size=8, learning_rate=3e-3, seed=0), eval_fraction=0.0)
     return out
 
 
@@ -291,8 +292,32 @@ def test_bad_datasets_are_rejected_naming_the_line(stack, redis_server):
         with pytest.raises(grpc.RpcError) as e:
             stack.client.upload_dataset(body, chunk_bytes=16)  # lines cross chunk boundaries
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in e.value.details(), e.value.details()
+        assert e.value.details().startswith("invalid dataset: ")  # the boundary's DatasetError mapping
     r = redis.Redis.from_url(redis_server.url)
     assert not r.keys("lmstack:ft:ds:*")  # nothing stored from a rejected upload
+
+
+def test_redis_outage_during_upload_is_unavailable_and_nothing_is_half_stored(stack, redis_server):
+    """The client-streamed UploadDataset goes through the same error boundary as the unary RPCs."""
+    import redis
+
+    body = jsonl(arithmetic_records(6))
+    redis_server.stop()
+    with pytest.raises(grpc.RpcError) as e:
+        stack.client.upload_dataset(body, chunk_bytes=64, timeout=30)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+    assert e.value.details().startswith("the job store (Redis) is unavailable, retry shortly: ")
+    redis_server.start()
+    assert not redis.Redis.from_url(redis_server.url).keys("lmstack:ft:ds:*")
+    for _ in range(50):  # the API reconnects on its own
+        try:
+            assert stack.client.upload_dataset(body, chunk_bytes=64).examples == 6
+            break
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+            time.sleep(0.2)
+    else:
+        raise AssertionError("the upload never succeeded after Redis came back")
 
 
 def test_bad_requests_get_clear_errors_and_idempotency_is_honoured(stack, redis_server):

@@ -37,11 +37,22 @@ def test_defaults_depend_on_method_and_dataset_size():
     ("LORA", {"epochs": 0}, "hyperparameters.epochs"),
     ("FULL", {"lora_alpha": 4.0}, "hyperparameters.lora_alpha"),
     ("LORA", {"grad_clip": -1.0}, "hyperparameters.grad_clip"),
+    ("LORA", {"batch_size": 0}, "hyperparameters.batch_size"),
+    ("FULL", {"grad_accum_steps": 0}, "hyperparameters.grad_accum_steps"),
     ("SOMETHING", {}, "method"),
 ])
 def test_bad_hyperparameters_are_named(method, given, field):
     with pytest.raises(HyperparameterError, match=field):
         resolve_hyperparameters(method, given, n_examples=20)
+
+
+def test_total_steps_is_the_trainers_rule():
+    """The job record's total_steps is TrainConfig.total_steps of the training split (one owner)."""
+    from lmcore.training import TrainConfig
+
+    hp = resolve_hyperparameters("LORA", {"epochs": 2, "batch_size": 3, "grad_accum_steps": 2}, n_examples=50)
+    assert hp["total_steps"] == TrainConfig(epochs=2, batch_size=3, grad_accum_steps=2).total_steps(45) == 15
+    assert train_config(hp).total_steps(45) == 15  # what the worker's Trainer will run
 
 
 def test_names():
