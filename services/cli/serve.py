@@ -375,8 +375,10 @@ def run(args) -> int:
     lock = DataDirLock(data)
     lock.acquire()  # before the port check: a second serve on this directory is named as such
     try:
-        children, _ = plan(args)
+        if not finetune_available():
+            args.no_finetune = True
         check_ports(args)
+        children, _ = plan(args)
         log_dir = data / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         return Supervisor(children, log_dir, keep_fds=(lock.fd,)).run()

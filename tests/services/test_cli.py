@@ -137,6 +137,88 @@ def test_server_errors_print_one_line_and_exit_1(served):
     assert r.returncode == 1 and "NOT_FOUND" in r.stderr
 
 
+def test_serve_banner_says_how_to_reach_the_cli(served):
+    _, proc, banner = served
+    line = proc.stdout.readline()  # printed right after the "logs:" line the fixture stopped at
+    assert line.startswith("CLI: ") and "lmstack" in line and "activate" in line, line
+
+
+def test_a_second_serve_on_the_same_data_dir_is_refused(served, tmp_path):
+    addrs, proc, banner = served
+    data = next(ln.split("logs: ")[1].split()[0] for ln in banner.splitlines() if ln.startswith("logs:"))
+    data_dir = str(Path(data).parent)
+    r = lmstack("serve", "--data-dir", data_dir, "--inference-port", str(free_port()), "--tokenizer-port",
+                str(free_port()), "--finetune-port", str(free_port()), "--metrics-port", "0", timeout=60)
+    assert r.returncode != 0
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    assert f"{data_dir} is in use by another lmstack serve (pid {proc.pid})" in r.stderr, r.stderr
+    assert (Path(data_dir) / "lmstack.lock").read_text().strip() == str(proc.pid)
+
+
+def test_serve_refuses_a_port_in_use_before_starting_anything(served, tmp_path):
+    addrs, proc, _ = served
+    busy = addrs["inference"].split(":")[1]
+    r = lmstack("serve", "--data-dir", str(tmp_path / "data"), "--inference-port", busy, "--tokenizer-port",
+                str(free_port()), "--finetune-port", str(free_port()), "--metrics-port", "0", timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert f"port {busy} (inference gRPC) on 127.0.0.1 is already in use by pid " in r.stderr, r.stderr
+    assert "services.inference" in r.stderr and "--inference-port" in r.stderr
+    assert not (tmp_path / "data" / "redis").exists()  # nothing was started
+
+
+def test_stop_strings_are_unescaped(served):
+    addrs, _, _ = served
+    args = ("complete", "import os", "--no-stream", "--temperature", "0", "--max-tokens", "64", "-v",
+            "--addr", addrs["inference"])
+    escaped = lmstack(*args, "--stop", "\\n\\n")  # what a shell passes for --stop "\n\n"
+    literal = lmstack(*args, "--stop", "\n\n")      # what it passes for --stop $'\n\n'
+    assert escaped.returncode == 0 and literal.returncode == 0
+    assert "finish_reason=stop" in escaped.stderr and escaped.stdout == literal.stdout
+
+
+def test_finetune_options_go_before_or_after_the_action():
+    port = free_port()  # nothing listens: both spellings must reach the same one-line error
+    for argv in (("finetune", "--addr", f"127.0.0.1:{port}", "list"), ("finetune", "list", "--addr",
+                                                                        f"127.0.0.1:{port}", "--timeout", "2")):
+        r = lmstack(*argv, timeout=60)
+        assert r.returncode == 1 and f"cannot reach the fine-tuning service at 127.0.0.1:{port}" in r.stderr, r.stderr
+
+
+def test_models_while_loading_says_so(tmp_path):
+    """A server that listens but has not loaded its models: exit 1 and say so (or wait with --wait)."""
+    import asyncio
+    import threading
+
+    from services.config import ServiceSettings
+    from services.server import GrpcServer
+
+    port = free_port()
+    started, stop = threading.Event(), threading.Event()
+
+    def serve():
+        async def main():
+            server = GrpcServer(ServiceSettings(host="127.0.0.1", port=port), "inference")
+            await server.start()  # health NOT_SERVING until set_serving(): "still loading"
+            started.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+            await server.stop(grace=0)
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert started.wait(30)
+    try:
+        r = lmstack("models", "--addr", f"127.0.0.1:{port}", timeout=60)
+        assert r.returncode == 1 and "is still loading its models" in r.stderr and "--wait" in r.stderr, r.stderr
+        r = lmstack("models", "--addr", f"127.0.0.1:{port}", "--wait", "--timeout", "1", timeout=60)
+        assert r.returncode == 1 and "was still loading its models after 1s" in r.stderr, r.stderr
+    finally:
+        stop.set()
+        thread.join(10)
+
+
 def test_sigint_stops_every_child(served):
     _, proc, _ = served
     kids = children_of(proc.pid)
