@@ -126,7 +126,10 @@ class Engine:
         dtype = config.dtype if config.dtype is not None else model.dtype
         self.model = model.to(device=device, dtype=dtype).eval()
         self.tokenizer = tokenizer
-        self.eos_id = config.eos_id if config.eos_id is not None else getattr(tokenizer, "eos_id", None)
+        if config.eos_id is not None:
+            self.eos_id = config.eos_id
+        else:
+            self.eos_id = tokenizer.eos_id if tokenizer is not None else None
         ctx = model.config.block_size
         self.max_seq_len = min(ctx, config.max_seq_len) if config.max_seq_len else ctx
         self.max_waiting = config.max_waiting
