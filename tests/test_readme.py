@@ -152,6 +152,9 @@ def run_blocks(path: Path, work: Path, env: dict) -> int:
     return ran
 
 
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+
+
 def test_blocks_are_found_and_marked():
     """The parser sees the README's blocks; the quickstart blocks are the checked ones."""
     found = blocks(ROOT / "README.md")
@@ -169,3 +172,11 @@ def test_readme_runs_as_written(platform):
     assert re.search(r"ft:pycode:add:\w+", listed), listed
     assert (work / "models" / "mine" / "model.safetensors").is_file()
     assert (work / "models" / "pycode").is_symlink()
+
+
+@pytest.mark.parametrize("page", DOCS, ids=[p.name for p in DOCS])
+def test_docs_pages_run_as_written(platform, page):
+    """Each docs page's runnable blocks (most are API sketches marked illustrative, each naming the
+    test that exercises those calls)."""
+    work, env = platform
+    run_blocks(page, work, env)

@@ -114,8 +114,17 @@ def train_from_scratch(
     torch.manual_seed(seed)
     model = GPT(config).to(device)  # initialised on the CPU (same seed, same weights anywhere), then moved
     ckpt_dir = out_dir / "checkpoints" if train_config.checkpoint_interval else None
-    trainer = Trainer(model, train_config, train_set, eval_set, checkpoint_dir=ckpt_dir, callback=callback)
+    resumed_tokens = []  # tokens a resumed run had trained before this process: not this run's speed
+
+    def on_event(event: TrainEvent) -> None:
+        if event.kind == "start":
+            resumed_tokens.append(event.trained_tokens)
+        if callback is not None:
+            callback(event)
+
+    trainer = Trainer(model, train_config, train_set, eval_set, checkpoint_dir=ckpt_dir, callback=on_event)
     result = trainer.train()
+    tokens_this_run = result.trained_tokens - (resumed_tokens[0] if resumed_tokens else 0)
 
     model.eval()
     save_pretrained(model, out_dir, tokenizer=tokenizer)
@@ -124,7 +133,7 @@ def train_from_scratch(
         out_dir=str(out_dir), n_files=len(files), n_tokens=len(tokens),
         n_parameters=model.num_parameters(), vocab_size=tokenizer.vocab_size, steps=result.steps,
         train_loss=result.train_loss, eval_loss=result.eval_loss, seconds=round(seconds, 2),
-        tokens_per_s=round(result.trained_tokens / max(result.seconds, 1e-9), 1),
+        tokens_per_s=round(tokens_this_run / result.seconds, 1) if tokens_this_run and result.seconds > 0 else 0.0,
     )
     tc = train_config
     record = {

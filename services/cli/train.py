@@ -1,7 +1,10 @@
 """``lmstack train``: train a tokenizer and a GPT from scratch on text files (no services needed).
 
     lmstack train --data corpus.txt --preset tiny --out models/mine --steps 2000
-    lmstack train --data /usr/lib/python3.11 --glob '*.py' --preset small --out models/pycode
+    lmstack train --data /usr/lib/python3.11 --glob '*.py' --preset small --out models/stdlib
+
+A non-empty ``--out`` is refused unless it is an earlier resumable run (``--overwrite`` replaces it);
+``$LMSTACK_MAX_STEPS`` caps ``--steps``.
 
 Shows a progress bar (loss, held-out loss, tokens/s) and writes a model directory that
 ``lmstack serve --model NAME=DIR`` and ``lmcore.load_model(DIR)`` load, tokenizer included.
@@ -9,7 +12,10 @@ Shows a progress bar (loss, held-out loss, tokens/s) and writes a model director
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+from pathlib import Path
 
 
 def add_arguments(p) -> None:
@@ -37,6 +43,28 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even when it holds something other than this command's resumable run")
+
+
+MAX_STEPS_ENV = "LMSTACK_MAX_STEPS"  # caps --steps (the README test sets it so its examples run in seconds)
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to write over a non-empty ``--out`` that is not a resumable run of ``lmstack train``
+    (one with ``checkpoints/``): a typo must not replace a model (the shipped one included).
+    ``--overwrite`` empties it first."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    if overwrite:
+        shutil.rmtree(out)
+        return
+    if (out / "checkpoints").is_dir():
+        return  # an earlier run with --checkpoint-interval: rerunning resumes it
+    raise ValueError(f"--out {out} already holds files ({', '.join(sorted(p.name for p in out.iterdir())[:4])}) "
+                     "and is not a resumable lmstack train run; choose another directory or pass --overwrite")
 
 
 def configs(args):
@@ -46,8 +74,12 @@ def configs(args):
 
     shape = {k: v for k, v in (("vocab_size", args.vocab_size), ("block_size", args.block_size)) if v is not None}
     model_config = GPTConfig.from_preset(args.preset, dropout=args.dropout, **shape)
+    steps = args.steps
+    cap = os.environ.get(MAX_STEPS_ENV)
+    if cap:
+        steps = min(steps, int(cap))
     train_config = TrainConfig(
-        max_steps=args.steps, batch_size=args.batch_size, grad_accum_steps=args.grad_accum, learning_rate=args.lr,
+        max_steps=steps, batch_size=args.batch_size, grad_accum_steps=args.grad_accum, learning_rate=args.lr,
         warmup_steps=args.warmup, weight_decay=args.weight_decay, eval_interval=args.eval_interval,
         eval_batches=20, checkpoint_interval=args.checkpoint_interval, seed=args.seed,
         log_interval=1,  # every step feeds the progress bar
@@ -59,6 +91,7 @@ def run(args) -> int:
     from lmcore.training import train_from_scratch
 
     try:
+        check_out_dir(Path(args.out), args.overwrite)
         model_config, train_config = configs(args)
         with ProgressBar(enabled=not args.no_progress, title=f"training {args.preset}") as bar:
             result = train_from_scratch(

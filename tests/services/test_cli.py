@@ -6,6 +6,7 @@ shipped in models/pycode (see README, "The default model").
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -248,3 +249,29 @@ def test_help_everywhere():
     for name in COMMANDS:
         r = lmstack(name, "--help")
         assert r.returncode == 0 and "usage: lmstack" in r.stdout, name
+
+
+def test_train_refuses_to_overwrite_and_caps_steps(tmp_path):
+    """A non-empty --out that is not a resumable run is refused (the shipped model too); --overwrite
+    replaces it; LMSTACK_MAX_STEPS caps --steps; a resumed finished run reports no bogus speed."""
+    corpus = [str(p) for p in sorted((ROOT / "lmcore" / "engine").glob("*.py"))]
+    out = tmp_path / "mine"
+    base = ("train", "--data", *corpus, "--glob", "*.py", "--preset", "tiny", "--vocab-size", "300",
+            "--block-size", "32", "--batch-size", "4", "--eval-interval", "2", "--no-progress")
+    capped = {"LMSTACK_MAX_STEPS": "3"}
+    r = lmstack(*base, "--out", str(out), "--steps", "1000", env=capped)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "training.json").read_text())["result"]["steps"] == 3
+    again = lmstack(*base, "--out", str(out), "--steps", "2", env=capped)
+    assert again.returncode == 1 and "already holds files" in again.stderr and "--overwrite" in again.stderr
+    shipped = lmstack(*base, "--out", str(DEFAULT_MODEL), "--steps", "2")
+    assert shipped.returncode == 1 and "already holds files" in shipped.stderr
+    r = lmstack(*base, "--out", str(out), "--steps", "2", "--overwrite", env=capped)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "training.json").read_text())["result"]["steps"] == 2
+    # A resumable run (with checkpoints) is its own: rerunning it after it finished trains nothing more.
+    ck = tmp_path / "ck"
+    assert lmstack(*base, "--out", str(ck), "--steps", "2", "--checkpoint-interval", "1").returncode == 0
+    resumed = lmstack(*base, "--out", str(ck), "--steps", "2", "--checkpoint-interval", "1")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "(0 tok/s)" in resumed.stdout, resumed.stdout
