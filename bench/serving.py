@@ -50,10 +50,11 @@ from services import protogen  # noqa: E402
 
 protogen.generate()
 
+from vocab import bench_vocabulary  # noqa: E402  (bench/vocab.py)
+
 from services.client import AsyncClient, Client  # noqa: E402
 from services.gen.lmstack.v1 import tokenizer_pb2  # noqa: E402
 
-GPT2_TIKTOKEN = ROOT.parent / "shared" / "fixtures" / "gpt2.tiktoken"
 WORDS = ("the of and to in is was for on that with as by at from his her it an were are which this be "
          "or has had not but what all when there can more one about so out up into than them time only "
          "new some could these two may first then do any like my now over such our man me even most").split()
@@ -87,7 +88,7 @@ def pct(xs: list[float], q: float) -> float:
 def make_model(path: Path, preset: str) -> None:
     from lmcore import GPT, GPTConfig, Tokenizer, save_pretrained
 
-    tok = Tokenizer.from_file(GPT2_TIKTOKEN)
+    tok = Tokenizer.from_file(bench_vocabulary()[0])
     torch.manual_seed(0)
     overrides = {"vocab_size": tok.vocab_size}
     if preset == "small":
@@ -188,7 +189,7 @@ async def reference_worker(model_dir: Path, max_tokens: int, max_batch: int, thr
     from lmcore.engine import AsyncEngine
 
     torch.set_num_threads(threads)
-    prompt_ids = prompts(Tokenizer.from_file(GPT2_TIKTOKEN), 64)
+    prompt_ids = prompts(Tokenizer.from_file(bench_vocabulary()[0]), 64)
     model = load_model(model_dir)
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     engine = AsyncEngine(Engine(model, tokenizer=model.tokenizer, max_batch_size=max_batch, max_waiting=1024),
@@ -279,7 +280,7 @@ def serve_tokenizer_with_echo(port: int) -> None:
         return tokenizer_pb2.EncodeResponse()
 
     async def main():
-        settings = TokenizerSettings(models=[f"gpt2={GPT2_TIKTOKEN}"], port=port, log_level="WARNING")
+        settings = TokenizerSettings(models=[f"gpt2={bench_vocabulary()[0]}"], port=port, log_level="WARNING")
         server = GrpcServer(settings, "tokenizer")
         ready, cleanup = await setup(server)
         server.add_generic_handlers([grpc.method_handlers_generic_handler("lmstack.bench.Echo", {
@@ -366,7 +367,7 @@ def main() -> None:
 
     from lmcore import Tokenizer
 
-    tok = Tokenizer.from_file(GPT2_TIKTOKEN)
+    tok = Tokenizer.from_file(bench_vocabulary()[0])
     prompt_ids = prompts(tok, 64)
     report: dict = {"machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg(),
                                 "python": platform.python_version(),

@@ -26,12 +26,17 @@ from pathlib import Path
 
 import tiktoken
 import tokenizers
-from tiktoken_ext.openai_public import r50k_pat_str
+from vocab import bench_vocabulary  # bench/vocab.py (the script directory is on sys.path)
 
 from lmcore import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_VOCAB = ROOT.parent / "shared" / "fixtures" / "gpt2.tiktoken"
+
+
+def reference_encoding(ours: Tokenizer) -> tiktoken.Encoding:
+    """tiktoken itself on the same ranks, pattern and special tokens: the reference row."""
+    return tiktoken.Encoding("reference", pat_str=ours.pattern, special_tokens=dict(ours.special_tokens),
+                             mergeable_ranks=ours.ranks)
 
 WORDS = {
     "en": "the of and to in is that it was for on are with as his they be at one have this from".split(),
@@ -94,7 +99,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, default=10.0, help="corpus size in MB (default 10)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--vocab", type=Path, default=DEFAULT_VOCAB, help="GPT-2 tiktoken rank file")
+    ap.add_argument("--vocab", type=Path, default=None,
+                    help="GPT-2 tiktoken rank file (default: found beside the clone, else a trained one; bench/vocab.py)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tokenizer.json")
     args = ap.parse_args()
 
@@ -103,10 +109,11 @@ def main() -> None:
     print(f"corpus: {len(docs)} documents, {n_bytes / 1e6:.2f} MB; cpus={os.cpu_count()}, "
           f"load avg {os.getloadavg()[0]:.2f}")
 
-    ours = Tokenizer.from_file(args.vocab)
+    vocab_path, vocab_name = bench_vocabulary(args.vocab)
+    ours = Tokenizer.from_file(vocab_path)
+    print(f"vocabulary: {vocab_name} ({ours.vocab_size:,} tokens)")
     os.environ["TIKTOKEN_CACHE_DIR"] = ""  # read the rank file itself
-    ref = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, special_tokens={"<|endoftext|>": 50256},
-                            mergeable_ranks=tiktoken.load.load_tiktoken_bpe(str(args.vocab)))
+    ref = reference_encoding(ours)
     with tempfile.TemporaryDirectory() as d:
         ours.save(d)  # the same vocabulary in Hugging Face's layout
         hf = tokenizers.Tokenizer.from_file(str(Path(d) / "tokenizer.json"))
@@ -136,9 +143,8 @@ def main() -> None:
     # "batch" mode calls fn(texts) once per slice of the corpus.
     # Every row gets its own core (its own Tokenizer / Encoding instance): rows sharing one core
     # keep its tables hot in cache for each other, which skewed an earlier version by ~10%.
-    ours2 = Tokenizer.from_file(args.vocab)
-    ref2 = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, special_tokens={"<|endoftext|>": 50256},
-                             mergeable_ranks=ref._mergeable_ranks)
+    ours2 = Tokenizer.from_file(vocab_path)
+    ref2 = reference_encoding(ours)
     tt_loop, tt_dec = "tiktoken encode_ordinary", "tiktoken decode"
     rows = [
         ("encode loop", "lmcore encode", lambda t, i: ours.encode(t), tt_loop),
@@ -227,6 +233,7 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
+        "vocabulary": {"name": vocab_name, "size": ours.vocab_size, "path": str(vocab_path)},
         "corpus": {"documents": len(docs), "bytes": n_bytes, "tokens": total_tokens},
         "agreement": {"docs_differing_from_tiktoken": mismatch_tt, "docs_differing_from_hf": mismatch_hf,
                       "roundtrip_failures": roundtrip},
