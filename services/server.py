@@ -17,6 +17,7 @@ bind a port already served and take a random half of its requests. Every server 
 ``grpc.so_reuseport`` off, checks its gRPC and metrics ports before binding either, and raises
 ``PortInUse`` naming ``host:port`` (and the process holding it, when /proc or psutil can tell);
 ``run_service`` prints that as one line and exits with status 2.
+
 Health reports ``NOT_SERVING`` from ``start()`` until you call ``set_serving()`` (after models
 load), and again from the moment shutdown begins. ``stop()`` is graceful: it stops accepting new
 RPCs and lets in-flight ones finish within ``settings.grace_period_s``.
