@@ -38,9 +38,10 @@ GRPC_SERVICER_FUNCTIONS = [
 def _with_status(grpc_context, exc: BaseException) -> None:
     """Give Ray's gRPC proxy the status code and message our own servers would send."""
     from services.errors import status_for
+    from services.inference.servicer import ERRORS  # the inference service's own mappings (EngineOverloaded)
 
     if grpc_context is not None:
-        code, message = status_for(exc)
+        code, message = status_for(exc, ERRORS)
         grpc_context.set_code(code)
         grpc_context.set_details(message)
 

@@ -25,19 +25,18 @@ The registry is generic over what it loads: the inference service loads models w
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmcore._io import ADAPTER_CONFIG_FILE, CONFIG_FILE
+
 from .errors import NotFound, Unavailable
 
 log = logging.getLogger("lmstack.models")
 
-ADAPTER_CONFIG = "adapter_config.json"
-MODEL_CONFIG = "config.json"
 
 
 @dataclass
@@ -51,7 +50,7 @@ class ModelSpec:
 
     @property
     def is_adapter(self) -> bool:
-        return (self.path / ADAPTER_CONFIG).is_file()
+        return (self.path / ADAPTER_CONFIG_FILE).is_file()
 
 
 def parse_model_specs(items: list[str]) -> list[ModelSpec]:
@@ -73,14 +72,10 @@ def parse_model_specs(items: list[str]) -> list[ModelSpec]:
 
 
 def read_adapter_base(path: Path) -> str:
-    try:
-        meta = json.loads((path / ADAPTER_CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path / ADAPTER_CONFIG}: unreadable ({e})") from None
-    base = meta.get("base_model") or meta.get("base_model_name_or_path") or ""
-    if not base:
-        raise ValueError(f"{path / ADAPTER_CONFIG}: no base_model field")
-    return str(base)
+    """The base model an adapter directory names (lmcore's reader checks the config)."""
+    from lmcore.lora import read_adapter_config
+
+    return str(read_adapter_config(path)["base_model"])
 
 
 @dataclass
@@ -252,7 +247,7 @@ class ModelRegistry:
 
 def _holds_model(path: Path) -> bool:
     """A complete model or adapter directory (its config file is written last)."""
-    return (path / MODEL_CONFIG).is_file() or (path / ADAPTER_CONFIG).is_file()
+    return (path / CONFIG_FILE).is_file() or (path / ADAPTER_CONFIG_FILE).is_file()
 
 
 def _mtime(path: Path) -> float:

@@ -87,9 +87,9 @@ def platform(tmp_path_factory):
     busy = []
     for port, what in DEFAULT_PORTS.items():
         try:
-            check_port_free("127.0.0.1", port, what)
+            check_port_free(what, "127.0.0.1", port)
         except PortInUse as e:
-            busy.append(e.strerror)
+            busy.append(str(e))
     if busy:
         message = "the README's commands use lmstack's default ports: " + "; ".join(busy)
         if os.environ.get("CI") == "true":

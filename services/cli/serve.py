@@ -170,9 +170,9 @@ def check_ports(args) -> None:
             raise SystemExit(f"lmstack serve: port {port} is given to both {seen[port]} and {what}; change {flag}")
         seen[port] = what
         try:
-            check_port_free(args.host, port, what, hint=f"stop that process or choose another port with {flag}")
-        except PortInUse as e:
-            raise SystemExit(f"lmstack serve: {e.strerror}") from None
+            check_port_free(what, args.host, port, hint=f"stop that process or choose another port with {flag}")
+        except (PortInUse, ValueError) as e:
+            raise SystemExit(f"lmstack serve: {e}") from None
 
 
 def cli_hint() -> str:

@@ -162,7 +162,7 @@ def test_serve_refuses_a_port_in_use_before_starting_anything(served, tmp_path):
     r = lmstack("serve", "--data-dir", str(tmp_path / "data"), "--inference-port", busy, "--tokenizer-port",
                 str(free_port()), "--finetune-port", str(free_port()), "--metrics-port", "0", timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert f"port {busy} (inference gRPC) on 127.0.0.1 is already in use by pid " in r.stderr, r.stderr
+    assert f"inference gRPC port 127.0.0.1:{busy} is already in use by pid " in r.stderr, r.stderr
     assert "services.inference" in r.stderr and "--inference-port" in r.stderr
     assert not (tmp_path / "data" / "redis").exists()  # nothing was started
 
