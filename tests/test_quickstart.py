@@ -16,7 +16,7 @@ from tests.helpers import ROOT
 def readme_steps(target: str) -> list[str]:
     """The fenced block that follows "`make <target>` runs:" in README.md, one command per line."""
     text = (ROOT / "README.md").read_text()
-    m = re.search(rf"`make {target}` runs:\s*```(?:bash|sh)?\n(.*?)```", text, re.S)
+    m = re.search(rf"`make {target}` runs:\s*(?:<!--.*?-->\s*)?```(?:bash|sh)?\n(.*?)```", text, re.S)
     assert m, f"README.md has no '`make {target}` runs:' block"
     return [line.strip() for line in m.group(1).splitlines() if line.strip()]
 
