@@ -25,6 +25,7 @@ The registry is generic over what it loads: the inference service loads models w
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,10 +73,19 @@ def parse_model_specs(items: list[str]) -> list[ModelSpec]:
 
 
 def read_adapter_base(path: Path) -> str:
-    """The base model an adapter directory names (lmcore's reader checks the config)."""
-    from lmcore.lora import read_adapter_config
+    """The base model an adapter directory names (``base_model``, or PEFT's ``base_model_name_or_path``).
 
-    return str(read_adapter_config(path)["base_model"])
+    Lenient on purpose: the registry only needs the base's name to route the entry; the full check
+    (rank, alpha, targets) is lmcore's ``read_adapter_config`` when the adapter is loaded."""
+    f = path / ADAPTER_CONFIG_FILE
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{f}: unreadable ({e})") from None
+    base = meta.get("base_model") or meta.get("base_model_name_or_path") or ""
+    if not base:
+        raise ValueError(f"{f}: no base_model field")
+    return str(base)
 
 
 @dataclass

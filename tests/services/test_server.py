@@ -7,6 +7,7 @@ taken is an error naming ``host:port`` and its holder, never a silently shared s
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from pathlib import Path
@@ -139,11 +140,14 @@ def test_status_for_prefers_the_most_specific_mapping_and_service_errors():
 
 
 def test_two_services_cannot_map_one_exception_two_ways():
-    server = GrpcServer(ServiceSettings(port=0), "kinds")
-    server.map_errors(MAPPING)
-    server.map_errors(MAPPING)  # the same rule again (a setup run twice) is fine
-    with pytest.raises(ValueError, match="StoreDown is already mapped"):
-        server.map_errors({StoreDown: grpc.StatusCode.INTERNAL})
+    async def main():  # a grpc.aio server is built inside a running loop, as services do
+        server = GrpcServer(ServiceSettings(port=0), "kinds")
+        server.map_errors(MAPPING)
+        server.map_errors(MAPPING)  # the same rule again (a setup run twice) is fine
+        with pytest.raises(ValueError, match="StoreDown is already mapped"):
+            server.map_errors({StoreDown: grpc.StatusCode.INTERNAL})
+
+    asyncio.run(main())
 
 
 # --- ports ------------------------------------------------------------------------------------------
