@@ -8,7 +8,6 @@ import pytest
 
 from lmcore import AsyncEngine, Engine, SamplingParams, generate
 from lmcore.engine import EngineOverloaded
-from tests.helpers import gpt2_tokenizer
 from tests.helpers.models import (
     SHAPES,
     gpt2_vocab_model,
@@ -17,11 +16,6 @@ from tests.helpers.models import (
 )
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture
-def tokenizer(gpt2_tiktoken_path):
-    return gpt2_tokenizer(gpt2_tiktoken_path)
 
 
 async def until(predicate, limit: int = 2000):

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from lmcore import Completion, SamplingParams, generate
-from tests.helpers import gpt2_tokenizer
 from tests.helpers.models import (
     SHAPES,
     gpt2_vocab_model,
@@ -18,11 +17,6 @@ from tests.helpers.models import (
 )
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture
-def tokenizer(gpt2_tiktoken_path):
-    return gpt2_tokenizer(gpt2_tiktoken_path)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))

@@ -7,16 +7,10 @@ import pytest
 from lmcore import Engine, FewShotPrompt, SamplingParams
 from lmcore.tasks import PromptStyle, RenderedPrompt
 from lmcore.tasks.fewshot import STYLES, register_style
-from tests.helpers import gpt2_tokenizer
 from tests.helpers.models import gpt2_vocab_model
 
 EXAMPLES = [("cheese", "fromage"), ("sea otter", "loutre de mer"), ("peppermint", "menthe poivrée"),
             ("plush giraffe", "girafe peluche")]
-
-
-@pytest.fixture
-def tokenizer(gpt2_tiktoken_path):
-    return gpt2_tokenizer(gpt2_tiktoken_path)
 
 
 def test_qa_style_renders_gpt3s_layout(tokenizer):
