@@ -76,6 +76,19 @@ ErrorRule = grpc.StatusCode | tuple[grpc.StatusCode, str]
 ErrorMap = Mapping[type[BaseException], ErrorRule]
 
 
+MAX_ECHO_CHARS = 80  # of one client value quoted in a message
+MAX_MESSAGE_CHARS = 1024  # of a whole status message (a status travels in HTTP/2 trailers)
+
+
+def clip(value, limit: int = MAX_ECHO_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters, saying how much was left out: error messages and
+    log lines quote client input, and a client may send megabytes of it."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 def format_validation_error(exc) -> str:
     """``pydantic.ValidationError`` as one line: ``temperature: Input should be >= 0 (got -1.0); ...``."""
     parts = []
@@ -83,7 +96,7 @@ def format_validation_error(exc) -> str:
         where = ".".join(str(p) for p in err.get("loc", ())) or "value"
         msg = err.get("msg", "invalid").removeprefix("Value error, ")
         got = err.get("input")
-        parts.append(f"{where}: {msg}" + ("" if isinstance(got, dict) or got is None else f" (got {got!r})"))
+        parts.append(f"{where}: {msg}" + ("" if isinstance(got, dict) or got is None else f" (got {clip(got)})"))
     return "invalid parameters: " + "; ".join(parts) if parts else str(exc)
 
 
@@ -103,8 +116,16 @@ def status_for(exc: BaseException, error_map: ErrorMap | None = None) -> tuple[g
     """The status code and client-facing message for an exception raised by a handler.
 
     ``error_map`` holds the service's own mappings (see the module docstring); they are checked
-    after ``ServiceError`` and pydantic, before the ``ValueError`` fallback.
+    after ``ServiceError`` and pydantic, before the ``ValueError`` fallback. Messages are cut to
+    ``MAX_MESSAGE_CHARS`` (client values quoted in them to ``MAX_ECHO_CHARS`` each, see :func:`clip`).
     """
+    code, message = _status_for(exc, error_map)
+    if len(message) > MAX_MESSAGE_CHARS:  # whatever a handler quoted, the status (and log line) stays small
+        message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
+    return code, message
+
+
+def _status_for(exc: BaseException, error_map: ErrorMap | None) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ServiceError):
         return exc.code, str(exc)
     try:

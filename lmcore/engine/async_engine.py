@@ -21,8 +21,11 @@ for that lock: ``stream`` adds its request from a worker thread, and a consumer 
 (``break``, task cancellation, ``aclose()``) queues its abort, which the step thread applies
 before its next step. So the slot is free before the next step, and no step runs for it again.
 
-Failures: if a step raises (a bug, out of memory), the requests in flight are aborted and their
-streams raise ``RuntimeError("generation failed: ...")``; the thread keeps serving new requests.
+Failures are confined to the request that caused them (:mod:`lmcore.engine.confinement`): a
+request the engine failed alone ends its stream with that request's own error (``ValueError`` for
+sampling parameters that broke its logits, ``RuntimeError`` otherwise) while the others go on. Only
+if ``step()`` itself raises (a bug in the engine) are the requests in flight aborted, their streams
+raising ``RuntimeError("generation failed: ...")``; the thread keeps serving new requests.
 
 Threads: PyTorch's intra-op thread count is a per-thread OpenMP setting, so the step thread sets
 its own with ``torch.set_num_threads(num_threads)`` when it starts (default 1: the decode loop is
@@ -54,7 +57,8 @@ def merge_outputs(outputs: list[StepOutput]) -> StepOutput:
     if any(o.logprobs is not None for o in outputs):
         logprobs = [lp for o in outputs for lp in (o.logprobs or ())]
     return StepOutput(last.request_id, [t for o in outputs for t in o.new_token_ids], "".join(o.text for o in outputs),
-                      last.finished, last.finish_reason, logprobs, last.prompt_tokens, last.completion_tokens)
+                      last.finished, last.finish_reason, logprobs, last.prompt_tokens, last.completion_tokens,
+                      last.error)
 
 
 class _Stream:
@@ -234,6 +238,9 @@ class AsyncEngine:
                 error = items.pop() if isinstance(items[-1], BaseException) else None  # only ever last
                 if items:
                     out = merge_outputs(items)
+                    if out.error is not None:  # this request failed alone (the engine goes on)
+                        finished = True
+                        raise out.error
                     finished = out.finished
                     yield out
                     if finished:

@@ -36,6 +36,7 @@ import torch
 
 from lmcore.model.gpt import GPT
 
+from .confinement import execute_each, unusable_error
 from .outputs import StepOutput
 from .prefix_cache import PrefixCache
 from .runner import ModelRunner
@@ -147,7 +148,7 @@ class Engine:
         self._gens: dict[str, _Generation] = {}
         self._ids = itertools.count()
         self._stats = dict(steps=0, tokens_generated=0, prompt_tokens_computed=0, requests_finished=0,
-                           requests_aborted=0)
+                           requests_aborted=0, requests_failed=0)
 
     # --- requests -----------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
@@ -253,7 +254,16 @@ class Engine:
         for chunk in plan.prefill:
             rid = chunk.seq.request_id
             params[rid], rngs[rid] = self._gens[rid].params, self._gens[rid].rng
-        samplers, token_ids, logprobs = self.runner.execute(plan, params, rngs)
+        try:
+            samplers, token_ids, logprobs = self.runner.execute(plan, params, rngs)
+            failures = {}
+        except Exception:  # confine it: re-run request by request, fail only those that fail again
+            samplers, token_ids, logprobs, failures = execute_each(self.runner, plan, params, rngs)
+        outputs = [self._fail(rid, RuntimeError(f"generation failed: {type(e).__name__}: {e}"))
+                   for rid, e in failures.items()]
+        if failures:
+            plan.prefill = [c for c in plan.prefill if c.seq.request_id not in failures]
+            plan.decode = [s for s in plan.decode if s.request_id not in failures]
         self.scheduler.advance(plan)
         self._stats["steps"] += 1
         self._stats["prompt_tokens_computed"] += sum(c.end - c.start for c in plan.prefill)
@@ -262,8 +272,10 @@ class Engine:
                 new_blocks = self.prefix_cache.insert(chunk.seq.prompt_ids, chunk.end, namespace=-2 - chunk.seq.adapter)
                 if new_blocks:
                     self.runner.save_prefix_blocks(chunk.seq, new_blocks)
-        outputs = []
         for i, (seq, tok) in enumerate(zip(samplers, token_ids)):
+            if tok < 0:  # no usable distribution for this row (see confinement): it fails alone
+                outputs.append(self._fail(seq.request_id, unusable_error(tok, self._gens[seq.request_id].params)))
+                continue
             lp = None
             if logprobs is not None and self._gens[seq.request_id].params.logprobs:
                 n = self._gens[seq.request_id].params.logprobs
@@ -295,6 +307,14 @@ class Engine:
             self._stats["requests_finished"] += 1
         return StepOutput(seq.request_id, [tok], delta, reason is not None, reason, lp,
                           seq.prompt_len, len(seq.output_ids))
+
+    def _fail(self, request_id: str, error: Exception) -> StepOutput:
+        """End one request with ``error`` (finish_reason "error"); the rest of the batch goes on."""
+        gen = self._gens.pop(request_id)
+        self.scheduler.finish(gen.seq)
+        self._stats["requests_failed"] += 1
+        return StepOutput(request_id, [], "", True, "error", None, gen.seq.prompt_len, len(gen.seq.output_ids),
+                          error=error)
 
     def _match_prefix(self, seq: Sequence) -> tuple[int, list[int]]:
         rows = self.prefix_cache.match(seq.prompt_ids, namespace=-2 - seq.adapter)

@@ -20,11 +20,11 @@ class StepOutput:
     new_token_ids: list[int]
     text: str  # the new whole characters (stop text excluded); '' without a tokenizer
     finished: bool
-    finish_reason: str | None  # "length" | "eos" | "stop" when finished
+    finish_reason: str | None  # "length" | "eos" | "stop" when finished; "error" when it failed alone
     logprobs: list[TokenLogprob] | None  # one per new token when params.logprobs > 0
     prompt_tokens: int
     completion_tokens: int
-
+    error: Exception | None = None  # set (with finish_reason "error") when this request failed alone
 
 
 @dataclass

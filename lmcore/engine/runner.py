@@ -22,6 +22,7 @@ from lmcore.lora.bank import LoRABank
 from lmcore.model.gpt import GPT
 from lmcore.model.kv_cache import BlockPool, CacheBatch, KVCache, PrefillSegment
 
+from .confinement import flag_unusable_rows
 from .sampling import SamplingParams, apply_penalties, logits_to_probs, sample_from_probs, top_logprobs
 from .scheduler import SchedulerOutput, Sequence
 from .weight_layout import DecodeWeights
@@ -70,6 +71,7 @@ class ModelRunner:
         self.frequency = torch.zeros(n_slots, **f32)
         self.seen: torch.Tensor | None = None  # (n_slots, V) bool, allocated on first use of penalties
         self.counts: torch.Tensor | None = None  # (n_slots, V) float
+        self.last_draws: tuple | None = None  # the latest step's (samplers, uniforms), see prepare
 
     # --- admission --------------------------------------------------------------------------------
     def admit(self, seq: Sequence, params: SamplingParams) -> None:
@@ -258,6 +260,7 @@ class ModelRunner:
             return None, None
         R = len(samplers)
         u = [0.0 if p.greedy else rngs[s.request_id].random() for s, p in zip(samplers, ps)]
+        self.last_draws = (samplers, u)
         g = [p.greedy for p in ps]
         floats = self._upload(u + [float(x) for x in g], torch.float32)
         return floats[:R], (floats[R:] > 0.5) if any(g) else None
@@ -269,6 +272,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, params: dict[str, SamplingParams], rngs: dict) -> tuple:
         """Run one step: ``(samplers, token_ids, logprobs)``, the latter two on the host."""
+        self.last_draws = None  # (samplers, uniforms) once drawn: a failed step replays them
         step = self.prepare(out, params, rngs)
         layers = self.weights.layers(step.tokens.size(0))
         if step.adapters is None:
@@ -295,7 +299,7 @@ class ModelRunner:
         if penalised:
             logits = apply_penalties(logits, self.seen[slot_t], self.counts[slot_t], self.repetition[slot_t],
                                      self.presence[slot_t], self.frequency[slot_t])
-        ids = logits.max(-1).indices  # (R,) greedy; first maximum on ties, like argmax, ~3x faster on CPU
+        best, ids = logits.max(-1)  # (R,) greedy; first maximum on ties, like argmax, ~3x faster on CPU
         if step.uniforms is not None:
             k_max = max(p.top_k for p in ps)
             any_top_p = any(p.top_p < 1.0 for p in ps)
@@ -305,12 +309,14 @@ class ModelRunner:
             )
             choice = sample_from_probs(probs, step.uniforms)
             ids = choice if step.greedy is None else torch.where(step.greedy, ids, choice)
+        ids = flag_unusable_rows(ids, best, raw if penalised else None)
+        safe = ids.clamp(min=0)  # flagged rows (-1/-2) index token 0 below; the engine fails them
         if penalised:
-            self.counts.index_put_((slot_t, ids), torch.ones_like(ids, dtype=self.counts.dtype), accumulate=True)
-            self.seen[slot_t, ids] = True
+            self.counts.index_put_((slot_t, safe), (ids >= 0).to(self.counts.dtype), accumulate=True)
+            self.seen[slot_t, safe] |= ids >= 0
         n_lp = max(p.logprobs for p in ps)
         if n_lp:
-            chosen, values, top_ids = top_logprobs(raw, ids, n_lp)
+            chosen, values, top_ids = top_logprobs(raw, safe, n_lp)
             packed = torch.cat([ids.double()[:, None], chosen.double()[:, None], values.double(),
                                 top_ids.double()], dim=1).tolist()  # the step's one host sync
             ids_list = [int(r[0]) for r in packed]

@@ -27,19 +27,26 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_STRINGS = 8
+MAX_STOP_LENGTH = 256  # characters per stop string (matching holds back up to this much text)
 MAX_LOGPROBS = 20
+# Bounds that keep every logit finite: dividing fp32 logits by 1e-38 (or multiplying them by 1e38)
+# overflows to +-inf and softmax turns that into NaN. Below MIN_TEMPERATURE use 0 (greedy).
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 
 
 class SamplingParams(BaseModel):
     """How to pick tokens for one request. Validated on construction; errors name the field."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     max_tokens: int = Field(16, ge=1, description="most tokens to generate")
-    temperature: float = Field(1.0, ge=0.0, description="0 = greedy (argmax); higher = more random")
+    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE,
+                               description=f"0 = greedy (argmax), else in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]")
     top_k: int = Field(0, ge=0, description="keep only the k most likely tokens; 0 = off")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus: smallest set with this mass")
-    repetition_penalty: float = Field(1.0, gt=0.0, description="CTRL/HF penalty on seen tokens; 1 = off")
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY,
+                                      description="CTRL/HF penalty on seen tokens; 1 = off")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI: minus this if generated")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI: minus this x count")
     seed: int | None = Field(None, description="seed of this request's own random stream")
@@ -56,6 +63,13 @@ class SamplingParams(BaseModel):
             return [v]
         return v
 
+    @field_validator("temperature")
+    @classmethod
+    def _check_temperature(cls, v: float) -> float:
+        if 0.0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return v
+
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, v: list[str]) -> list[str]:
@@ -63,7 +77,16 @@ class SamplingParams(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(v)}")
         if any(s == "" for s in v):
             raise ValueError("stop strings must be non-empty")
+        longest = max(map(len, v), default=0)
+        if longest > MAX_STOP_LENGTH:
+            raise ValueError(f"stop strings are at most {MAX_STOP_LENGTH} characters, got one of {longest}")
         return v
+
+    def with_extra_stop(self, extra: list[str]) -> SamplingParams:
+        """These parameters with ``extra`` stop strings added after the request's own (a prompt
+        template's separators): the count limit applies to what the request itself asked for."""
+        merged = list(self.stop) + [s for s in extra if s and s not in self.stop]
+        return self.model_copy(update={"stop": merged})
 
     @property
     def greedy(self) -> bool:
@@ -150,6 +173,8 @@ def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
     One uniform per row, drawn from that request's own stream: the choice is a function of the row
     alone, so it cannot depend on the batch around it. Zero-probability tokens are never chosen
     (their cumulative mass equals their predecessor's, so they are never the *first* to exceed it).
+    A row without a usable distribution (NaN or infinite mass, or none at all) gets ``-1``: never an
+    id past the vocabulary, and never a change to any other row (each row is searched on its own).
     """
     cdf = probs.cumsum(-1)  # (B, V)
     total = cdf[:, -1:].contiguous()  # (B, 1): filtered rows need not sum to 1
@@ -158,7 +183,9 @@ def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
     # u rounded up to 1 in float32 would land past the end: fall back to the last token with mass
     # (the first index whose cumulative mass reaches the total).
     last = torch.searchsorted(cdf, total, right=False)
-    return torch.minimum(choice, last).squeeze(-1)
+    choice = torch.minimum(choice, last).squeeze(-1)
+    usable = torch.isfinite(total.squeeze(-1)) & (total.squeeze(-1) > 0)
+    return torch.where(usable, choice, torch.full_like(choice, -1))
 
 
 def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, n: int):

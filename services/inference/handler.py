@@ -290,7 +290,7 @@ class InferenceHandler:
         return resp
 
     async def few_shot(self, req: pb.FewShotRequest) -> pb.FewShotResponse:
-        from lmcore import FewShotPrompt, SamplingParams
+        from lmcore import FewShotPrompt
         from lmcore.engine import check_context
 
         name, served = await self._served(req.model)
@@ -305,9 +305,8 @@ class InferenceHandler:
             check_context(1, params.max_tokens, served.engine.max_seq_len)
         rendered = prompt.render(req.query, served.tokenizer, budget)
         stop = [rendered.stop] if isinstance(rendered.stop, str) else list(rendered.stop or ())
-        if stop:
-            merged = list(params.stop or []) + [s for s in stop if s not in (params.stop or [])]
-            params = SamplingParams(**{**params.model_dump(), "stop": merged})
+        if stop:  # the style's separators come on top of the request's own (at most MAX_STOP_STRINGS)
+            params = params.with_extra_stop(stop)
         ids = served.engine.check_request(rendered.token_ids, params)
         text, n, finish = [], 0, ""
         async with aclosing(self._generate(name, served, ids, params)) as outputs:
