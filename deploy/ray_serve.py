@@ -102,6 +102,9 @@ class LMStack:
     async def Score(self, request, grpc_context=None):
         return await self._call(self.inference.score, request, grpc_context)
 
+    async def Inspect(self, request, grpc_context=None):
+        return await self._call(self.inference.inspect, request, grpc_context)
+
     async def ListModels(self, request, grpc_context=None):
         return await self._call(self.inference.list_models, request, grpc_context)
 

@@ -20,6 +20,8 @@ _EXPORTS = {
     "PRESETS": "lmcore.model",
     "load_model": "lmcore.model",
     "save_pretrained": "lmcore.model",
+    "inspect_tokens": "lmcore.model",
+    "Inspection": "lmcore.model",
     "Tokenizer": "lmcore.tokenizer",
     "SamplingParams": "lmcore.engine",
     "TokenLogprob": "lmcore.engine",

@@ -9,6 +9,7 @@
             print(chunk.text, end="", flush=True)
         c.few_shot("cat", [("dog", "chien"), ("house", "maison")], instruction="English to French")
         c.score("The sky is", [" blue", " green"]).best
+        c.inspect("The sky is blue", top_k=5, attention=True, layers=[0], logit_lens=True)
         [m.name for m in c.list_models()]
 
     with Client("127.0.0.1:50052") as t:                           # the tokenizer service
@@ -74,6 +75,18 @@ def few_shot_request(query: str, examples: Iterable[tuple[str, str]] = (), instr
     return inference_pb2.FewShotRequest(
         model=model, instruction=instruction, query=query, style=style, sampling=sampling_params(**sampling),
         examples=[inference_pb2.Example(input=i, output=o) for i, o in examples])
+
+
+def inspect_request(text: str | list[int], model: str = "", top_k: int = 0, layers: Iterable[int] = (),
+                    heads: Iterable[int] = (), attention: bool = False, logit_lens: bool = False,
+                    allow_special: bool = False) -> inference_pb2.InspectRequest:
+    req = inference_pb2.InspectRequest(model=model, top_k=top_k, layers=list(layers), heads=list(heads),
+                                       attention=attention, logit_lens=logit_lens, allow_special=allow_special)
+    if isinstance(text, str):
+        req.text = text
+    else:
+        req.token_ids.extend(text)
+    return req
 
 
 def _metadata(api_key: str | None) -> tuple:
@@ -170,6 +183,11 @@ class Client(_Base):
         req = inference_pb2.ScoreRequest(model=model, context=context, choices=choices)
         return self.inference.Score(req, **self._kw(timeout))
 
+    def inspect(self, text: str | list[int], model: str = "", timeout=None, **options) -> inference_pb2.InspectResponse:
+        """Look inside the model on ``text``; options: ``top_k``, ``layers``, ``heads``, ``attention``,
+        ``logit_lens``, ``allow_special`` (see ``InspectRequest``)."""
+        return self.inference.Inspect(inspect_request(text, model, **options), **self._kw(timeout))
+
     def list_models(self, timeout=None) -> list[inference_pb2.ModelInfo]:
         return list(self.inference.ListModels(inference_pb2.ListModelsRequest(), **self._kw(timeout)).models)
 
@@ -241,6 +259,10 @@ class AsyncClient(_Base):
                     timeout=None) -> inference_pb2.ScoreResponse:
         req = inference_pb2.ScoreRequest(model=model, context=context, choices=choices)
         return await self.inference.Score(req, **self._kw(timeout))
+
+    async def inspect(self, text: str | list[int], model: str = "", timeout=None,
+                      **options) -> inference_pb2.InspectResponse:
+        return await self.inference.Inspect(inspect_request(text, model, **options), **self._kw(timeout))
 
     async def list_models(self, timeout=None) -> list[inference_pb2.ModelInfo]:
         resp = await self.inference.ListModels(inference_pb2.ListModelsRequest(), **self._kw(timeout))

@@ -4,6 +4,7 @@
     lmstack complete "PROMPT"     stream a completion          lmstack models     list served models
     lmstack fewshot ...           few-shot answer              lmstack score ...  rank choices by likelihood
     lmstack tokenize "TEXT"       ids and pieces               lmstack train ...  train a model from scratch
+    lmstack inspect "TEXT"        tokens, next-token probabilities, attention (--png), logit lens
     lmstack finetune ...          upload|create|list|get|watch|cancel fine-tune jobs
 
 Modules are imported only for the subcommand that runs, so ``lmstack tokenize`` does not pay for
@@ -24,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("services.cli.client_cmds:score", "score choices by their likelihood after a context"),
     "tokenize": ("services.cli.client_cmds:tokenize", "show the token ids and pieces of a text"),
     "models": ("services.cli.client_cmds:models", "list the models the inference service serves"),
+    "inspect": ("services.cli.inspect:command", "look inside a model: next-token probabilities, attention, logit lens"),
     "train": ("services.cli.train", "train a tokenizer and a model from scratch on a text file"),
     "finetune": ("services.cli.finetune", "fine-tuning jobs: upload, create, list, get, watch, cancel"),
 }

@@ -23,7 +23,8 @@ async def setup(server: GrpcServer):
     registry = inference_registry(server.settings)
     metrics = InferenceMetrics(server.metrics_registry, registry)
     server.state.registry = registry
-    server.state.handler = InferenceHandler(registry, metrics)
+    server.state.handler = InferenceHandler(registry, metrics, server.settings.max_message_bytes,
+                                            server.settings.torch_threads)
     add_to_server(server, server.state.handler)
     return registry.load_all, registry.close
 

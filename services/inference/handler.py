@@ -30,12 +30,14 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from services.config import InferenceSettings
+from services.config import DEFAULT_MAX_MESSAGE_BYTES, InferenceSettings
 from services.errors import InvalidArgument
 from services.gen.lmstack.v1 import common_pb2
 from services.gen.lmstack.v1 import inference_pb2 as pb
 from services.metrics import InferenceMetrics
 from services.models import Entry, ModelRegistry, ModelSpec, parse_model_specs, resolve_base
+
+from . import inspection
 
 if TYPE_CHECKING:  # lmcore is imported when a model loads, not when the service module does
     from lmcore import GPT, AsyncEngine, Engine, SamplingParams, Tokenizer, TokenLogprob
@@ -198,11 +200,18 @@ def model_info(entry: Entry) -> pb.ModelInfo:
 
 # --- the handler -----------------------------------------------------------------------------------
 class InferenceHandler:
-    """Complete, CompleteStream, FewShot, Score and ListModels over the registry's engines."""
+    """Complete, CompleteStream, FewShot, Score, Inspect and ListModels over the registry's engines.
 
-    def __init__(self, registry: ModelRegistry, metrics: InferenceMetrics | None = None):
+    ``max_message_bytes``: the largest response Inspect may build (the server's message limit);
+    ``torch_threads``: intra-op threads of the Inspect worker thread (``services.inference.inspection``).
+    """
+
+    def __init__(self, registry: ModelRegistry, metrics: InferenceMetrics | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, torch_threads: int = 1):
         self.registry = registry
         self.metrics = metrics
+        self.max_message_bytes = max_message_bytes
+        self.inspector = inspection.InspectRunner(torch_threads)
 
     async def _served(self, model: str) -> tuple[str, ServedModel]:
         entry = self.registry.lookup(model) or await self.registry.get(model)
@@ -353,6 +362,11 @@ class InferenceHandler:
         # engine's batches, routed on its step thread, are unaffected.
         with served.engine.use_adapter(served.adapter):
             return score(served.model, context_ids, continuations)
+
+    async def inspect(self, req: pb.InspectRequest) -> pb.InspectResponse:
+        """Tokens, next-token probabilities, attention and the logit lens of one text (no generation)."""
+        name, served = await self._served(req.model)
+        return await inspection.inspect(req, name, served, self.inspector, self.max_message_bytes)
 
     async def list_models(self, req: pb.ListModelsRequest) -> pb.ListModelsResponse:
         await self.registry.refresh()

@@ -41,6 +41,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Score(self, request, context):
         return await self.handler.score(request)
 
+    async def Inspect(self, request, context):
+        return await self.handler.inspect(request)
+
     async def ListModels(self, request, context):
         return await self.handler.list_models(request)
 

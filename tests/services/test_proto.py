@@ -19,7 +19,8 @@ def test_contract_names():
     tok = tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"]
     assert {m.name for m in tok.methods} == {"Encode", "EncodeBatch", "Decode", "CountTokens"}
     inf = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
-    assert {m.name for m in inf.methods} == {"Complete", "CompleteStream", "FewShot", "Score", "ListModels"}
+    assert {m.name for m in inf.methods} == {"Complete", "CompleteStream", "FewShot", "Score", "ListModels",
+                                             "Inspect"}
     assert inf.methods_by_name["CompleteStream"].server_streaming
     fields = lambda name: set(inference_pb2.DESCRIPTOR.message_types_by_name[name].fields_by_name)  # noqa: E731
     assert {"model", "prompt", "sampling"} <= fields("CompleteRequest")
@@ -29,6 +30,8 @@ def test_contract_names():
     assert {"text", "examples_used", "prompt_tokens"} <= fields("FewShotResponse")
     assert {"choices", "best"} <= fields("ScoreResponse")
     assert {"name", "context_length", "vocab_size", "parameters"} <= fields("ModelInfo")
+    assert {"model", "text", "token_ids", "top_k", "layers", "heads", "attention", "logit_lens"} <= fields("InspectRequest")
+    assert {"tokens", "positions", "attention", "logit_lens"} <= fields("InspectResponse")
     sp = set(inference_pb2.DESCRIPTOR.dependencies[0].message_types_by_name["SamplingParams"].fields_by_name)
     assert {"max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "logprobs"} <= sp
 
