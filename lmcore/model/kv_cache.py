@@ -56,19 +56,40 @@ class BlockPool:
         self.block_size = block_size
 
     def load(self, cache: KVCache, slot: int, rows: list[int]) -> None:
-        """Copy pool rows, laid end to end, into positions ``[0, len(rows) * block_size)`` of a slot."""
-        index = torch.tensor(rows, device=self.k.device)
-        n = len(rows) * self.block_size
-        for pool, buf in ((self.k, cache.k), (self.v, cache.v)):
-            blocks = pool.index_select(0, index).permute(1, 2, 0, 3, 4)  # (L, nh, nb, bs, hd)
-            buf[:, slot, :, :n] = blocks.reshape(buf.size(0), buf.size(2), n, buf.size(4))
+        """Copy pool rows, laid end to end, into positions ``[0, len(rows) * block_size)`` of a slot.
+
+        One strided copy per run of consecutive pool rows (a chain inserted in one go occupies
+        consecutive rows), straight from the pool into the slot: no gathered temporary. Profiled
+        on a 960-token GPT-2-small prefix, the old gather (``index_select`` + a reshape copy +
+        the assignment: three passes over 70 MB) took 534 ms of a 609 ms cached first token;
+        this single pass is a memcpy-speed ~10-20 ms, leaving the suffix's forward pass as the cost.
+        """
+        self._copy(cache, slot, list(enumerate(rows)), to_slot=True)
 
     def save(self, cache: KVCache, slot: int, blocks: list[tuple[int, int]]) -> None:
         """Copy the slot's prompt blocks ``(block_index, pool_row)`` into the pool."""
+        self._copy(cache, slot, blocks, to_slot=False)
+
+    def _copy(self, cache: KVCache, slot: int, blocks: list[tuple[int, int]], to_slot: bool) -> None:
         bs = self.block_size
-        for j, row in blocks:
-            self.k[row] = cache.k[:, slot, :, j * bs:(j + 1) * bs]
-            self.v[row] = cache.v[:, slot, :, j * bs:(j + 1) * bs]
+        for j, row, n in _runs(blocks):
+            for pool, buf in ((self.k, cache.k), (self.v, cache.v)):
+                L, _, nh, _, hd = buf.shape
+                in_pool = pool[row:row + n].permute(1, 2, 0, 3, 4)  # (L, nh, n, bs, hd): a view
+                in_slot = buf[:, slot, :, j * bs:(j + n) * bs].view(L, nh, n, bs, hd)  # a view too
+                (in_slot if to_slot else in_pool).copy_(in_pool if to_slot else in_slot)
+
+
+def _runs(blocks: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """``(block_index, pool_row)`` pairs -> ``(first block, first row, length)`` runs where both
+    the block indices and the pool rows are consecutive."""
+    runs: list[list[int]] = []
+    for j, row in blocks:
+        if runs and runs[-1][0] + runs[-1][2] == j and runs[-1][1] + runs[-1][2] == row:
+            runs[-1][2] += 1
+        else:
+            runs.append([j, row, 1])
+    return [tuple(r) for r in runs]
 
 
 @dataclass
