@@ -90,6 +90,9 @@ class ModelServiceSettings(ServiceSettings):
     default_model: str = Field("", description="model used when a request names none (default: the first)")
     model_store: str = Field("", description="model store directory scanned for fine-tuned models "
                                              "(ft:<base>:<suffix>:<id> subdirectories)")
+    store_refresh_interval_s: float = Field(
+        2.0, ge=0, description="at most one model store rescan per this many seconds unless the store "
+                               "directory changed (a publish): unknown names meanwhile are NOT_FOUND at once")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -101,6 +104,10 @@ class TokenizerSettings(ModelServiceSettings):
     """``python -m services.tokenizer``: models may also be tokenizer files (``.tiktoken``, ``tokenizer.json``)."""
 
     port: int = Field(50052, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    max_batch_texts: int = Field(4096, ge=1, description="most texts in one EncodeBatch")
+    max_text_bytes: int = Field(16 * 1024 * 1024, ge=1,
+                                description="most UTF-8 bytes of text in one Encode, EncodeBatch or CountTokens")
+    max_decode_ids: int = Field(1_000_000, ge=1, description="most token ids in one Decode")
 
 
 class InferenceSettings(ModelServiceSettings):
@@ -111,3 +118,11 @@ class InferenceSettings(ModelServiceSettings):
     max_waiting: int = Field(64, ge=0, description="most requests queued per engine before "
                                                    "RESOURCE_EXHAUSTED")
     device: str = Field("cpu", description="torch device for the models (cpu, cuda, cuda:1)")
+    max_score_choices: int = Field(64, ge=1, description="most choices in one Score request")
+    max_few_shot_examples: int = Field(256, ge=0, description="most examples in one FewShot request")
+    score_threads: int = Field(1, ge=1, description="Score requests computed at once (their own threads, "
+                                                    "beside the engines)")
+    score_max_waiting: int = Field(16, ge=0, description="Score requests queued beyond those running "
+                                                         "before RESOURCE_EXHAUSTED")
+    score_batch_tokens: int = Field(2048, ge=1, description="tokens per Score forward pass (memory is "
+                                                            "O(tokens), never O(tokens x vocabulary))")

@@ -12,7 +12,11 @@ Models come from two places:
 
 ``refresh()`` rescans the store and loads entries it has not seen; the services call it on every
 ListModels and whenever a request names an unknown model, so a freshly published fine-tune is
-served on the next request without a restart. Entries that fail to load are logged and retried
+served on the next request without a restart. Rescans are rate-limited (at most one per
+``refresh_interval_s`` unless the store directory changed, e.g. by a publish's rename; an unknown
+name asked for again meanwhile is NOT_FOUND at once, a negative cache) and the directory scan runs in a worker thread, so a stream
+of requests for unknown names costs the event loop nothing. Names are checked first
+(``services.limits.check_name``): an over-long or path-like name is INVALID_ARGUMENT. Entries that fail to load are logged and retried
 only when their directory changes. Loading runs in a worker thread, never on the event loop.
 A store entry whose directory is gone is closed (``close_entry``: the inference service unloads
 an adapter from its base's bank, or stops a model's engine) and forgotten; a close hook that
@@ -27,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +40,7 @@ from typing import Any
 from lmcore._io import ADAPTER_CONFIG_FILE, CONFIG_FILE
 
 from .errors import NotFound, Unavailable
+from .limits import check_name
 
 log = logging.getLogger("lmstack.models")
 
@@ -116,7 +122,7 @@ class ModelRegistry:
     """
 
     def __init__(self, specs: list[ModelSpec], loader: Loader, default: str = "", store: str | Path = "",
-                 start_entry=None, close_entry=None):
+                 start_entry=None, close_entry=None, refresh_interval_s: float = 2.0):
         if not specs and not store:
             raise ValueError("no models configured: pass --models name=path (or LMSTACK_MODELS) "
                              "and/or --model-store")
@@ -133,6 +139,9 @@ class ModelRegistry:
         self._failed: dict[str, tuple[float, str]] = {}  # store entry name -> (mtime, why) of its last failure
         self._lock = asyncio.Lock()
         self.loaded = False
+        self.refresh_interval_s = refresh_interval_s
+        self._last_scan = -float("inf")  # time.monotonic() of the last store scan
+        self._last_store_mtime = None  # the store directory's mtime then
 
     # --- lookups --------------------------------------------------------------------------------
     def entries(self) -> list[Entry]:
@@ -152,12 +161,13 @@ class ModelRegistry:
         entry = self._entries.get(name or self.default)
         if entry is not None:
             return entry
+        check_name(name)
         if not self.loaded:
             raise Unavailable("models are still loading; retry shortly (health turns SERVING when ready)")
         if not name and not self.default:
             raise NotFound("no default model: this server serves only the model store; name a model "
                            f"(served: {self.names()})")
-        await self.refresh()
+        await self.refresh(max_age_s=self.refresh_interval_s)
         entry = self._entries.get(name or self.default)
         if entry is None:
             if name in self._failed:
@@ -200,21 +210,27 @@ class ModelRegistry:
             found.append(ModelSpec(d.name, d, source="store"))
         return found
 
-    async def refresh(self) -> list[str]:
+    async def refresh(self, max_age_s: float = 0.0) -> list[str]:
         """Close store entries whose directory is gone, then load those that appeared since the
-        last scan; returns the names newly loaded."""
+        last scan; returns the names newly loaded. With ``max_age_s``, a scan younger than that
+        is taken as fresh (nothing is rescanned)."""
         if self.store is None or not self.loaded:
             return []
         new: list[str] = []
         async with self._lock:
+            # A burst of unknown names waits for one scan, then answers from it; a publish (a rename
+            # into the store) changes the store's mtime, so it is seen at once all the same.
+            store_mtime = _dir_mtime(self.store)
+            if time.monotonic() - self._last_scan < max_age_s and store_mtime == self._last_store_mtime:
+                return []
+            self._last_scan, self._last_store_mtime = time.monotonic(), store_mtime
             await self._close_removed()
             # Full models first: an adapter may name a full model published in the same scan.
-            for spec in sorted(self.scan_store(), key=lambda s: s.is_adapter):
-                mtime = _mtime(spec.path)
+            for spec, mtime, is_adapter in await asyncio.to_thread(self._scan_with_mtimes):
                 if spec.name in self._failed and self._failed[spec.name][0] == mtime:
                     continue
                 try:
-                    if spec.is_adapter:
+                    if is_adapter:
                         spec.base_model = read_adapter_base(spec.path)
                     await self._load(spec)
                     self._failed.pop(spec.name, None)
@@ -224,13 +240,20 @@ class ModelRegistry:
                     log.warning("model store entry %s not served: %s", spec.path, e)
         return new
 
+    def _scan_with_mtimes(self) -> list[tuple[ModelSpec, float, bool]]:
+        """The scan and what the refresh needs of each entry, all file system work (in a thread)."""
+        specs = sorted(self.scan_store(), key=lambda s: s.is_adapter)
+        return [(spec, _mtime(spec.path), spec.is_adapter) for spec in specs]
+
     async def _close_removed(self) -> list[str]:
         """Close and forget store entries whose directory no longer holds a model; returns their
         names. An entry another one names as its base (an adapter in its bank) waits for it, and
         an entry the close hook finds busy stays served until a later refresh."""
         for name in [n for n in self._failed if not _holds_model(self.store / n)]:
             del self._failed[name]  # a failed entry that is gone: nothing to report any more
-        gone = [e for e in self._entries.values() if e.spec.source == "store" and not _holds_model(e.spec.path)]
+        stored = [e for e in self._entries.values() if e.spec.source == "store"]
+        held = await asyncio.to_thread(lambda: [_holds_model(e.spec.path) for e in stored])
+        gone = [e for e, ok in zip(stored, held) if not ok]
         closed: list[str] = []
         progress = True
         while gone and progress:  # adapters first: their base may be gone too
@@ -258,6 +281,13 @@ class ModelRegistry:
 def _holds_model(path: Path) -> bool:
     """A complete model or adapter directory (its config file is written last)."""
     return (path / CONFIG_FILE).is_file() or (path / ADAPTER_CONFIG_FILE).is_file()
+
+
+def _dir_mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def _mtime(path: Path) -> float:

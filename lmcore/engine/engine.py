@@ -210,6 +210,12 @@ class Engine:
             raise ValueError("stop strings need a tokenizer (the engine was built without one)")
         return prompt_ids
 
+    def check_prompt_text(self, n_chars: int, params: SamplingParams) -> None:
+        """Before tokenizing a text prompt of ``n_chars`` characters: ValueError when it cannot
+        fit the context with ``params.max_tokens`` (:func:`check_prompt_chars`)."""
+        max_token_chars = self.tokenizer.max_token_chars if self.tokenizer is not None else 1
+        check_prompt_chars(n_chars, max_token_chars, params.max_tokens, self.max_seq_len)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -353,6 +359,18 @@ class Engine:
         """Context manager: this thread's plain ``engine.model(...)`` calls go through ``adapter``
         (None: the base alone); the engine's own batches (on their step thread) are unaffected."""
         return self.runner.use_adapter(adapter)
+
+
+def check_prompt_chars(n_chars: int, max_token_chars: int, max_tokens: int, max_seq_len: int) -> None:
+    """The context rule for text not yet tokenized: ``n_chars`` characters are at least
+    ``ceil(n_chars / max_token_chars)`` tokens (``Tokenizer.max_token_chars``), so a text that
+    cannot fit is refused before any tokenizing (a 32 MiB prompt costs nothing). ValueError."""
+    at_least = -(-n_chars // max(1, max_token_chars))
+    if at_least + max_tokens > max_seq_len:
+        raise ValueError(
+            f"text of {n_chars} characters is at least {at_least} tokens, which with max_tokens {max_tokens} "
+            f"exceeds the context of {max_seq_len} tokens: shorten it or lower max_tokens"
+        )
 
 
 def check_context(n_prompt: int, max_tokens: int, max_seq_len: int) -> None:

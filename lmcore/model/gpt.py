@@ -199,6 +199,11 @@ class GPT(nn.Module):
         return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(idx))  # (B, T, vocab_size)
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final (layer-normed) hidden states ``(B, T, C)`` of ``idx (B, T)``: :meth:`forward`
+        without the output projection, for callers that project only some positions (scoring)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(
@@ -208,8 +213,7 @@ class GPT(nn.Module):
         x = self.embed(idx, pos)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
-        x = self.transformer.ln_f(x)  # (B, T, C)
-        return self.lm_head(x)  # (B, T, vocab_size)
+        return self.transformer.ln_f(x)  # (B, T, C)
 
     def decode_layers(self) -> list[tuple]:
         """Per block: ``(ln_1, c_attn, c_proj, ln_2, c_fc, mlp.c_proj)``, the pieces

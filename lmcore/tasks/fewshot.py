@@ -103,19 +103,31 @@ class FewShotPrompt:
     def render(self, query: str, tokenizer, max_prompt_tokens: int) -> RenderedPrompt:
         """The prompt with as many examples as fit in ``max_prompt_tokens`` tokens, in order.
 
-        Raises ``ValueError`` when even the instruction and the query alone do not fit.
+        Raises ``ValueError`` when even the instruction and the query alone do not fit. A text
+        with more characters than ``max_prompt_tokens * tokenizer.max_token_chars`` cannot fit, so
+        it is never tokenized: the work stays bounded by the budget whatever the request's size.
         """
         if max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+        max_chars = max_prompt_tokens * tokenizer.max_token_chars
         best: tuple[str, list[int], int] | None = None
+        first_len = None
         for k in range(len(self.examples) + 1):
             text = self.text(query, k)
+            if len(text) > max_chars:
+                break
             ids = tokenizer.encode(text)
+            first_len = len(ids) if k == 0 else first_len
             if len(ids) > max_prompt_tokens:
                 break
             best = (text, ids, k)
         if best is None:
-            n = len(tokenizer.encode(self.text(query, 0)))
+            if first_len is None:
+                raise ValueError(
+                    f"the instruction and query alone are {len(self.text(query, 0))} characters, more than "
+                    f"fit in the prompt budget of {max_prompt_tokens} tokens (context minus max_tokens): "
+                    "shorten them or lower max_tokens")
+            n = first_len
             raise ValueError(
                 f"the instruction and query alone are {n} tokens, more than the prompt budget of "
                 f"{max_prompt_tokens} tokens (context minus max_tokens): shorten them or lower max_tokens"

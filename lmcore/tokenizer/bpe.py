@@ -96,6 +96,10 @@ class Tokenizer:
         self.name = name
         self.vocab_size: int = self._encoding.max_token_value + 1
         """Number of ids, special tokens included: ids run over ``range(vocab_size)``."""
+        self.max_token_chars: int = max([1, *map(len, self._ranks), *map(len, special_tokens)])
+        """The most characters one token stands for (its bytes, or a special token's name): a text
+        of ``n`` characters is at least ``ceil(n / max_token_chars)`` tokens, so a text too long for
+        a context can be refused before it is tokenized."""
         self._pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, threads, pool)
         self._pool_lock = threading.Lock()
 

@@ -23,10 +23,14 @@ async def setup(server: GrpcServer):
     registry = inference_registry(server.settings)
     metrics = InferenceMetrics(server.metrics_registry, registry)
     server.state.registry = registry
-    server.state.handler = InferenceHandler(registry, metrics, server.settings.max_message_bytes,
-                                            server.settings.torch_threads)
-    add_to_server(server, server.state.handler)
-    return registry.load_all, registry.close
+    handler = server.state.handler = InferenceHandler(registry, metrics, server.settings)
+    add_to_server(server, handler)
+
+    async def cleanup():
+        await registry.close()
+        handler.close()
+
+    return registry.load_all, cleanup
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,10 +30,11 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from services.config import DEFAULT_MAX_MESSAGE_BYTES, InferenceSettings
+from services.config import InferenceSettings
 from services.errors import InvalidArgument
 from services.gen.lmstack.v1 import common_pb2
 from services.gen.lmstack.v1 import inference_pb2 as pb
+from services.limits import BoundedExecutor, offload
 from services.metrics import InferenceMetrics
 from services.models import Entry, ModelRegistry, ModelSpec, parse_model_specs, resolve_base
 
@@ -45,7 +46,6 @@ if TYPE_CHECKING:  # lmcore is imported when a model loads, not when the service
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
                    "presence_penalty", "frequency_penalty", "seed", "logprobs", "ignore_eos")
 FLOAT_FIELDS = {"temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"}
-MAX_SCORE_CHOICES = 64
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -154,7 +154,8 @@ async def stop_engine(entry: Entry, idle_only: bool = False) -> bool:
 
 def inference_registry(settings: InferenceSettings) -> ModelRegistry:
     return ModelRegistry(parse_model_specs(settings.models), make_loader(settings), settings.default_model,
-                         settings.model_store, start_entry=make_starter(settings), close_entry=stop_engine)
+                         settings.model_store, start_entry=make_starter(settings), close_entry=stop_engine,
+                         refresh_interval_s=settings.store_refresh_interval_s)
 
 
 # --- protobuf <-> lmcore ---------------------------------------------------------------------------
@@ -202,33 +203,45 @@ def model_info(entry: Entry) -> pb.ModelInfo:
 class InferenceHandler:
     """Complete, CompleteStream, FewShot, Score, Inspect and ListModels over the registry's engines.
 
-    ``max_message_bytes``: the largest response Inspect may build (the server's message limit);
-    ``torch_threads``: intra-op threads of the Inspect worker thread (``services.inference.inspection``).
+    ``settings``: the server's limits (``InferenceSettings``: Score's and FewShot's bounds, the
+    message limit Inspect's responses must fit, the worker threads' torch threads).
     """
 
     def __init__(self, registry: ModelRegistry, metrics: InferenceMetrics | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, torch_threads: int = 1):
+                 settings: InferenceSettings | None = None):
         self.registry = registry
         self.metrics = metrics
-        self.max_message_bytes = max_message_bytes
-        self.inspector = inspection.InspectRunner(torch_threads)
+        self.limits = settings if settings is not None else InferenceSettings()
+        self.max_message_bytes = self.limits.max_message_bytes
+        self.inspector = inspection.InspectRunner(self.limits.torch_threads)
+        self._score_pool: BoundedExecutor | None = None  # made on the first Score (its threads start then)
+
+    def close(self) -> None:
+        self.inspector.close()
+        if self._score_pool is not None:
+            self._score_pool.shutdown()
 
     async def _served(self, model: str) -> tuple[str, ServedModel]:
         entry = self.registry.lookup(model) or await self.registry.get(model)
         return entry.name, entry.obj
 
     @staticmethod
-    def _prompt_ids(req: pb.CompleteRequest, served: ServedModel) -> list[int]:
-        """The request's prompt as token ids (its form only: the engine checks the ids themselves)."""
+    async def _prompt_ids(req: pb.CompleteRequest, served: ServedModel, params: SamplingParams) -> list[int]:
+        """The request's prompt as token ids, refused before any work when it cannot fit the
+        context (the engine's rules: ``check_context`` on the id count, ``check_prompt_text`` on
+        the characters); a long text is tokenized off the event loop."""
+        from lmcore.engine import check_context
+
         if req.prompt and req.prompt_token_ids:
             raise InvalidArgument("give either prompt or prompt_token_ids, not both")
         if req.prompt_token_ids:
+            check_context(len(req.prompt_token_ids), params.max_tokens, served.engine.max_seq_len)
             return list(req.prompt_token_ids)
         if not req.prompt:
             raise InvalidArgument("prompt is empty: give prompt text or prompt_token_ids")
-        if req.allow_special:
-            return served.tokenizer.encode(req.prompt, allowed_special="all")
-        return served.tokenizer.encode(req.prompt)
+        served.engine.check_prompt_text(len(req.prompt), params)
+        special = {"allowed_special": "all"} if req.allow_special else {}
+        return await offload(served.tokenizer.encode, req.prompt, size=len(req.prompt), **special)
 
     def _record(self, name: str, start: float, first: float | None, n_prompt: int, n: int, finished: bool) -> None:
         if self.metrics is None:
@@ -260,7 +273,7 @@ class InferenceHandler:
         speed): the engine stream is consumed directly, without the generic ``_generate`` layer."""
         name, served = await self._served(req.model)
         params = sampling_params(req.sampling)
-        ids = served.engine.check_request(self._prompt_ids(req, served), params)  # vocabulary, context
+        ids = served.engine.check_request(await self._prompt_ids(req, served, params), params)  # vocabulary, context
         n_prompt = len(ids)
         chunk_type = pb.CompleteChunk
         start, first, completion, finished = time.perf_counter(), None, 0, False
@@ -306,13 +319,20 @@ class InferenceHandler:
         if not req.query.strip():
             raise InvalidArgument("query is empty: give the input to answer")
         params = sampling_params(req.sampling)
-        examples = [(e.input, e.output) for e in req.examples]
-        kw = {"style": req.style} if req.style else {}
-        prompt = FewShotPrompt(req.instruction, examples, **kw)
+        limit = self.limits.max_few_shot_examples
+        if len(req.examples) > limit:
+            raise InvalidArgument(f"too many examples: {len(req.examples)} given, at most {limit}")
         budget = served.engine.max_seq_len - params.max_tokens
         if budget <= 0:  # not even a one-token prompt fits: say so before rendering
             check_context(1, params.max_tokens, served.engine.max_seq_len)
-        rendered = prompt.render(req.query, served.tokenizer, budget)
+
+        def render():  # bounded by the budget (FewShotPrompt never tokenizes what cannot fit)
+            examples = [(e.input, e.output) for e in req.examples]
+            kw = {"style": req.style} if req.style else {}
+            return FewShotPrompt(req.instruction, examples, **kw).render(req.query, served.tokenizer, budget)
+
+        size = len(req.instruction) + len(req.query) + sum(len(e.input) + len(e.output) for e in req.examples)
+        rendered = await offload(render, size=size)
         stop = [rendered.stop] if isinstance(rendered.stop, str) else list(rendered.stop or ())
         if stop:  # the style's separators come on top of the request's own (at most MAX_STOP_STRINGS)
             params = params.with_extra_stop(stop)
@@ -329,23 +349,29 @@ class InferenceHandler:
                                   prompt=rendered.text, model=name)
 
     async def score(self, req: pb.ScoreRequest) -> pb.ScoreResponse:
+        """Bounded work: at most ``max_score_choices`` choices, each refused before tokenizing when
+        it cannot fit the context; tokenizing and the forward passes run on the Score executor
+        (``score_threads`` threads, ``score_max_waiting`` queued, then RESOURCE_EXHAUSTED), never
+        in the shared default executor nor on the engines' step threads; memory O(tokens)."""
+        from lmcore.engine import check_prompt_chars
+
         name, served = await self._served(req.model)
-        choices = list(req.choices)
-        if not choices:
+        n_choices = len(req.choices)
+        if not n_choices:
             raise InvalidArgument("choices is empty: give at least one continuation to score")
-        if len(choices) > MAX_SCORE_CHOICES:
-            raise InvalidArgument(f"too many choices: {len(choices)} given, at most {MAX_SCORE_CHOICES}")
+        if n_choices > self.limits.max_score_choices:
+            raise InvalidArgument(f"too many choices: {n_choices} given, at most {self.limits.max_score_choices}")
+        choices = list(req.choices)
         if any(c == "" for c in choices):
             raise InvalidArgument("choices must not be empty strings")
-        tok = served.tokenizer
-        # GPT-2 has no BOS token; <|endoftext|> stands in for "start of document" when there is no context.
-        context_ids = tok.encode(req.context) if req.context else [tok.eos_id]
-        continuations = [tok.encode(c) for c in choices]
-        longest = len(context_ids) + max(len(c) for c in continuations)
-        if longest > served.context_length:
-            raise InvalidArgument(f"context + longest choice is {longest} tokens, past the model's context of "
-                                  f"{served.context_length}")
-        results = await asyncio.to_thread(self._score, served, context_ids, continuations)
+        check_prompt_chars(len(req.context) + max(map(len, choices)), served.tokenizer.max_token_chars, 0,
+                           served.context_length)
+        if self._score_pool is None:
+            threads = self.limits.torch_threads
+            self._score_pool = BoundedExecutor(self.limits.score_threads, self.limits.score_max_waiting, "score",
+                                               initializer=lambda: _set_torch_threads(threads))
+        results, continuations = await self._score_pool.run(self._score, served, req.context, choices,
+                                                            self.limits.score_batch_tokens)
         out = pb.ScoreResponse(model=name)
         for text, ids, r in zip(choices, continuations, results):
             out.choices.append(pb.ChoiceScore(text=text, logprob=float(r.logprob),
@@ -355,13 +381,21 @@ class InferenceHandler:
         return out
 
     @staticmethod
-    def _score(served: ServedModel, context_ids: list[int], continuations: list[list[int]]):
+    def _score(served: ServedModel, context: str, choices: list[str], batch_tokens: int):
         from lmcore.tasks import score
 
+        tok = served.tokenizer
+        # GPT-2 has no BOS token; <|endoftext|> stands in for "start of document" when there is no context.
+        context_ids = tok.encode(context) if context else [tok.eos_id]
+        continuations = [tok.encode(c) for c in choices]
+        longest = len(context_ids) + max(len(c) for c in continuations)
+        if longest > served.context_length:
+            raise InvalidArgument(f"context + longest choice is {longest} tokens, past the model's context of "
+                                  f"{served.context_length}")
         # A plain forward in this worker thread, through the adapter (or the base alone): the
         # engine's batches, routed on its step thread, are unaffected.
         with served.engine.use_adapter(served.adapter):
-            return score(served.model, context_ids, continuations)
+            return score(served.model, context_ids, continuations, max_batch_tokens=batch_tokens), continuations
 
     async def inspect(self, req: pb.InspectRequest) -> pb.InspectResponse:
         """Tokens, next-token probabilities, attention and the logit lens of one text (no generation)."""
@@ -371,3 +405,9 @@ class InferenceHandler:
     async def list_models(self, req: pb.ListModelsRequest) -> pb.ListModelsResponse:
         await self.registry.refresh()
         return pb.ListModelsResponse(models=[model_info(e) for e in self.registry.entries()])
+
+
+def _set_torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)

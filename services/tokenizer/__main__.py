@@ -17,7 +17,7 @@ from .servicer import add_to_server
 async def setup(server: GrpcServer):
     registry = tokenizer_registry(server.settings)
     server.state.registry = registry
-    server.state.handler = TokenizerHandler(registry)
+    server.state.handler = TokenizerHandler(registry, server.settings)
     add_to_server(server, server.state.handler)
     return registry.load_all, registry.close
 

@@ -3,29 +3,26 @@
 The gRPC servicer (``services.tokenizer.servicer``) and a Ray Serve deployment both call these
 methods with the request message and return what they return. Tokenizing a short text takes
 microseconds, so it runs on the event loop (a thread hop would cost more than the work); texts
-past ``OFFLOAD_CHARS`` in total go to a worker thread so one large request never stalls the others
-(tiktoken's core releases the GIL).
+past ``services.limits.OFFLOAD_CHARS`` in total go to a worker thread so one large request never
+stalls the others (tiktoken's core releases the GIL).
+
+Bounded work: every request is checked against the settings (``TokenizerSettings``) before any
+tokenizing: ``max_batch_texts`` texts per EncodeBatch, ``max_text_bytes`` of text per Encode,
+EncodeBatch or CountTokens, ``max_decode_ids`` ids per Decode; and an answer that could exceed the
+message limit (``max_message_bytes``: at most one id per byte of text) is refused up front rather
+than computed and then failing to send.
 """
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from lmcore._io import has_tokenizer_files
 from services.config import TokenizerSettings
 from services.errors import InvalidArgument
 from services.gen.lmstack.v1 import tokenizer_pb2 as pb
+from services.limits import offload, response_bound
 from services.models import ModelRegistry, ModelSpec, parse_model_specs, resolve_base
-
-OFFLOAD_CHARS = 64 * 1024
-
-
-async def _run(fn, *args, size: int = 0, **kwargs):
-    """``fn(*args, **kwargs)`` inline when small, in a worker thread when ``size`` is large."""
-    if size > OFFLOAD_CHARS:
-        return await asyncio.to_thread(fn, *args, **kwargs)
-    return fn(*args, **kwargs)
 
 
 def load_tokenizer(spec: ModelSpec, registry: ModelRegistry):
@@ -47,41 +44,85 @@ def load_tokenizer(spec: ModelSpec, registry: ModelRegistry):
 
 def tokenizer_registry(settings: TokenizerSettings) -> ModelRegistry:
     return ModelRegistry(parse_model_specs(settings.models), load_tokenizer, settings.default_model,
-                         settings.model_store)
+                         settings.model_store,
+                         refresh_interval_s=settings.store_refresh_interval_s)
 
 
 class TokenizerHandler:
     """Encode, EncodeBatch, Decode and CountTokens over the registry's tokenizers."""
 
-    def __init__(self, registry: ModelRegistry):
+    def __init__(self, registry: ModelRegistry, settings: TokenizerSettings | None = None):
         self.registry = registry
+        self.limits = settings if settings is not None else TokenizerSettings()
 
     async def _tokenizer(self, model: str):
         entry = self.registry.lookup(model) or await self.registry.get(model)
         return entry.obj
 
+    def _check_texts(self, texts, tok, what: str) -> int:
+        """Total characters of ``texts`` after the size checks (bytes, and the answer's size)."""
+        chars = sum(map(len, texts))
+        limit = self.limits.max_text_bytes
+        # A character is 1-4 UTF-8 bytes: count bytes only when 4 per character does not settle it.
+        n_bytes = 4 * chars
+        if n_bytes > limit or response_bound(n_bytes, tok.vocab_size, len(texts)) > self.limits.max_message_bytes:
+            n_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+        if n_bytes > limit:
+            raise InvalidArgument(f"{what} is {n_bytes} bytes of text, more than the limit of {limit} bytes "
+                                  "(max_text_bytes): split it into smaller requests")
+        # At most one token per byte of text (special tokens are longer than one byte).
+        bound = response_bound(n_bytes, tok.vocab_size, len(texts))
+        if bound > self.limits.max_message_bytes:
+            raise InvalidArgument(f"{what} of {n_bytes} bytes could encode to a {bound}-byte answer, past the "
+                                  f"message limit of {self.limits.max_message_bytes} bytes: split it")
+        return chars
+
     async def encode(self, req: pb.EncodeRequest) -> pb.EncodeResponse:
         tok = await self._tokenizer(req.model)
+        size = self._check_texts((req.text,), tok, "the text")
         special = {"allowed_special": "all"} if req.allow_special else {}
-        return pb.EncodeResponse(token_ids=await _run(tok.encode, req.text, size=len(req.text), **special))
+        return pb.EncodeResponse(token_ids=await offload(tok.encode, req.text, size=size, **special))
 
     async def encode_batch(self, req: pb.EncodeBatchRequest) -> pb.EncodeBatchResponse:
         tok = await self._tokenizer(req.model)
+        n, limit = len(req.texts), self.limits.max_batch_texts
+        if n > limit:
+            raise InvalidArgument(f"too many texts: {n} given, at most {limit} per EncodeBatch (max_batch_texts)")
         texts = list(req.texts)
+        size = self._check_texts(texts, tok, "the batch")
         special = {"allowed_special": "all"} if req.allow_special else {}
-        batches = await _run(tok.encode_batch, texts, size=sum(map(len, texts)), **special)
+        batches = await offload(tok.encode_batch, texts, size=max(size, n * 64), **special)
         return pb.EncodeBatchResponse(items=[pb.TokenIds(token_ids=ids) for ids in batches])
 
     async def decode(self, req: pb.DecodeRequest) -> pb.DecodeResponse:
         tok = await self._tokenizer(req.model)
-        ids = list(req.token_ids)
-        bad = [i for i in ids if i < 0 or i >= tok.vocab_size]
-        if bad:
-            raise InvalidArgument(f"token id(s) {bad[:5]} out of range: this tokenizer's ids are "
-                                  f"0..{tok.vocab_size - 1}")
-        return pb.DecodeResponse(text=await _run(tok.decode, ids, size=len(ids) * 4))
+        n, limit = len(req.token_ids), self.limits.max_decode_ids
+        if n > limit:
+            raise InvalidArgument(f"too many token ids: {n} given, at most {limit} per Decode (max_decode_ids)")
+        max_bytes = self.limits.max_message_bytes - 64
+
+        def decode() -> str:
+            ids = list(req.token_ids)
+            bad = [i for i in ids if i < 0 or i >= tok.vocab_size]
+            if bad:
+                raise InvalidArgument(f"token id(s) {bad[:5]} out of range: this tokenizer's ids are "
+                                      f"0..{tok.vocab_size - 1}")
+            data = tok.decode_bytes(ids)
+            # Each byte becomes at most 3 (an invalid byte is U+FFFD): check before building the text.
+            if 3 * len(data) > max_bytes and len(text := data.decode("utf-8", "replace").encode()) > max_bytes:
+                raise InvalidArgument(f"the decoded text is {len(text)} bytes, past the message limit of "
+                                      f"{max_bytes} bytes: decode fewer ids per request")
+            return data.decode("utf-8", "replace")
+
+        return pb.DecodeResponse(text=await offload(decode, size=n * 4))
 
     async def count_tokens(self, req: pb.CountTokensRequest) -> pb.CountTokensResponse:
         tok = await self._tokenizer(req.model)
+        limit = self.limits.max_text_bytes
+        chars = len(req.text)
+        n_bytes = chars if 4 * chars <= limit else len(req.text.encode("utf-8", "surrogatepass"))
+        if n_bytes > limit:
+            raise InvalidArgument(f"the text is {n_bytes} bytes, more than the limit of {limit} bytes "
+                                  "(max_text_bytes): count it in pieces")
         special = {"allowed_special": "all"} if req.allow_special else {}
-        return pb.CountTokensResponse(count=await _run(tok.count, req.text, size=len(req.text), **special))
+        return pb.CountTokensResponse(count=await offload(tok.count, req.text, size=chars, **special))
