@@ -63,6 +63,14 @@ class ServiceSettings(BaseSettings):
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0,
                                    description="largest request or response message, in bytes")
     grace_period_s: float = Field(10.0, ge=0, description="on SIGTERM, how long in-flight RPCs may finish")
+    max_concurrent_rpcs: int = Field(1000, ge=1, description="RPCs served at once (streams included, health "
+                                                           "watches too); past it RESOURCE_EXHAUSTED")
+    keepalive_time_s: float = Field(60.0, gt=0, description="ping a connection idle this long (finds dead peers)")
+    keepalive_timeout_s: float = Field(20.0, gt=0, description="close a connection whose ping is unanswered "
+                                                              "this long")
+    max_connection_age_s: float = Field(1800.0, gt=0, description="ask clients to reconnect after this long "
+                                                                 "(GOAWAY; spreads load after a scale-up)")
+    max_connection_age_grace_s: float = Field(600.0, ge=0, description="then let its RPCs finish for this long")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads (the decode loop's cores)")
     log_level: str = Field("INFO", description="logging level")
 

@@ -169,16 +169,24 @@ class ErrorBoundary(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = details.method
-        kw = dict(request_deserializer=handler.request_deserializer,
+        kw = dict(request_deserializer=_tolerant(handler.request_deserializer),
                   response_serializer=handler.response_serializer)
         if handler.unary_unary and inspect.iscoroutinefunction(handler.unary_unary):
-            return grpc.unary_unary_rpc_method_handler(self._wrap_unary(method, handler.unary_unary), **kw)
+            return grpc.unary_unary_rpc_method_handler(self._wrap_unary(method, _checked(handler.unary_unary)), **kw)
         if handler.stream_unary and inspect.iscoroutinefunction(handler.stream_unary):
             # Client-streaming: the first argument is the request iterator; same wrapper.
-            return grpc.stream_unary_rpc_method_handler(self._wrap_unary(method, handler.stream_unary), **kw)
+            behavior = _checked_stream_in(handler.stream_unary)
+            return grpc.stream_unary_rpc_method_handler(self._wrap_unary(method, behavior), **kw)
         if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
-            return grpc.unary_stream_rpc_method_handler(self._wrap_stream(method, handler.unary_stream), **kw)
-        return handler  # bidirectional streams (reflection's): not ours, left alone
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, _checked_gen(handler.unary_stream)), **kw)
+        # Not ours (health's Watch writes with context.write, reflection is bidirectional): only a
+        # malformed request is answered here, INVALID_ARGUMENT like everywhere else.
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(_aborting(handler.unary_stream), **kw)
+        if handler.stream_stream and inspect.isasyncgenfunction(handler.stream_stream):
+            return grpc.stream_stream_rpc_method_handler(_aborting_bidi(handler.stream_stream), **kw)
+        return handler
 
     # Metrics are recorded before ``context.abort`` sends the status, so a client that has seen
     # its error finds it counted (abort raises, and code after it runs after the client knows).
@@ -230,7 +238,7 @@ class ErrorBoundary(grpc.aio.ServerInterceptor):
 
         return stream
 
-    def _handle(self, method: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
+    def _handle(self, method: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
         code, message = status_for(exc, self.error_map)
         if code == grpc.StatusCode.INTERNAL:
             log.error("%s failed: %s", method, message, exc_info=exc)
@@ -242,3 +250,87 @@ class ErrorBoundary(grpc.aio.ServerInterceptor):
         if self.metrics is not None:
             self.metrics.observe(method, code.name if hasattr(code, "name") else str(code),
                                  time.perf_counter() - start)
+
+
+# --- malformed requests ----------------------------------------------------------------------------
+# grpcio answers a request it cannot deserialize with UNKNOWN (or INTERNAL) before any handler
+# runs. The boundary installs a tolerant deserializer instead: bytes that do not parse become a
+# ``Malformed`` marker, and the wrapped handler raises ``InvalidArgument`` for it, so a malformed
+# message is INVALID_ARGUMENT with a clear message, counted and logged like any other bad input.
+class Malformed:
+    """Stands for a request message that did not parse."""
+
+    __slots__ = ("error", "size")
+
+    def __init__(self, error: Exception, size: int):
+        self.error, self.size = error, size
+
+    def exception(self) -> InvalidArgument:
+        return InvalidArgument(f"malformed request: {self.size} bytes that are not a valid message of this "
+                               f"RPC's request type ({type(self.error).__name__}: {str(self.error)[:200]})")
+
+
+def _tolerant(deserializer):
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as e:  # DecodeError, invalid UTF-8 in a string field, ...
+            return Malformed(e, len(data))
+
+    return deserialize
+
+
+async def _checked_requests(requests):
+    async for item in requests:
+        if isinstance(item, Malformed):
+            raise item.exception()
+        yield item
+
+
+def _checked(behavior):
+    async def unary(request, context):
+        if isinstance(request, Malformed):
+            raise request.exception()
+        return await behavior(request, context)
+
+    return unary
+
+
+def _checked_stream_in(behavior):
+    async def stream_in(requests, context):
+        return await behavior(_checked_requests(requests), context)
+
+    return stream_in
+
+
+def _checked_gen(behavior):
+    async def stream(request, context):
+        if isinstance(request, Malformed):
+            raise request.exception()
+        async for item in behavior(request, context):
+            yield item
+
+    return stream
+
+
+def _aborting(behavior):
+    async def stream(request, context):
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.exception()))
+        return await behavior(request, context)
+
+    return stream
+
+
+def _aborting_bidi(behavior):
+    async def bidi(requests, context):
+        try:
+            async for item in behavior(_checked_requests(requests), context):
+                yield item
+        except InvalidArgument as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    return bidi

@@ -9,6 +9,10 @@
 3. Your servicers, plus the ``grpc.health.v1`` health service and server reflection.
 
 Messages up to ``settings.max_message_bytes`` (64 MiB by default) are accepted and sent both ways.
+Server limits come from the settings too: ``max_concurrent_rpcs`` (past it, grpc answers
+``RESOURCE_EXHAUSTED``), keepalive pings and the maximum connection age (``keepalive_*``,
+``max_connection_age_*``). A request that is not valid protobuf is ``INVALID_ARGUMENT`` (the error
+boundary's tolerant deserializers), never grpcio's ``UNKNOWN``.
 Each service registers the exceptions only it knows about with ``server.map_errors({...})`` (the
 inference service: ``EngineOverloaded``; the fine-tuning service: Redis and dataset errors).
 
@@ -76,9 +80,16 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
             ("grpc.max_receive_message_length", max_message_bytes)]
 
 
-def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """``channel_options`` plus ``grpc.so_reuseport`` off: a port in use is an error, never shared."""
-    return [*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)]
+def server_options(max_message_bytes: int, settings: ServiceSettings | None = None) -> list[tuple[str, int]]:
+    """``channel_options`` plus ``grpc.so_reuseport`` off (a port in use is an error, never shared)
+    and, from ``settings``, keepalive and connection-age limits."""
+    options = [*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)]
+    if settings is not None:
+        options += [("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
+                    ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+                    ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000))]
+    return options
 
 
 class ApiKeyAuth(grpc.aio.ServerInterceptor):
@@ -138,7 +149,8 @@ class GrpcServer:
         self.errors = ErrorBoundary(self.rpc_metrics, error_map)
         self.server = grpc.aio.server(
             interceptors=[self.errors, ApiKeyAuth(settings.api_keys)],
-            options=server_options(settings.max_message_bytes),
+            options=server_options(settings.max_message_bytes, settings),
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
