@@ -134,3 +134,22 @@ class InferenceSettings(ModelServiceSettings):
                                                          "before RESOURCE_EXHAUSTED")
     score_batch_tokens: int = Field(2048, ge=1, description="tokens per Score forward pass (memory is "
                                                             "O(tokens), never O(tokens x vocabulary))")
+    quantize: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="weights quantized at load: 'int8' for every model, or NAME=int8 per model "
+                    "(comma-separated; CPU only, see lmcore.model.quantize); default fp32",
+    )
+
+    @field_validator("quantize", mode="before")
+    @classmethod
+    def _split_quantize(cls, v):
+        return _split_list(v)
+
+    def quantization_of(self, model_name: str) -> str | None:
+        """The quantization ``--quantize`` asks for this model (None: as stored)."""
+        chosen = None
+        for item in self.quantize:
+            name, sep, kind = item.rpartition("=")
+            if not sep or name == model_name:
+                chosen = kind
+        return chosen

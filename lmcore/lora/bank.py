@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lmcore.model.quantize import Int8Linear
+
 from .adapter import ADAPTER_WEIGHTS_FILE, TARGETS, read_adapter_config
 
 
@@ -147,7 +149,7 @@ class LoRABank:
             module = getattr(parent, attr)
             if isinstance(module, MultiLoRALinear):
                 raise ValueError(f"{name} is already in a LoRA bank; one bank per model")
-            if type(module) is not nn.Linear:
+            if type(module) not in (nn.Linear, Int8Linear):  # an int8 base: the low-rank products stay fp32
                 raise ValueError(f"{name} is a {type(module).__name__}; attach the bank to a plain base model")
         self.model = model
         self.routing = _Routing()

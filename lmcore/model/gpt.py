@@ -151,6 +151,7 @@ class GPT(nn.Module):
         # Set by load_model from the checkpoint directory; save_pretrained writes it back beside the weights.
         self.tokenizer: Tokenizer | None = None
         self.name_or_path: str | None = None  # the directory it was loaded from
+        self.quantization: str | None = None  # "int8" once lmcore.model.quantize has run (None: as loaded)
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
@@ -182,6 +183,10 @@ class GPT(nn.Module):
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count; the tied head is counted once (it is the same tensor as wte)."""
         n = sum(p.numel() for p in self.parameters())
+        if self.quantization is not None:  # int8 weights are buffers; the head's copy is the tied wte
+            from .quantize import Int8Linear
+
+            n += sum(m.weight_int8.numel() for m in self.modules() if isinstance(m, Int8Linear) and m is not self.lm_head)
         if exclude_embeddings:
             n -= self.transformer.wpe.weight.numel()
         return n
@@ -265,12 +270,18 @@ class GPT(nn.Module):
         return load_model(path, dtype=dtype, device=device)
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> GPT:
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               quantize: str | None = None) -> GPT:
     """Load a GPT-2 checkpoint directory (Hugging Face layout) into an lmcore ``GPT`` in eval mode.
 
     ``dtype=None`` keeps the checkpoint's own dtype. When the directory also holds tokenizer files
-    the tokenizer is loaded as ``model.tokenizer`` (``None`` otherwise).
+    the tokenizer is loaded as ``model.tokenizer`` (``None`` otherwise). ``quantize="int8"``
+    quantizes the Linear weights at load (CPU, fp32 only; see :mod:`lmcore.model.quantize`).
     """
+    from .quantize import QUANTIZATIONS
+
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of {list(QUANTIZATIONS)} or None (fp32)")
     config, state = read_checkpoint(path)
     src_dtype = state["transformer.wte.weight"].dtype
     with torch.device("meta"):
@@ -281,6 +292,10 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     model.eval()
     model.tokenizer = Tokenizer.from_file(path) if has_tokenizer_files(path) else None
     model.name_or_path = str(path)
+    if quantize == "int8":
+        from .quantize import quantize_int8
+
+        quantize_int8(model if dtype is not None else model.float())
     return model
 
 
@@ -290,6 +305,9 @@ def save_pretrained(model: GPT, path: str | Path, tokenizer: Tokenizer | None = 
     The tokenizer (``tokenizer`` or the model's own ``model.tokenizer``) is saved beside them.
     Every file is written atomically, so a crash never leaves a half-written model.
     """
+    if model.quantization is not None:
+        raise ValueError(f"this model's weights are {model.quantization} (quantized at load): save the "
+                         "fp32 model it was loaded from; quantization is applied again at load")
     write_checkpoint(path, model.config, model.state_dict())
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     if tokenizer is not None:

@@ -62,6 +62,9 @@ def add_arguments(p) -> None:
     p.add_argument("--redis-port", type=int, default=0, help="port of the private redis-server (0: a free one)")
     p.add_argument("--no-finetune", action="store_true", help="serve only tokenizer and inference")
     p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--quantize", action="append", default=[], metavar="[NAME=]int8",
+                   help="quantize weights at load (CPU): 'int8' for every model or NAME=int8 for one "
+                        "(repeatable); default fp32")
     p.add_argument("--api-key", action="append", default=[], help="require this API key (repeatable)")
 
 
@@ -175,6 +178,17 @@ def check_ports(args) -> None:
             raise SystemExit(f"lmstack serve: {e}") from None
 
 
+def check_quantize(items: list[str]) -> None:
+    """``--quantize`` values, checked before anything starts (lmcore names the quantizations it has)."""
+    from lmcore.model.quantize import QUANTIZATIONS
+
+    for item in items:
+        kind = item.rpartition("=")[2]
+        if kind not in QUANTIZATIONS:
+            raise SystemExit(f"lmstack serve: --quantize {item!r}: unknown quantization {kind!r}; "
+                             f"use one of {list(QUANTIZATIONS)} (or NAME=int8 for one model)")
+
+
 def cli_hint() -> str:
     """How to reach the ``lmstack`` CLI from the caller's shell (``make serve`` does not activate .venv)."""
     bin_dir = Path(sys.executable).parent
@@ -258,7 +272,8 @@ def plan(args) -> tuple[list[Child], str | None]:
         "LMSTACK_MODELS": models}, f"{args.host}:{args.tokenizer_port}", metrics(1)))
     children.append(Child("inference", [py, "-m", "services.inference"], {
         **common, "LMSTACK_PORT": str(args.inference_port), "LMSTACK_METRICS_PORT": str(metrics(0)),
-        "LMSTACK_MODELS": models, "LMSTACK_MAX_BATCH_SIZE": str(args.max_batch_size)},
+        "LMSTACK_MODELS": models, "LMSTACK_MAX_BATCH_SIZE": str(args.max_batch_size),
+        **({"LMSTACK_QUANTIZE": ",".join(args.quantize)} if args.quantize else {})},
         f"{args.host}:{args.inference_port}", metrics(0)))
     if not args.no_finetune:
         children.append(Child("finetune", [py, "-m", "services.finetune"], {
@@ -377,6 +392,7 @@ def run(args) -> int:
     try:
         if not finetune_available():
             args.no_finetune = True
+        check_quantize(args.quantize)
         check_ports(args)
         children, _ = plan(args)
         log_dir = data / "logs"

@@ -94,7 +94,7 @@ def make_loader(settings: InferenceSettings):
                 return bank_adapter(spec, base)
             model = load_adapter_model(spec.base_model, spec.path)
         else:
-            model = load_model(spec.path, device=settings.device)
+            model = load_model(spec.path, device=settings.device, quantize=settings.quantization_of(spec.name))
         if model.tokenizer is None:
             raise ValueError(f"{spec.path}: no tokenizer files (tokenizer.json or vocab.json + merges.txt); "
                              "save the model with its tokenizer")
