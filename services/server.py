@@ -209,11 +209,26 @@ class GrpcServer:
         reflection.enable_server_reflection(
             [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], self.server)
+        self.rpc_metrics.expect(self._method_names())
         await self.set_serving(False)
         await self.server.start()
         log.info("lmstack %s listening on %s (metrics: %s)", self.component, self.address,
                  cfg.metrics_port or "off")
         return self.port
+
+    def _method_names(self) -> list[str]:
+        """``/package.Service/Method`` of every RPC of the services added (from their descriptors)."""
+        from google.protobuf import descriptor_pool
+
+        pool = descriptor_pool.Default()
+        names = []
+        for service in self.service_names:
+            try:
+                methods = pool.FindServiceByName(service).methods
+            except KeyError:  # a service registered without a descriptor (generic handlers)
+                continue
+            names += [f"/{service}/{m.name}" for m in methods]
+        return names
 
     def _stop_metrics(self) -> None:
         if self._metrics_http is not None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import time
 import uuid
 from dataclasses import dataclass, replace
 
@@ -42,6 +43,7 @@ from .prefix_cache import PrefixCache
 from .runner import ModelRunner
 from .sampling import SamplingParams, TokenLogprob
 from .scheduler import Scheduler, Sequence
+from .stats import RequestClock, StatsListener, StepStats
 from .text_stream import TextStream
 
 
@@ -57,6 +59,8 @@ class _Generation:
     params: SamplingParams
     rng: object
     text: TextStream | None
+    clock: RequestClock  # arrival, admission, first token: for the stats listener
+    adapter: str | None = None  # the adapter's name as the request gave it
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,8 @@ class Engine:
         self._gens: dict[str, _Generation] = {}
         self._ids = itertools.count()
         self._stats = dict(steps=0, tokens_generated=0, prompt_tokens_computed=0, requests_finished=0,
-                           requests_aborted=0, requests_failed=0)
+                           requests_aborted=0, requests_failed=0, prefix_cache_query_tokens=0)
+        self._stats_listener: StatsListener | None = None
 
     # --- requests -----------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
@@ -172,7 +177,8 @@ class Engine:
         seq = Sequence(request_id, prompt_ids, params.max_tokens, adapter=adapter_index)
         self.scheduler.add(seq)  # raises on a duplicate id
         text = TextStream(self.tokenizer.stream_decoder(), params.stop) if self.tokenizer is not None else None
-        self._gens[request_id] = _Generation(seq, params, params.make_rng(), text)
+        self._gens[request_id] = _Generation(seq, params, params.make_rng(), text, RequestClock(),
+                                             None if adapter is None else str(adapter))
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -182,6 +188,7 @@ class Engine:
             return False
         self.scheduler.finish(gen.seq)
         self._stats["requests_aborted"] += 1
+        self._request_finished(gen, "aborted")
         return True
 
     def abort_all(self) -> list[str]:
@@ -232,12 +239,20 @@ class Engine:
                 sum(s.adapter == index for s in list(self.scheduler.waiting)))
 
     def stats(self) -> dict:
+        """Counters since the engine was built and a snapshot of its occupancy; safe to call from
+        another thread (a metrics scrape) while the engine steps. ``kv_cache_tokens_used`` counts
+        the positions holding keys and values (prefix-cache copies included) out of
+        ``kv_cache_tokens_total`` = slots x ``max_seq_len``."""
         pc = self.prefix_cache
+        running = list(self.scheduler.running)
         return {
             **self._stats,
-            "running": self.scheduler.num_running,
+            "running": len(running),
             "waiting": self.scheduler.num_waiting,
             "max_batch_size": self.scheduler.max_slots,
+            "max_waiting": self.max_waiting,
+            "kv_cache_tokens_used": sum(s.num_computed for s in running),
+            "kv_cache_tokens_total": self.scheduler.max_slots * self.max_seq_len,
             "kv_cache_bytes": self.runner.cache.nbytes(),
             "prefix_cache_enabled": pc is not None,
             "prefix_cache_queries": pc.queries if pc is not None else 0,
@@ -247,13 +262,26 @@ class Engine:
             "prefix_cache_blocks_total": pc.num_blocks if pc is not None else 0,
         }
 
+    def set_stats_listener(self, listener: StatsListener | None) -> None:
+        """Report every step and every finished request to ``listener`` (see :mod:`lmcore.engine.stats`);
+        None stops reporting. Its callbacks run on the stepping thread."""
+        self._stats_listener = listener
+
+    def _request_finished(self, gen: _Generation, reason: str) -> None:
+        if self._stats_listener is not None:
+            seq = gen.seq
+            self._stats_listener.on_request_finished(gen.clock.finished(
+                seq.request_id, gen.adapter, reason, seq.prompt_len, seq.num_cached_prefix, len(seq.output_ids)))
+
     # --- the step -----------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         """Schedule, run the model once over every scheduled token, emit what was generated."""
+        started = time.perf_counter()
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
         for seq in plan.admitted:
+            self._gens[seq.request_id].clock.admitted = started
             self.runner.admit(seq, self._gens[seq.request_id].params)
         params = {s.request_id: self._gens[s.request_id].params for s in plan.decode}
         rngs = {s.request_id: self._gens[s.request_id].rng for s in plan.decode}
@@ -288,10 +316,16 @@ class Engine:
                 chosen, values, ids = logprobs
                 lp = [TokenLogprob(tok, chosen[i], list(zip(ids[i][:n], values[i][:n])))]
             outputs.append(self._append(seq, tok, lp))
+        if self._stats_listener is not None:
+            self._stats_listener.on_step(StepStats(len(plan.decode) + len(plan.prefill), len(plan.decode),
+                                                   plan.num_tokens - len(plan.decode),
+                                                   time.perf_counter() - started))
         return outputs
 
     def _append(self, seq: Sequence, tok: int, lp) -> StepOutput:
         gen = self._gens[seq.request_id]
+        if not seq.output_ids:
+            gen.clock.first_token = time.perf_counter()
         seq.output_ids.append(tok)
         self._stats["tokens_generated"] += 1
         reason = None
@@ -311,6 +345,7 @@ class Engine:
             self.scheduler.finish(seq)
             del self._gens[seq.request_id]
             self._stats["requests_finished"] += 1
+            self._request_finished(gen, reason)
         return StepOutput(seq.request_id, [tok], delta, reason is not None, reason, lp,
                           seq.prompt_len, len(seq.output_ids))
 
@@ -319,11 +354,13 @@ class Engine:
         gen = self._gens.pop(request_id)
         self.scheduler.finish(gen.seq)
         self._stats["requests_failed"] += 1
+        self._request_finished(gen, "error")
         return StepOutput(request_id, [], "", True, "error", None, gen.seq.prompt_len, len(gen.seq.output_ids),
                           error=error)
 
     def _match_prefix(self, seq: Sequence) -> tuple[int, list[int]]:
         rows = self.prefix_cache.match(seq.prompt_ids, namespace=-2 - seq.adapter)
+        self._stats["prefix_cache_query_tokens"] += seq.prompt_len
         return len(rows) * self.prefix_cache.block_size, rows
 
     # --- LoRA adapters ------------------------------------------------------------------------

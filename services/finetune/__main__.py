@@ -11,13 +11,18 @@ import sys
 from services.server import GrpcServer, run_service
 
 from .handler import FineTuneHandler
+from .metrics import register_job_store_metrics
 from .servicer import add_to_server
 from .settings import FineTuneSettings
+from .store import Keys
 
 
 async def setup(server: GrpcServer):
-    handler = FineTuneHandler(server.settings)
+    settings = server.settings
+    handler = FineTuneHandler(settings)
     server.state.handler = handler
+    register_job_store_metrics(server.metrics_registry, settings.redis_url, Keys(settings.redis_prefix),
+                               settings.reclaim_idle_s)
     add_to_server(server, handler)
     return handler.connect, handler.close
 

@@ -17,14 +17,15 @@ class FineTuneSettings(ModelServiceSettings):
     redis_prefix: str = Field("lmstack:ft", description="prefix of every Redis key (several stacks, one Redis)")
     max_dataset_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest accepted dataset file")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads (workers: the training loop's)")
+    reclaim_idle_s: float = Field(30.0, gt=0, description="a job whose worker sent no heartbeat for this "
+                                                          "long is taken over by another worker (the API "
+                                                          "counts such a worker as not alive)")
 
 
 class WorkerSettings(FineTuneSettings):
     """``python -m services.finetune.worker``: claims jobs from the queue and trains them."""
 
     worker_id: str = Field("", description="consumer name in the Redis group (default: host-pid-random)")
-    reclaim_idle_s: float = Field(30.0, gt=0, description="a job whose worker sent no heartbeat for this "
-                                                          "long is taken over by another worker")
     heartbeat_s: float = Field(0.0, ge=0, description="heartbeat period (default: reclaim_idle_s / 4)")
     poll_s: float = Field(1.0, gt=0, description="how long one blocking queue read waits")
     keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept per job (older ones are deleted)")

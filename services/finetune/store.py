@@ -9,6 +9,7 @@ Keys (``P`` is the prefix, ``lmstack:ft`` by default)::
     P:job:<id>:checkpoints   list: one JSON entry per checkpoint saved
     P:idem:<key>             string: the job an idempotency key created
     P:ds:<id>, P:ds:<id>:data  hash + string: a dataset's metadata and its JSONL bytes
+    P:workers                sorted set: worker id by the last time it polled or heartbeat (liveness)
 
 **Why a stream with a consumer group.** ``XREADGROUP`` hands each queued job to exactly one
 worker and records it in the group's pending list (PEL) under that worker's name until it is
@@ -75,6 +76,10 @@ class Keys:
     def dataset_data(self, dataset_id: str) -> str:
         return f"{self.prefix}:ds:{dataset_id}:data"
 
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
 
 # Every script returns a small array: {outcome, detail}. KEYS/ARGV are documented per script.
 SCRIPTS = {
@@ -119,7 +124,7 @@ if not redis.call('HGET', KEYS[1], 'started_at') then redis.call('HSET', KEYS[1]
 local why = 'started by worker ' .. ARGV[1]
 if attempt > 1 then why = 'resumed by worker ' .. ARGV[1] .. ' (attempt ' .. attempt .. ')' end
 redis.call('XADD', KEYS[2], '*', 'type', 'STATUS', 'status', 'RUNNING', 'time', ARGV[4], 'message', why)
-return {'run', tostring(attempt)}
+return {'run', tostring(attempt), st}
 """,
     # KEYS: job, queue.  ARGV: worker, attempt, group, queue msg id, now
     # Renews the lease; returns {'ok', cancel_requested} or {'lost', ''}.
@@ -251,7 +256,9 @@ class JobStore:
         return gone
 
     # --- transitions (all fenced by worker + attempt) ----------------------------------------------
-    def start(self, job_id: str, worker: str, msg_id: str) -> tuple[str, str]:
+    def start(self, job_id: str, worker: str, msg_id: str) -> tuple[str, ...]:
+        """``("run", attempt, previous status)``: previous ``RUNNING`` means taken over from a silent
+        worker, ``QUEUED`` a fresh or requeued job; else ``("skip", why)``."""
         k = self.keys
         return tuple(decode_list(self.scripts["start"](
             keys=[k.job(job_id), k.events(job_id), k.queue], args=[worker, msg_id, GROUP, now()])))
@@ -286,6 +293,15 @@ class JobStore:
             pipe.hset(self.keys.job(job_id), mapping={k: _str(v) for k, v in fields.items()})
         pipe.xadd(self.keys.events(job_id), {"type": type_, "time": now(), "message": message,
                                              "data": json.dumps(data or {})})
+        pipe.execute()
+
+    def worker_seen(self, worker: str, forget_after_s: float = 86400.0) -> None:
+        """Record that ``worker`` is alive now (every poll and lease heartbeat); forget workers
+        silent for ``forget_after_s``. ``services.finetune.metrics`` counts the recent ones."""
+        t = time.time()
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zadd(self.keys.workers, {worker: t})
+        pipe.zremrangebyscore(self.keys.workers, "-inf", t - forget_after_s)
         pipe.execute()
 
     def add_checkpoint(self, job_id: str, entry: dict) -> None:

@@ -40,6 +40,7 @@ from lmcore.training.data import read_records, train_eval_split
 from lmcore.training.trainer import latest_checkpoint
 
 from .bases import BaseModels
+from .metrics import WorkerMetrics
 from .settings import WorkerSettings
 from .spec import lora_config, model_name, train_config
 from .store import JobStore, Keys, redis_client
@@ -51,21 +52,6 @@ class JobFailure(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
-
-
-class WorkerMetrics:
-    """``lmstack_finetune_worker_*`` on the worker's own /metrics port."""
-
-    def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge
-
-        self.registry = CollectorRegistry()
-        self.jobs = Counter("lmstack_finetune_worker_jobs", "jobs finished by this worker, by outcome",
-                            ["outcome"], registry=self.registry)
-        self.steps = Counter("lmstack_finetune_worker_optimizer_steps", "optimizer steps run", registry=self.registry)
-        self.tokens = Counter("lmstack_finetune_worker_trained_tokens", "input tokens trained on",
-                              registry=self.registry)
-        self.busy = Gauge("lmstack_finetune_worker_busy", "1 while a job runs", registry=self.registry)
 
 
 class Worker:
@@ -97,6 +83,7 @@ class Worker:
         next_prune = 0.0
         while not self.shutdown.is_set():
             try:
+                self.store.worker_seen(self.id)
                 if time.monotonic() > next_prune:  # every worker ever started left a consumer name behind
                     self.store.prune_consumers()
                     next_prune = time.monotonic() + 600
@@ -115,8 +102,10 @@ class Worker:
                 self.handle(*got)
 
     def handle(self, msg_id: str, job_id: str) -> None:
-        outcome, detail = self._retry(lambda: self.store.start(job_id, self.id, msg_id))
+        outcome, detail, *was = self._retry(lambda: self.store.start(job_id, self.id, msg_id))
         if outcome == "run":
+            if was == ["RUNNING"]:  # its worker went silent mid-run: we take it over
+                self.metrics.reclaimed.inc()
             JobRun(self, job_id, msg_id, int(detail)).execute()
         else:
             log.info("skipping queue entry %s for job %s (%s)", msg_id, job_id, detail)
@@ -141,6 +130,7 @@ class JobRun:
         self.job_id, self.msg_id, self.attempt = job_id, msg_id, attempt
         self.cancelled = self.lost = False
         self._hb_stop = threading.Event()
+        self.started_at = time.time()  # the job's first start once its record is read
 
     # --- control ------------------------------------------------------------------------------
     def _heartbeat(self) -> None:
@@ -149,7 +139,13 @@ class JobRun:
                 outcome, _ = self.store.heartbeat(self.job_id, self.w.id, self.attempt, self.msg_id)
             except redis.RedisError as e:
                 log.warning("heartbeat for %s failed: %s", self.job_id, e)
+                self.w.metrics.heartbeats.labels("error").inc()
                 continue
+            self.w.metrics.heartbeats.labels(outcome).inc()
+            try:
+                self.store.worker_seen(self.w.id)  # the main loop is busy training: say we are alive
+            except redis.RedisError:
+                pass
             if outcome == "lost":
                 log.warning("job %s was taken over by another worker; abandoning it", self.job_id)
                 self.lost = True
@@ -180,7 +176,8 @@ class JobRun:
             self._event("METRICS", f"step {e.step}/{e.total_steps}: loss {e.loss:.4f}",
                         {"step": e.step, "total_steps": e.total_steps, "loss": e.loss, "lr": e.lr,
                          "tokens_per_s": e.tokens_per_s, "trained_tokens": e.trained_tokens, "epoch": e.epoch},
-                        {"step": e.step, "trained_tokens": e.trained_tokens, "train_loss": e.loss})
+                        {"step": e.step, "total_steps": e.total_steps, "trained_tokens": e.trained_tokens,
+                         "train_loss": e.loss, "learning_rate": e.lr, "tokens_per_s": e.tokens_per_s})
         elif e.kind == "eval":
             self._event("EVAL", f"step {e.step}: held-out loss {e.eval_loss:.4f}",
                         {"step": e.step, "eval_loss": e.eval_loss}, {"eval_loss": e.eval_loss})
@@ -231,7 +228,7 @@ class JobRun:
             data["error"] = {"code": error[0], "message": error[1]}
         ok = self.w._retry(lambda: self.store.finish(self.job_id, self.w.id, self.attempt, self.msg_id, status,
                                                      message, data, fields), "finishing a job")
-        self.w.metrics.jobs.labels(status.lower() if ok else "lost").inc()
+        self.w.metrics.job_ended(status.lower() if ok else "lost", self.started_at)
         if ok:
             log.info("job %s %s", self.job_id, message)
         else:
@@ -245,6 +242,7 @@ class JobRun:
         from lmcore.model import load_model
 
         job = self.store.job(self.job_id)
+        self.started_at = float(job.get("started_at") or self.started_at)
         hp = json.loads(job["hyperparameters"])
         text = self.store.dataset_text(job["dataset_id"])
         if text is None:
@@ -292,14 +290,14 @@ class JobRun:
             self._finish("CANCELLED", f"cancelled at step {result.steps}/{result.total_steps}",
                          fields={"step": result.steps, "trained_tokens": result.trained_tokens})
         elif self.lost:
-            self.w.metrics.jobs.labels("lost").inc()
+            self.w.metrics.job_ended("lost", self.started_at)
         else:  # shutting down: save where we are and give the job back to the queue
             path = self.trainer.save_checkpoint()
             self._checkpoint_saved(self.trainer.step, str(path))
             ok = self.w._retry(lambda: self.store.requeue(
                 self.job_id, self.w.id, self.attempt, self.msg_id,
                 f"worker {self.w.id} shutting down; requeued at step {result.steps} (resumes there)"))
-            self.w.metrics.jobs.labels("requeued" if ok else "lost").inc()
+            self.w.metrics.job_ended("requeued" if ok else "lost", self.started_at)
 
     def _publish(self, model, tokenizer, name: str, job: dict, hp: dict, result, lora: bool) -> bool:
         """Write the result beside its final name, then rename it in (a reader never sees half a model)."""

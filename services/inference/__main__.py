@@ -20,8 +20,9 @@ async def setup(server: GrpcServer):
     import torch
 
     torch.set_num_threads(server.settings.torch_threads)
-    registry = inference_registry(server.settings)
-    metrics = InferenceMetrics(server.metrics_registry, registry)
+    metrics = InferenceMetrics(server.metrics_registry)
+    registry = inference_registry(server.settings, metrics)
+    metrics.watch(registry)
     server.state.registry = registry
     handler = server.state.handler = InferenceHandler(registry, metrics, server.settings)
     add_to_server(server, handler)

@@ -79,6 +79,11 @@ class ServedModel:
         model with an engine every request in it (its adapters' too: they share its slots)."""
         return self.engine.load(self.adapter)
 
+    def engine_stats(self) -> dict | None:
+        """``Engine.stats()`` of the engine this model owns; None for a banked adapter (its base
+        reports the shared engine once)."""
+        return self.engine.stats() if self.owns_engine else None
+
 
 def make_loader(settings: InferenceSettings):
     """The registry loader: a model directory (or store adapter) -> ServedModel with an Engine."""
@@ -115,21 +120,26 @@ def bank_adapter(spec: ModelSpec, base: Entry) -> ServedModel:
                        adapter=spec.name, base=base.name, parameters=parameters)
 
 
-def make_starter(settings: InferenceSettings):
-    """Start each engine's background step thread with ``settings.torch_threads`` intra-op threads."""
+def make_starter(settings: InferenceSettings, metrics: InferenceMetrics | None = None):
+    """Start each engine's background step thread with ``settings.torch_threads`` intra-op threads
+    (reporting its steps and requests to ``metrics`` when given)."""
 
     async def start(entry: Entry) -> None:
-        await start_engine(entry, settings.torch_threads)
+        await start_engine(entry, settings.torch_threads, metrics)
 
     return start
 
 
-async def start_engine(entry: Entry, torch_threads: int = 1) -> None:
+async def start_engine(entry: Entry, torch_threads: int = 1, metrics: InferenceMetrics | None = None) -> None:
     from lmcore import AsyncEngine
 
     served: ServedModel = entry.obj
+    if metrics is not None:
+        metrics.model_loaded(entry.name)
     if not served.owns_engine:  # an adapter in a base's bank: the base's engine is already running
         return
+    if metrics is not None:
+        served.engine.set_stats_listener(metrics.engine_listener(entry.name))
     served.async_engine = AsyncEngine(served.engine, num_threads=torch_threads)
     served.async_engine.start()
 
@@ -152,9 +162,9 @@ async def stop_engine(entry: Entry, idle_only: bool = False) -> bool:
     return True
 
 
-def inference_registry(settings: InferenceSettings) -> ModelRegistry:
+def inference_registry(settings: InferenceSettings, metrics: InferenceMetrics | None = None) -> ModelRegistry:
     return ModelRegistry(parse_model_specs(settings.models), make_loader(settings), settings.default_model,
-                         settings.model_store, start_entry=make_starter(settings), close_entry=stop_engine,
+                         settings.model_store, start_entry=make_starter(settings, metrics), close_entry=stop_engine,
                          refresh_interval_s=settings.store_refresh_interval_s)
 
 

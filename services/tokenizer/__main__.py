@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 from services.config import TokenizerSettings
+from services.metrics import TokenizerMetrics
 from services.server import GrpcServer, run_service
 
 from .handler import TokenizerHandler, tokenizer_registry
@@ -15,9 +16,10 @@ from .servicer import add_to_server
 
 
 async def setup(server: GrpcServer):
-    registry = tokenizer_registry(server.settings)
+    metrics = TokenizerMetrics(server.metrics_registry)
+    registry = tokenizer_registry(server.settings, metrics)
     server.state.registry = registry
-    server.state.handler = TokenizerHandler(registry, server.settings)
+    server.state.handler = TokenizerHandler(registry, server.settings, metrics)
     add_to_server(server, server.state.handler)
     return registry.load_all, registry.close
 

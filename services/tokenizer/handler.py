@@ -22,6 +22,7 @@ from services.config import TokenizerSettings
 from services.errors import InvalidArgument
 from services.gen.lmstack.v1 import tokenizer_pb2 as pb
 from services.limits import offload, response_bound
+from services.metrics import TokenizerMetrics
 from services.models import ModelRegistry, ModelSpec, parse_model_specs, resolve_base
 
 
@@ -42,22 +43,34 @@ def load_tokenizer(spec: ModelSpec, registry: ModelRegistry):
     return Tokenizer.from_file(path)
 
 
-def tokenizer_registry(settings: TokenizerSettings) -> ModelRegistry:
+def tokenizer_registry(settings: TokenizerSettings, metrics: TokenizerMetrics | None = None) -> ModelRegistry:
+    start = None
+    if metrics is not None:
+        async def start(entry) -> None:  # its series exist from the moment it serves
+            metrics.model_loaded(entry.name)
     return ModelRegistry(parse_model_specs(settings.models), load_tokenizer, settings.default_model,
-                         settings.model_store,
+                         settings.model_store, start_entry=start,
                          refresh_interval_s=settings.store_refresh_interval_s)
 
 
 class TokenizerHandler:
-    """Encode, EncodeBatch, Decode and CountTokens over the registry's tokenizers."""
+    """Encode, EncodeBatch, Decode and CountTokens over the registry's tokenizers; with ``metrics``,
+    each counts its tokens and text bytes (``lmstack_tokenizer_tokens_total``, ``..._text_bytes_total``)."""
 
-    def __init__(self, registry: ModelRegistry, settings: TokenizerSettings | None = None):
+    def __init__(self, registry: ModelRegistry, settings: TokenizerSettings | None = None,
+                 metrics: TokenizerMetrics | None = None):
         self.registry = registry
         self.limits = settings if settings is not None else TokenizerSettings()
+        self.metrics = metrics
 
     async def _tokenizer(self, model: str):
         entry = self.registry.lookup(model) or await self.registry.get(model)
-        return entry.obj
+        return entry.name, entry.obj
+
+    def _count(self, model: str, method: str, tokens: int, texts) -> None:
+        if self.metrics is not None:  # isascii() is O(1) in CPython: encode only non-ASCII text
+            n_bytes = sum(len(t) if t.isascii() else len(t.encode("utf-8", "surrogatepass")) for t in texts)
+            self.metrics.observe(model, method, tokens, n_bytes)
 
     def _check_texts(self, texts, tok, what: str) -> int:
         """Total characters of ``texts`` after the size checks (bytes, and the answer's size)."""
@@ -78,13 +91,15 @@ class TokenizerHandler:
         return chars
 
     async def encode(self, req: pb.EncodeRequest) -> pb.EncodeResponse:
-        tok = await self._tokenizer(req.model)
+        name, tok = await self._tokenizer(req.model)
         size = self._check_texts((req.text,), tok, "the text")
         special = {"allowed_special": "all"} if req.allow_special else {}
-        return pb.EncodeResponse(token_ids=await offload(tok.encode, req.text, size=size, **special))
+        ids = await offload(tok.encode, req.text, size=size, **special)
+        self._count(name, "encode", len(ids), (req.text,))
+        return pb.EncodeResponse(token_ids=ids)
 
     async def encode_batch(self, req: pb.EncodeBatchRequest) -> pb.EncodeBatchResponse:
-        tok = await self._tokenizer(req.model)
+        name, tok = await self._tokenizer(req.model)
         n, limit = len(req.texts), self.limits.max_batch_texts
         if n > limit:
             raise InvalidArgument(f"too many texts: {n} given, at most {limit} per EncodeBatch (max_batch_texts)")
@@ -92,10 +107,11 @@ class TokenizerHandler:
         size = self._check_texts(texts, tok, "the batch")
         special = {"allowed_special": "all"} if req.allow_special else {}
         batches = await offload(tok.encode_batch, texts, size=max(size, n * 64), **special)
+        self._count(name, "encode_batch", sum(map(len, batches)), texts)
         return pb.EncodeBatchResponse(items=[pb.TokenIds(token_ids=ids) for ids in batches])
 
     async def decode(self, req: pb.DecodeRequest) -> pb.DecodeResponse:
-        tok = await self._tokenizer(req.model)
+        name, tok = await self._tokenizer(req.model)
         n, limit = len(req.token_ids), self.limits.max_decode_ids
         if n > limit:
             raise InvalidArgument(f"too many token ids: {n} given, at most {limit} per Decode (max_decode_ids)")
@@ -114,10 +130,12 @@ class TokenizerHandler:
                                       f"{max_bytes} bytes: decode fewer ids per request")
             return data.decode("utf-8", "replace")
 
-        return pb.DecodeResponse(text=await offload(decode, size=n * 4))
+        text = await offload(decode, size=n * 4)
+        self._count(name, "decode", n, (text,))
+        return pb.DecodeResponse(text=text)
 
     async def count_tokens(self, req: pb.CountTokensRequest) -> pb.CountTokensResponse:
-        tok = await self._tokenizer(req.model)
+        name, tok = await self._tokenizer(req.model)
         limit = self.limits.max_text_bytes
         chars = len(req.text)
         n_bytes = chars if 4 * chars <= limit else len(req.text.encode("utf-8", "surrogatepass"))
@@ -125,4 +143,6 @@ class TokenizerHandler:
             raise InvalidArgument(f"the text is {n_bytes} bytes, more than the limit of {limit} bytes "
                                   "(max_text_bytes): count it in pieces")
         special = {"allowed_special": "all"} if req.allow_special else {}
-        return pb.CountTokensResponse(count=await offload(tok.count, req.text, size=chars, **special))
+        count = await offload(tok.count, req.text, size=chars, **special)
+        self._count(name, "count_tokens", count, (req.text,))
+        return pb.CountTokensResponse(count=count)

@@ -475,7 +475,20 @@ def test_metrics_names(tiny_models):
                      'lmstack_inference_generation_tokens_total{model="tiny"} 5.0',
                      'lmstack_inference_running_requests{model="tiny"} 0.0',
                      'lmstack_inference_queue_depth_requests{model="tiny"} 0.0',
-                     'code="INVALID_ARGUMENT",method="/lmstack.v1.InferenceService/Complete"']:
+                     'code="INVALID_ARGUMENT",method="/lmstack.v1.InferenceService/Complete"',
+                     # the engine's own (lmcore.engine.stats), per model and adapter
+                     'lmstack_inference_requests_finished_total{adapter="",finish_reason="length",model="tiny"} 1.0',
+                     'lmstack_inference_requests_finished_total{adapter="",finish_reason="aborted",model="tiny"} 0.0',
+                     'lmstack_inference_request_queue_time_seconds_count{adapter="",model="tiny"} 1.0',
+                     'lmstack_inference_request_prefill_time_seconds_count{adapter="",model="tiny"} 1.0',
+                     'lmstack_inference_request_decode_time_seconds_count{adapter="",model="tiny"} 1.0',
+                     f'lmstack_inference_queue_capacity_requests{{model="tiny"}} {float(settings.max_waiting)}',
+                     'lmstack_inference_kv_cache_slot_usage_ratio{model="tiny"} 0.0',
+                     'lmstack_inference_kv_cache_token_usage_ratio{model="tiny"} 0.0',
+                     'lmstack_inference_prefix_cache_query_tokens_total{model="tiny"}']:
             assert name in body, name
+        steps = s.server.state.registry.lookup("tiny").obj.engine.stats()["steps"]
+        assert f'lmstack_inference_batch_size_requests_count{{model="tiny"}} {float(steps)}' in body
+        assert f'lmstack_inference_engine_step_duration_seconds_count{{model="tiny"}} {float(steps)}' in body
     finally:
         s.stop()

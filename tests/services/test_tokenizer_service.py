@@ -141,6 +141,9 @@ def test_module_entrypoint_env_settings_and_sigterm(tmp_path):
             body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
             assert 'lmstack_tokenizer_rpc_requests_total{code="OK",method="/lmstack.v1.TokenizerService/Encode"}' \
                 in body
+            n = len(gpt2_tokenizer().encode("hello world"))
+            assert f'lmstack_tokenizer_tokens_total{{method="encode",model="gpt2"}} {float(n)}' in body
+            assert f'lmstack_tokenizer_text_bytes_total{{method="encode",model="gpt2"}} {float(len(b"hello world"))}' in body
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out
