@@ -19,7 +19,8 @@
 ``AsyncClient`` has the same methods as coroutines (``complete_stream`` is an async iterator) for
 ``asyncio`` programs. Sampling options are keyword arguments named like the proto's
 ``SamplingParams`` fields (``max_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``,
-``stop``, ``logprobs``, ...); unset ones keep the server's defaults. Errors raise
+``stop``, ``logprobs``, ...; structured output: ``json_schema`` (a dict or JSON text), ``json_object``,
+``regex``, ``grammar``, ``choice``); unset ones keep the server's defaults. Errors raise
 ``grpc.RpcError`` (sync) or ``grpc.aio.AioRpcError`` (async) with ``.code()`` and ``.details()``.
 The request builders (``complete_request``, ``few_shot_request``, ...) are public for callers that
 use the raw stubs (``client.inference``, ``client.tokenizer``, ``client.health``).
@@ -27,6 +28,7 @@ use the raw stubs (``client.inference``, ``client.tokenizer``, ``client.health``
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 
@@ -56,6 +58,8 @@ def sampling_params(**kw) -> common_pb2.SamplingParams:
     kw = {k: v for k, v in kw.items() if v is not None}
     if isinstance(kw.get("stop"), str):
         kw["stop"] = [kw["stop"]]
+    if isinstance(kw.get("json_schema"), dict):  # the wire carries JSON text
+        kw["json_schema"] = json.dumps(kw["json_schema"])
     return common_pb2.SamplingParams(**kw)
 
 

@@ -38,6 +38,7 @@ import torch
 from lmcore.model.gpt import GPT
 
 from .confinement import execute_each, unusable_error
+from .constraints import Constraints, constraint_of
 from .outputs import StepOutput
 from .prefix_cache import PrefixCache
 from .runner import ModelRunner
@@ -145,8 +146,10 @@ class Engine:
             tokens = config.prefix_cache_tokens if config.prefix_cache_tokens is not None else 4 * self.max_seq_len
             prefix_blocks = max(1, tokens // block)
             self.prefix_cache = PrefixCache(prefix_blocks, block)
+        # Structured output: compiled grammars and per-request matchers (lmcore.engine.constraints).
+        self.constraints = Constraints(tokenizer, model.config.vocab_size)
         self.runner = ModelRunner(self.model, config.max_batch_size, self.max_seq_len, device, dtype,
-                                  prefix_blocks, block, config.prepack_weights)
+                                  prefix_blocks, block, config.prepack_weights, constraints=self.constraints)
         matcher = self._match_prefix if self.prefix_cache is not None else None
         self.scheduler = Scheduler(config.max_batch_size, config.prefill_chunk_size, matcher)
         self._gens: dict[str, _Generation] = {}
@@ -176,6 +179,8 @@ class Engine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         seq = Sequence(request_id, prompt_ids, params.max_tokens, adapter=adapter_index)
         self.scheduler.add(seq)  # raises on a duplicate id
+        if params.constrained:
+            self.constraints.add(request_id, *constraint_of(params))
         text = TextStream(self.tokenizer.stream_decoder(), params.stop) if self.tokenizer is not None else None
         self._gens[request_id] = _Generation(seq, params, params.make_rng(), text, RequestClock(),
                                              None if adapter is None else str(adapter))
@@ -187,6 +192,7 @@ class Engine:
         if gen is None:
             return False
         self.scheduler.finish(gen.seq)
+        self.constraints.remove(request_id)
         self._stats["requests_aborted"] += 1
         self._request_finished(gen, "aborted")
         return True
@@ -215,6 +221,8 @@ class Engine:
         check_context(len(prompt_ids), params.max_tokens, self.max_seq_len)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (the engine was built without one)")
+        if params.constrained:  # compiles it (cached): a schema, regex or grammar the library refuses is named here
+            self.constraints.compile(*constraint_of(params))
         return prompt_ids
 
     def check_prompt_text(self, n_chars: int, params: SamplingParams) -> None:
@@ -324,12 +332,20 @@ class Engine:
 
     def _append(self, seq: Sequence, tok: int, lp) -> StepOutput:
         gen = self._gens[seq.request_id]
+        grammar_ended = False
+        if gen.params.constrained:  # advance its matcher; a token it refuses fails the request alone
+            try:
+                grammar_ended = self.constraints.accept(seq.request_id, tok)
+            except ValueError as e:
+                return self._fail(seq.request_id, RuntimeError(f"generation failed: {e}"))
         if not seq.output_ids:
             gen.clock.first_token = time.perf_counter()
         seq.output_ids.append(tok)
         self._stats["tokens_generated"] += 1
         reason = None
         is_eos = tok == self.eos_id and not gen.params.ignore_eos
+        if grammar_ended:  # the output is a complete string of the constraint: "stop", like a stop string
+            reason, is_eos = "stop", tok == self.eos_id
         delta = ""
         if gen.text is not None and not is_eos:
             delta = gen.text.push(tok)
@@ -340,9 +356,10 @@ class Engine:
         if reason is None and len(seq.output_ids) >= seq.max_tokens:
             reason = "length"
         if reason is not None:
-            if gen.text is not None and reason != "stop":
+            if gen.text is not None and (reason != "stop" or not gen.text.stopped):
                 delta += gen.text.finish()
             self.scheduler.finish(seq)
+            self.constraints.remove(seq.request_id)
             del self._gens[seq.request_id]
             self._stats["requests_finished"] += 1
             self._request_finished(gen, reason)
@@ -353,6 +370,7 @@ class Engine:
         """End one request with ``error`` (finish_reason "error"); the rest of the batch goes on."""
         gen = self._gens.pop(request_id)
         self.scheduler.finish(gen.seq)
+        self.constraints.remove(request_id)
         self._stats["requests_failed"] += 1
         self._request_finished(gen, "error")
         return StepOutput(request_id, [], "", True, "error", None, gen.seq.prompt_len, len(gen.seq.output_ids),

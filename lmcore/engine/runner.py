@@ -46,8 +46,9 @@ class StepInputs:
 class ModelRunner:
     def __init__(self, model: GPT, n_slots: int, max_seq_len: int, device: torch.device,
                  dtype: torch.dtype, prefix_blocks: int = 0, prefix_block_size: int = 16,
-                 prepack_weights: bool = True):
+                 prepack_weights: bool = True, constraints=None):
         self.model = model
+        self.constraints = constraints  # lmcore.engine.constraints.Constraints: masks of constrained rows
         self.device = device
         self.dtype = dtype
         cfg = model.config
@@ -274,6 +275,7 @@ class ModelRunner:
         """Run one step: ``(samplers, token_ids, logprobs)``, the latter two on the host."""
         self.last_draws = None  # (samplers, uniforms) once drawn: a failed step replays them
         step = self.prepare(out, params, rngs)
+        masks = self._begin_masks(step)  # filled on a worker thread while the forward runs
         layers = self.weights.layers(step.tokens.size(0))
         if step.adapters is None:
             hidden = self.model.forward_cached(step.tokens, step.batch, self.k_layers, self.v_layers, layers)
@@ -288,17 +290,26 @@ class ModelRunner:
         R = len(step.samplers)
         hidden = hidden[:R] if step.rows is None else hidden.index_select(0, step.rows)  # (R, C)
         logits = self.logits(hidden).float()  # (R, V)
-        ids, lp = self.sample(logits, step)
+        ids, lp = self.sample(logits, step, masks)
         return step.samplers, ids, lp
 
-    def sample(self, logits: torch.Tensor, step: StepInputs):
-        """Penalties, greedy/temperature/top-k/top-p choice, log-probabilities; one host sync."""
+    def _begin_masks(self, step: StepInputs):
+        """The structured-output masks of this step's constrained rows (None: no row is)."""
+        if self.constraints is None or not self.constraints.active or not step.samplers:
+            return None
+        return self.constraints.begin_masks([s.request_id for s in step.samplers])
+
+    def sample(self, logits: torch.Tensor, step: StepInputs, masks=None):
+        """Penalties, structured-output masks (``masks``: their rows only), greedy/temperature/
+        top-k/top-p choice, log-probabilities (of the raw logits: pre-mask); one host sync."""
         ps, slot_t = step.params, step.slots
         raw = logits
         penalised = self.seen is not None and any(p.uses_penalties for p in ps)
         if penalised:
             logits = apply_penalties(logits, self.seen[slot_t], self.counts[slot_t], self.repetition[slot_t],
                                      self.presence[slot_t], self.frequency[slot_t])
+        if masks is not None:
+            logits = masks.apply(logits)
         best, ids = logits.max(-1)  # (R,) greedy; first maximum on ties, like argmax, ~3x faster on CPU
         if step.uniforms is not None:
             k_max = max(p.top_k for p in ps)
@@ -309,7 +320,7 @@ class ModelRunner:
             )
             choice = sample_from_probs(probs, step.uniforms)
             ids = choice if step.greedy is None else torch.where(step.greedy, ids, choice)
-        ids = flag_unusable_rows(ids, best, raw if penalised else None)
+        ids = flag_unusable_rows(ids, best, raw if penalised or masks is not None else None)
         safe = ids.clamp(min=0)  # flagged rows (-1/-2) index token 0 below; the engine fails them
         if penalised:
             self.counts.index_put_((slot_t, safe), (ids >= 0).to(self.counts.dtype), accumulate=True)

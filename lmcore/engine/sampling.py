@@ -20,11 +20,14 @@ divergence is the logits themselves; see :mod:`lmcore.engine` ("Batch invariance
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .constraints import CONSTRAINT_KINDS, MAX_CHOICE_CHARS, MAX_CHOICES, MAX_CONSTRAINT_CHARS
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256  # characters per stop string (matching holds back up to this much text)
@@ -53,6 +56,13 @@ class SamplingParams(BaseModel):
     stop: list[str] = Field(default_factory=list, description="stop strings, matched on text")
     logprobs: int = Field(0, ge=0, le=MAX_LOGPROBS, description="top-n alternatives per token; 0 = off")
     ignore_eos: bool = Field(False, description="keep generating past the end-of-text token")
+    # Structured output (lmcore.engine.constraints): at most one of these. Their syntax is checked
+    # here; whether the library accepts them, by Engine.check_request (it compiles them).
+    json_schema: str | None = Field(None, description="a JSON Schema (text or dict) the output must follow")
+    json_object: bool = Field(False, description="the output is any valid JSON object")
+    regex: str | None = Field(None, description="a regular expression the whole output must match")
+    grammar: str | None = Field(None, description="an EBNF/GBNF grammar (rule root) the output follows")
+    choice: list[str] | None = Field(None, description="the output is exactly one of these strings")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -81,6 +91,62 @@ class SamplingParams(BaseModel):
         if longest > MAX_STOP_LENGTH:
             raise ValueError(f"stop strings are at most {MAX_STOP_LENGTH} characters, got one of {longest}")
         return v
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _schema_text(cls, v):
+        if v is None:
+            return None
+        if isinstance(v, str):
+            if len(v) > MAX_CONSTRAINT_CHARS:
+                raise ValueError(f"json_schema is {len(v)} characters, at most {MAX_CONSTRAINT_CHARS}")
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"json_schema is not valid JSON: {e}") from None
+        if not isinstance(v, dict | bool):
+            raise ValueError(f"json_schema must be a JSON object (a schema), got {type(v).__name__}")
+        return json.dumps(v)  # one text form (the compile cache's key); property order kept: it is the output's
+
+    @field_validator("regex", "grammar")
+    @classmethod
+    def _check_text(cls, v, info):
+        if v is not None:
+            if not v:
+                raise ValueError(f"{info.field_name} is empty")
+            if len(v) > MAX_CONSTRAINT_CHARS:
+                raise ValueError(f"{info.field_name} is {len(v)} characters, at most {MAX_CONSTRAINT_CHARS}")
+        return v
+
+    @field_validator("choice")
+    @classmethod
+    def _check_choice(cls, v):
+        if v is None:
+            return None
+        if not v:
+            raise ValueError("choice is empty: give at least one string")
+        if len(v) > MAX_CHOICES:
+            raise ValueError(f"at most {MAX_CHOICES} choices are allowed, got {len(v)}")
+        if any(c == "" for c in v):
+            raise ValueError("choices must be non-empty strings")
+        longest = max(map(len, v))
+        if longest > MAX_CHOICE_CHARS:
+            raise ValueError(f"choices are at most {MAX_CHOICE_CHARS} characters, got one of {longest}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        given = [k for k in CONSTRAINT_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) > 1:
+            raise ValueError(f"give at most one constraint (json_schema, json_object, regex, grammar, choice); "
+                             f"got {', '.join(given)}")
+        return self
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the output is constrained (see :mod:`lmcore.engine.constraints`)."""
+        return (self.json_schema is not None or self.json_object or self.regex is not None
+                or self.grammar is not None or self.choice is not None)
 
     def with_extra_stop(self, extra: list[str]) -> SamplingParams:
         """These parameters with ``extra`` stop strings added after the request's own (a prompt

@@ -96,23 +96,58 @@ def _complete_args(p) -> None:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print tokens as they are generated (default; --no-stream waits for the whole text)")
     p.add_argument("--verbose", "-v", action="store_true", help="print finish reason and token counts to stderr")
+    _constraint_args(p)
+
+
+def _constraint_args(p) -> None:
+    g = p.add_argument_group("structured output (at most one)")
+    ex = g.add_mutually_exclusive_group()
+    ex.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid under this JSON Schema file")
+    ex.add_argument("--json-object", action="store_true", help="the output is any valid JSON object")
+    ex.add_argument("--regex", metavar="RE", help="the whole output matches this regular expression")
+    ex.add_argument("--grammar", metavar="FILE", help="the output follows this EBNF/GBNF grammar file (rule root)")
+    ex.add_argument("--choice", action="append", metavar="TEXT",
+                    help="the output is exactly one of the --choice strings (repeatable)")
+
+
+def _constraint(args) -> dict:
+    """The constraint options as sampling fields; ValueError naming an unreadable file."""
+    out: dict = {}
+    for flag, field in (("json_schema", "json_schema"), ("grammar", "grammar")):
+        path = getattr(args, flag)
+        if path is not None:
+            try:
+                out[field] = Path(path).read_text()
+            except OSError as e:
+                raise ValueError(f"--{flag.replace('_', '-')} {path}: {e.strerror}") from None
+    if args.json_object:
+        out["json_object"] = True
+    if args.regex is not None:
+        out["regex"] = args.regex
+    if args.choice:
+        out["choice"] = args.choice
+    return out
 
 
 def _complete(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        constraint = _constraint(args)
+    except ValueError as e:
+        return _fail("complete", str(e))
 
     def go() -> int:
         with _client(args) as c:
             if args.stream:
                 finish, usage = "", None
-                for chunk in c.complete_stream(prompt, model=args.model, **_sampling(args)):
+                for chunk in c.complete_stream(prompt, model=args.model, **_sampling(args), **constraint):
                     sys.stdout.write(chunk.text)
                     sys.stdout.flush()
                     if chunk.finish_reason:
                         finish, usage = chunk.finish_reason, chunk.usage
                 print()
             else:
-                r = c.complete(prompt, model=args.model, **_sampling(args))
+                r = c.complete(prompt, model=args.model, **_sampling(args), **constraint)
                 print(r.text)
                 finish, usage = r.finish_reason, r.usage
         if args.verbose and usage is not None:

@@ -17,7 +17,8 @@ Validation policy: lmcore owns the rules of what it executes and the handler ask
 fields and stop strings are checked by ``lmcore.SamplingParams`` (a pydantic ``ValidationError``:
 ``INVALID_ARGUMENT``), the prompt's token ids and prompt + max_tokens against the context by
 ``Engine.check_request`` before anything is queued (its ``ValueError``: ``INVALID_ARGUMENT``, the
-message naming both numbers), prompt styles by ``FewShotPrompt``. The handler checks only what is
+message naming both numbers; a structured-output constraint is compiled there, so a bad schema,
+regex or grammar is named before anything is queued), prompt styles by ``FewShotPrompt``. The handler checks only what is
 about the request's form: an empty prompt, both prompt forms at once, Score's choices.
 """
 
@@ -46,6 +47,7 @@ if TYPE_CHECKING:  # lmcore is imported when a model loads, not when the service
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
                    "presence_penalty", "frequency_penalty", "seed", "logprobs", "ignore_eos")
 FLOAT_FIELDS = {"temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"}
+CONSTRAINT_FIELDS = ("json_schema", "json_object", "regex", "grammar")  # structured output (+ repeated choice)
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -185,7 +187,21 @@ def sampling_params(sp: common_pb2.SamplingParams, extra_stop: list[str] | tuple
     stops = list(sp.stop)
     if stops or extra_stop:
         kw["stop"] = stops + [s for s in extra_stop if s not in stops]
+    for f in CONSTRAINT_FIELDS:
+        if sp.HasField(f):
+            kw[f] = getattr(sp, f)
+    if sp.choice:
+        kw["choice"] = list(sp.choice)
     return SamplingParams(**kw)
+
+
+async def check_request(served: ServedModel, ids: list[int], params: SamplingParams) -> list[int]:
+    """``Engine.check_request`` before queueing; a constrained request's check compiles its grammar
+    (ms, more for a large schema; the first one also imports the library), so it runs in a worker
+    thread, never on the event loop. The compiled grammar is cached for the request to reuse."""
+    if params.constrained:
+        return await asyncio.to_thread(served.engine.check_request, ids, params)
+    return served.engine.check_request(ids, params)
 
 
 def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
@@ -283,7 +299,7 @@ class InferenceHandler:
         speed): the engine stream is consumed directly, without the generic ``_generate`` layer."""
         name, served = await self._served(req.model)
         params = sampling_params(req.sampling)
-        ids = served.engine.check_request(await self._prompt_ids(req, served, params), params)  # vocabulary, context
+        ids = await check_request(served, await self._prompt_ids(req, served, params), params)  # vocabulary, context
         n_prompt = len(ids)
         chunk_type = pb.CompleteChunk
         start, first, completion, finished = time.perf_counter(), None, 0, False
@@ -346,7 +362,7 @@ class InferenceHandler:
         stop = [rendered.stop] if isinstance(rendered.stop, str) else list(rendered.stop or ())
         if stop:  # the style's separators come on top of the request's own (at most MAX_STOP_STRINGS)
             params = params.with_extra_stop(stop)
-        ids = served.engine.check_request(rendered.token_ids, params)
+        ids = await check_request(served, rendered.token_ids, params)
         text, n, finish = [], 0, ""
         async with aclosing(self._generate(name, served, ids, params)) as outputs:
             async for out in outputs:

@@ -177,6 +177,34 @@ def test_stop_strings_are_unescaped(served):
     assert "finish_reason=stop" in escaped.stderr and escaped.stdout == literal.stdout
 
 
+
+def test_complete_with_a_json_schema_a_regex_or_choices(served, tmp_path):
+    """`lmstack complete --json-schema FILE | --regex RE | --choice A --choice B`, streamed and not."""
+    import re
+
+    addrs, _, _ = served
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                               "size": {"type": "integer", "minimum": 1, "maximum": 64}},
+              "required": ["name", "size"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    base = ("complete", "config = ", "--addr", addrs["inference"], "--max-tokens", "60", "--seed", "3",
+            "--temperature", "1", "-v")
+    for stream in ("--stream", "--no-stream"):
+        r = lmstack(*base, stream, "--json-schema", str(tmp_path / "schema.json"))
+        assert r.returncode == 0 and "finish_reason=stop" in r.stderr, r.stderr
+        obj = json.loads(r.stdout)
+        assert set(obj) == {"name", "size"} and 1 <= obj["size"] <= 64 and len(obj["name"]) <= 8
+        r = lmstack(*base, stream, "--regex", r"v[0-9]\.[0-9]{1,2}")
+        assert r.returncode == 0 and re.fullmatch(r"v[0-9]\.[0-9]{1,2}", r.stdout.rstrip("\n")), r.stdout
+        r = lmstack(*base, stream, "--choice", "red", "--choice", "green")
+        assert r.returncode == 0 and r.stdout.rstrip("\n") in ("red", "green"), r.stdout
+    bad = lmstack(*base, "--regex", "[0-9")
+    assert bad.returncode == 1 and bad.stderr.startswith("lmstack complete: INVALID_ARGUMENT: invalid regex"), bad.stderr
+    missing = lmstack(*base, "--json-schema", str(tmp_path / "nope.json"))
+    assert missing.returncode == 1 and "nope.json" in missing.stderr and "Traceback" not in missing.stderr
+    both = lmstack(*base, "--regex", "a", "--choice", "a")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+
 def test_finetune_options_go_before_or_after_the_action():
     port = free_port()  # nothing listens: both spellings must reach the same one-line error
     for argv in (("finetune", "--addr", f"127.0.0.1:{port}", "list"), ("finetune", "list", "--addr",
