@@ -4,7 +4,7 @@ The section's blocks are read from README.md itself (each is marked ``<!-- check
 tests/test_tutorial.py -->``, so ``tests/test_readme.py`` leaves them to this test). Two changes
 from what a reader types, both to fit a shared test machine: ``LMSTACK_MAX_STEPS=20`` caps the
 training run (as the section says), and the ``lmstack serve`` block gets free ports appended
-(``--inference-port ... --metrics-port 0``), which the other commands find through
+(``--inference-port ... --inspect-port ... --metrics-port 0``, the later flag winning), which the other commands find through
 ``LMSTACK_INFERENCE_ADDR`` / ``LMSTACK_TOKENIZER_ADDR`` / ``LMSTACK_FINETUNE_ADDR``. Everything
 runs in a fresh working directory; the serve block runs in the background, as in its own terminal.
 """
@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,7 @@ def test_the_section_is_all_checked_blocks():
 def test_tutorial_runs_as_written(tmp_path):
     work = tmp_path / "tutorial"
     work.mkdir()
-    ports = {"inference": free_port(), "tokenizer": free_port(), "finetune": free_port()}
+    ports = {"inference": free_port(), "tokenizer": free_port(), "finetune": free_port(), "inspect": free_port()}
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "LMSTACK_MAX_STEPS": "20", "XDG_CACHE_HOME": str(work / ".cache"), "PYTHONUNBUFFERED": "1",
            "LMSTACK_INFERENCE_ADDR": f"127.0.0.1:{ports['inference']}",
@@ -66,7 +67,8 @@ def test_tutorial_runs_as_written(tmp_path):
                 continue
             if body.startswith("lmstack serve"):
                 command = body + (f" --inference-port {ports['inference']} --tokenizer-port {ports['tokenizer']}"
-                                  f" --finetune-port {ports['finetune']} --metrics-port 0")
+                                  f" --finetune-port {ports['finetune']} --inspect-port {ports['inspect']}"
+                                  " --metrics-port 0")
                 log = open(log_path, "w")
                 serve = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=work, env=env, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
@@ -76,6 +78,17 @@ def test_tutorial_runs_as_written(tmp_path):
                     if serve.poll() is not None or time.monotonic() > deadline:
                         pytest.fail(f"lmstack serve did not start:\n{log_path.read_text()[-3000:]}")
                     time.sleep(0.2)
+                page = f"http://127.0.0.1:{ports['inspect']}/inspect"
+                assert f"inspect    http {page}" in log_path.read_text()
+                deadline = time.monotonic() + 60  # the page, served with the platform (it starts beside it)
+                while True:
+                    try:
+                        with urllib.request.urlopen(page, timeout=10) as r:
+                            assert r.status == 200 and b"<title>lmstack" in r.read()
+                        break
+                    except OSError:
+                        assert time.monotonic() < deadline, f"{page} not served:\n{log_path.read_text()[-2000:]}"
+                        time.sleep(0.3)
                 outputs.append("")
                 continue
             r = subprocess.run(["bash", "-euo", "pipefail", "-c", body], cwd=work, env=env, capture_output=True,
