@@ -153,3 +153,5 @@ class InferenceSettings(ModelServiceSettings):
             if not sep or name == model_name:
                 chosen = kind
         return chosen
+    http_port: int = Field(0, ge=0, le=65535, description="OpenAI-compatible HTTP API port on the same "
+                                                          "engines (services.http); 0: off")

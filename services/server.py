@@ -159,11 +159,18 @@ class GrpcServer:
         self._metrics_http = None
         self._stopped = asyncio.Event()
         self.state = types.SimpleNamespace()  # the service's objects (registry, handler), for tests and tools
+        self.companions: list = []  # other front ends sharing this lifecycle (add_companion)
 
     def add_service(self, add_to_server: Callable, servicer, service_name: str) -> None:
         """Register a servicer (``add_XServicer_to_server``) under its full name (``lmstack.v1.X``)."""
         add_to_server(servicer, self.server)
         self.service_names.append(service_name)
+
+    def add_companion(self, companion) -> None:
+        """Another front end over the same handler (the OpenAI HTTP API, ``services.http.server``)
+        that follows this server: ``check_port()`` before anything binds, ``start()`` after the
+        gRPC server, ``set_serving(bool)`` with health, ``stop(grace)`` beside the gRPC drain."""
+        self.companions.append(companion)
 
     def map_errors(self, error_map: ErrorMap) -> None:
         """Map exceptions a service's handler raises to status codes (``services.errors``), e.g.
@@ -187,6 +194,8 @@ class GrpcServer:
         cfg = self.settings
         host = cfg.host
         check_port_free("gRPC", host, cfg.port)
+        for companion in self.companions:
+            companion.check_port()
         if cfg.metrics_port:
             check_port_free("metrics", host, cfg.metrics_port)
             try:
@@ -212,6 +221,13 @@ class GrpcServer:
         self.rpc_metrics.expect(self._method_names())
         await self.set_serving(False)
         await self.server.start()
+        try:
+            for companion in self.companions:
+                await companion.start()
+        except BaseException:
+            await self.server.stop(0)
+            self._stop_metrics()
+            raise
         log.info("lmstack %s listening on %s (metrics: %s)", self.component, self.address,
                  cfg.metrics_port or "off")
         return self.port
@@ -241,12 +257,14 @@ class GrpcServer:
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         for name in ("", *self.service_names):
             await self.health.set(name, status)
+        for companion in self.companions:
+            await companion.set_serving(serving)
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: health NOT_SERVING, refuse new RPCs, let in-flight ones finish within ``grace``."""
         grace = self.settings.grace_period_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), *(c.stop(grace) for c in self.companions))
         self._stop_metrics()
         self._stopped.set()
         log.info("lmstack %s stopped", self.component)

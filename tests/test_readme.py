@@ -32,7 +32,7 @@ from services.ports import PortInUse, check_port_free
 from tests.helpers import ROOT
 
 DEFAULT_PORTS = {50051: "inference", 50052: "tokenizer", 50053: "fine-tuning", 9101: "metrics", 9102: "metrics",
-                 9103: "metrics", 9104: "metrics"}
+                 9103: "metrics", 9104: "metrics", 8000: "OpenAI-compatible HTTP"}
 SKIP_MARK = re.compile(r"<!--\s*(illustrative|checked)\b")
 
 

@@ -58,7 +58,7 @@ def merge_outputs(outputs: list[StepOutput]) -> StepOutput:
         logprobs = [lp for o in outputs for lp in (o.logprobs or ())]
     return StepOutput(last.request_id, [t for o in outputs for t in o.new_token_ids], "".join(o.text for o in outputs),
                       last.finished, last.finish_reason, logprobs, last.prompt_tokens, last.completion_tokens,
-                      last.error)
+                      last.error, outputs[0].prompt_logprobs)
 
 
 class _Stream:

@@ -41,6 +41,7 @@ from .confinement import execute_each, unusable_error
 from .constraints import Constraints, constraint_of
 from .outputs import StepOutput
 from .prefix_cache import PrefixCache
+from .prompt_logprobs import PromptLogprobs
 from .runner import ModelRunner
 from .sampling import SamplingParams, TokenLogprob
 from .scheduler import Scheduler, Sequence
@@ -153,6 +154,7 @@ class Engine:
         matcher = self._match_prefix if self.prefix_cache is not None else None
         self.scheduler = Scheduler(config.max_batch_size, config.prefill_chunk_size, matcher)
         self._gens: dict[str, _Generation] = {}
+        self._prompt_lp = PromptLogprobs()  # echo's figures, gathered over a prompt's prefill chunks
         self._ids = itertools.count()
         self._stats = dict(steps=0, tokens_generated=0, prompt_tokens_computed=0, requests_finished=0,
                            requests_aborted=0, requests_failed=0, prefix_cache_query_tokens=0)
@@ -184,6 +186,7 @@ class Engine:
         text = TextStream(self.tokenizer.stream_decoder(), params.stop) if self.tokenizer is not None else None
         self._gens[request_id] = _Generation(seq, params, params.make_rng(), text, RequestClock(),
                                              None if adapter is None else str(adapter))
+        self._prompt_lp.start(request_id, params)
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -193,6 +196,7 @@ class Engine:
             return False
         self.scheduler.finish(gen.seq)
         self.constraints.remove(request_id)
+        self._prompt_lp.drop(request_id)
         self._stats["requests_aborted"] += 1
         self._request_finished(gen, "aborted")
         return True
@@ -306,6 +310,9 @@ class Engine:
         if failures:
             plan.prefill = [c for c in plan.prefill if c.seq.request_id not in failures]
             plan.decode = [s for s in plan.decode if s.request_id not in failures]
+        prompt_figures = self.runner.take_prompt_logprobs()
+        if prompt_figures:
+            self._prompt_lp.add(prompt_figures)
         self.scheduler.advance(plan)
         self._stats["steps"] += 1
         self._stats["prompt_tokens_computed"] += sum(c.end - c.start for c in plan.prefill)
@@ -363,20 +370,24 @@ class Engine:
             del self._gens[seq.request_id]
             self._stats["requests_finished"] += 1
             self._request_finished(gen, reason)
+        prompt_lp = self._prompt_lp.take(seq.request_id) if len(seq.output_ids) == 1 else None
         return StepOutput(seq.request_id, [tok], delta, reason is not None, reason, lp,
-                          seq.prompt_len, len(seq.output_ids))
+                          seq.prompt_len, len(seq.output_ids), prompt_logprobs=prompt_lp)
 
     def _fail(self, request_id: str, error: Exception) -> StepOutput:
         """End one request with ``error`` (finish_reason "error"); the rest of the batch goes on."""
         gen = self._gens.pop(request_id)
         self.scheduler.finish(gen.seq)
         self.constraints.remove(request_id)
+        self._prompt_lp.drop(request_id)
         self._stats["requests_failed"] += 1
         self._request_finished(gen, "error")
         return StepOutput(request_id, [], "", True, "error", None, gen.seq.prompt_len, len(gen.seq.output_ids),
                           error=error)
 
     def _match_prefix(self, seq: Sequence) -> tuple[int, list[int]]:
+        if PromptLogprobs.wants_all_positions(self._gens[seq.request_id].params):
+            return 0, []  # its prompt figures need every position computed
         rows = self.prefix_cache.match(seq.prompt_ids, namespace=-2 - seq.adapter)
         self._stats["prefix_cache_query_tokens"] += seq.prompt_len
         return len(rows) * self.prefix_cache.block_size, rows

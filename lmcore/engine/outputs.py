@@ -25,6 +25,8 @@ class StepOutput:
     prompt_tokens: int
     completion_tokens: int
     error: Exception | None = None  # set (with finish_reason "error") when this request failed alone
+    # With params.prompt_logprobs: on the first output only, one entry per prompt token (None first).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -37,6 +39,7 @@ class Completion:
     text: str | None = None  # when a tokenizer was given (stop text excluded)
     prompt_tokens: int = 0
     request_id: str = ""
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with params.prompt_logprobs
     _text_parts: list[str] = field(default_factory=list, repr=False)
 
 
@@ -47,6 +50,8 @@ def collect(outputs, completions: dict[str, Completion], with_text: bool) -> Non
         if c is None:
             c = completions[out.request_id] = Completion([], "", None, None, out.prompt_tokens, out.request_id)
         c.token_ids.extend(out.new_token_ids)
+        if out.prompt_logprobs is not None:
+            c.prompt_logprobs = out.prompt_logprobs
         if out.logprobs is not None:
             c.logprobs = (c.logprobs or []) + out.logprobs
         c._text_parts.append(out.text)

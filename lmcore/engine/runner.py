@@ -22,6 +22,7 @@ from lmcore.lora.bank import LoRABank
 from lmcore.model.gpt import GPT
 from lmcore.model.kv_cache import BlockPool, CacheBatch, KVCache, PrefillSegment
 
+from . import prompt_logprobs
 from .confinement import flag_unusable_rows
 from .sampling import SamplingParams, apply_penalties, logits_to_probs, sample_from_probs, top_logprobs
 from .scheduler import SchedulerOutput, Sequence
@@ -73,6 +74,7 @@ class ModelRunner:
         self.seen: torch.Tensor | None = None  # (n_slots, V) bool, allocated on first use of penalties
         self.counts: torch.Tensor | None = None  # (n_slots, V) float
         self.last_draws: tuple | None = None  # the latest step's (samplers, uniforms), see prepare
+        self._prompt_logprobs: dict = {}  # this step's prompt figures (take_prompt_logprobs)
 
     # --- admission --------------------------------------------------------------------------------
     def admit(self, seq: Sequence, params: SamplingParams) -> None:
@@ -285,6 +287,8 @@ class ModelRunner:
                 hidden = self.model.forward_cached(step.tokens, step.batch, self.k_layers, self.v_layers, layers)
             finally:
                 self.bank.route(None)
+        if any(params[c.seq.request_id].prompt_logprobs is not None for c in out.prefill):
+            self._prompt_logprobs.update(prompt_logprobs.compute(self.logits, hidden, out, params))
         if not step.samplers:
             return [], [], None
         R = len(step.samplers)
@@ -298,6 +302,12 @@ class ModelRunner:
         if self.constraints is None or not self.constraints.active or not step.samplers:
             return None
         return self.constraints.begin_masks([s.request_id for s in step.samplers])
+
+    def take_prompt_logprobs(self) -> dict:
+        """The prompt log-probabilities the steps since the last call computed, by request id
+        (:mod:`lmcore.engine.prompt_logprobs`); empty for requests that asked for none."""
+        found, self._prompt_logprobs = self._prompt_logprobs, {}
+        return found
 
     def sample(self, logits: torch.Tensor, step: StepInputs, masks=None):
         """Penalties, structured-output masks (``masks``: their rows only), greedy/temperature/

@@ -63,6 +63,9 @@ class SamplingParams(BaseModel):
     regex: str | None = Field(None, description="a regular expression the whole output must match")
     grammar: str | None = Field(None, description="an EBNF/GBNF grammar (rule root) the output follows")
     choice: list[str] | None = Field(None, description="the output is exactly one of these strings")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                        description="log-probability of every prompt token with this many "
+                                                    "alternatives (lmcore.engine.prompt_logprobs); None = off")
 
     @field_validator("stop", mode="before")
     @classmethod

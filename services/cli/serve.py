@@ -4,7 +4,7 @@ Children (each the same command a container in ``docker-compose.yml`` runs):
 
     redis-server            private, append-only, in <data-dir>/redis   (unless LMSTACK_REDIS_URL is set)
     python -m services.tokenizer
-    python -m services.inference
+    python -m services.inference            gRPC, and the OpenAI-compatible HTTP API (--http-port)
     python -m services.finetune            fine-tuning API
     python -m services.finetune.worker     one worker
 
@@ -54,6 +54,9 @@ def add_arguments(p) -> None:
     p.add_argument("--inference-port", type=int, default=50051)
     p.add_argument("--tokenizer-port", type=int, default=50052)
     p.add_argument("--finetune-port", type=int, default=50053)
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...) on the "
+                        "inference service's engines; 0 disables it")
     p.add_argument("--metrics-port", type=int, default=9101,
                    help="first Prometheus port: inference, tokenizer, fine-tuning API, worker follow on; "
                         "0 disables metrics")
@@ -79,6 +82,7 @@ class Child:
     endpoint: str = ""  # host:port of its gRPC server, "" for processes without one
     metrics_port: int = 0
     url: str = ""  # printed instead of the gRPC endpoint (an HTTP child)
+    http_url: str = ""  # its OpenAI-compatible API, "" for none
     proc: subprocess.Popen | None = None
     crashes: list[float] = field(default_factory=list)
 
@@ -163,6 +167,8 @@ def check_ports(args) -> None:
 
     wanted = [(args.inference_port, "inference gRPC", "--inference-port"),
               (args.tokenizer_port, "tokenizer gRPC", "--tokenizer-port")]
+    if args.http_port:
+        wanted.append((args.http_port, "OpenAI-compatible HTTP", "--http-port"))
     if not args.no_finetune:
         wanted.append((args.finetune_port, "fine-tuning gRPC", "--finetune-port"))
         if args.redis_port:
@@ -279,8 +285,10 @@ def plan(args) -> tuple[list[Child], str | None]:
     children.append(Child("inference", [py, "-m", "services.inference"], {
         **common, "LMSTACK_PORT": str(args.inference_port), "LMSTACK_METRICS_PORT": str(metrics(0)),
         "LMSTACK_MODELS": models, "LMSTACK_MAX_BATCH_SIZE": str(args.max_batch_size),
-        **({"LMSTACK_QUANTIZE": ",".join(args.quantize)} if args.quantize else {})},
-        f"{args.host}:{args.inference_port}", metrics(0)))
+        **({"LMSTACK_QUANTIZE": ",".join(args.quantize)} if args.quantize else {}),
+        "LMSTACK_HTTP_PORT": str(args.http_port)},
+        f"{args.host}:{args.inference_port}", metrics(0),
+        http_url=f"http://{args.host}:{args.http_port}/v1" if args.http_port else ""))
     if args.inspect_port:  # the page calls the inference service over gRPC, with the first API key
         children.append(Child("inspect", [py, "-m", "services.inspect_web", "--inference-addr",
                                           f"{args.host}:{args.inference_port}", "--host", args.host,
@@ -359,6 +367,8 @@ class Supervisor:
             metrics = f"  metrics http://{c.endpoint.split(':')[0] or '127.0.0.1'}:{c.metrics_port}/metrics" \
                 if c.metrics_port else ""
             print(f"  {c.name:<10} {where}{metrics}  (pid {c.proc.pid})", flush=True)
+            if c.http_url:
+                print(f"  {'openai':<10} {c.http_url}", flush=True)
         print(f"logs: {self.log_dir}   Ctrl-C stops everything", flush=True)
         print(cli_hint(), flush=True)
 

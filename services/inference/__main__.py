@@ -26,6 +26,11 @@ async def setup(server: GrpcServer):
     server.state.registry = registry
     handler = server.state.handler = InferenceHandler(registry, metrics, server.settings)
     add_to_server(server, handler)
+    if server.settings.http_port:  # the OpenAI-compatible API beside gRPC, on the same handler
+        from services.http import http_server
+
+        server.state.http = http_server(handler, server.settings)
+        server.add_companion(server.state.http)
 
     async def cleanup():
         await registry.close()

@@ -171,14 +171,16 @@ def inference_registry(settings: InferenceSettings, metrics: InferenceMetrics | 
 
 
 # --- protobuf <-> lmcore ---------------------------------------------------------------------------
-def sampling_params(sp: common_pb2.SamplingParams, extra_stop: list[str] | tuple = ()) -> SamplingParams:
+def sampling_params(sp: common_pb2.SamplingParams, extra_stop: list[str] | tuple = (),
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     """``lmstack.v1.SamplingParams`` -> ``lmcore.SamplingParams``; unset fields keep lmcore's defaults.
 
     lmcore validates every field (stop strings included: at most ``lmcore.engine.MAX_STOP_STRINGS``,
-    none empty); its ``ValidationError`` becomes ``INVALID_ARGUMENT`` naming the field."""
+    none empty); its ``ValidationError`` becomes ``INVALID_ARGUMENT`` naming the field.
+    ``prompt_logprobs``: CompleteRequest's (a request field, not a sampling one, on the wire)."""
     from lmcore import SamplingParams
 
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = {} if prompt_logprobs is None else {"prompt_logprobs": prompt_logprobs}
     for f in SAMPLING_FIELDS:
         if sp.HasField(f):
             v = getattr(sp, f)
@@ -216,6 +218,27 @@ def logprobs_pb(items: list[TokenLogprob], tokenizer: Tokenizer) -> list[common_
                       for i, lp in item.top]) for item in items]
 
 
+def prompt_logprobs_pb(items: list, prompt_ids: list[int], tokenizer: Tokenizer) -> list[common_pb2.TokenLogprob]:
+    """The engine's prompt figures (None first) -> one ``TokenLogprob`` per prompt token; the first
+    carries its id and text only."""
+    first = common_pb2.TokenLogprob(token_id=prompt_ids[0], token=_token_text(tokenizer, prompt_ids[0]))
+    return [first, *logprobs_pb(items[1:], tokenizer)]
+
+
+def complete_params(req: pb.CompleteRequest) -> tuple[SamplingParams, bool]:
+    """A CompleteRequest's ``lmcore.SamplingParams`` and whether it only scores its prompt:
+    ``max_tokens`` 0 is allowed with ``prompt_logprobs`` (the engine still samples the token the
+    prefill gives for free, and it is dropped)."""
+    sp = req.sampling
+    has_plp = req.HasField("prompt_logprobs")
+    score_only = has_plp and sp.HasField("max_tokens") and sp.max_tokens == 0
+    if score_only:
+        sp = common_pb2.SamplingParams()
+        sp.CopyFrom(req.sampling)
+        sp.max_tokens = 1
+    return sampling_params(sp, prompt_logprobs=req.prompt_logprobs if has_plp else None), score_only
+
+
 def model_info(entry: Entry) -> pb.ModelInfo:
     served: ServedModel = entry.obj
     cfg = served.model.config
@@ -241,6 +264,7 @@ class InferenceHandler:
         self.max_message_bytes = self.limits.max_message_bytes
         self.inspector = inspection.InspectRunner(self.limits.torch_threads)
         self._score_pool: BoundedExecutor | None = None  # made on the first Score (its threads start then)
+        self._chat_templates: dict = {}  # model name -> lmcore ChatTemplate or None (chat_template)
 
     def close(self) -> None:
         self.inspector.close()
@@ -298,7 +322,7 @@ class InferenceHandler:
         The per-output path is kept lean (profiled: it runs once per token per stream at full
         speed): the engine stream is consumed directly, without the generic ``_generate`` layer."""
         name, served = await self._served(req.model)
-        params = sampling_params(req.sampling)
+        params, score_only = complete_params(req)
         ids = await check_request(served, await self._prompt_ids(req, served, params), params)  # vocabulary, context
         n_prompt = len(ids)
         chunk_type = pb.CompleteChunk
@@ -309,13 +333,18 @@ class InferenceHandler:
                     new = out.new_token_ids
                     if first is None and new:
                         first = time.perf_counter()
-                    completion += len(new)
-                    chunk = chunk_type(text=out.text, token_ids=new)
-                    if out.logprobs:
-                        chunk.logprobs.extend(logprobs_pb(out.logprobs, served.tokenizer))
+                    if score_only:  # the prompt's figures only: the prefill's free token is dropped
+                        chunk = chunk_type()
+                    else:
+                        completion += len(new)
+                        chunk = chunk_type(text=out.text, token_ids=new)
+                        if out.logprobs:
+                            chunk.logprobs.extend(logprobs_pb(out.logprobs, served.tokenizer))
+                    if out.prompt_logprobs is not None:
+                        chunk.prompt_logprobs.extend(prompt_logprobs_pb(out.prompt_logprobs, ids, served.tokenizer))
                     if out.finished:
                         finished = True
-                        chunk.finish_reason = out.finish_reason or ""
+                        chunk.finish_reason = "length" if score_only else out.finish_reason or ""
                         usage = chunk.usage
                         usage.prompt_tokens, usage.completion_tokens = n_prompt, completion
                         usage.total_tokens = n_prompt + completion
@@ -331,6 +360,8 @@ class InferenceHandler:
                 text.append(chunk.text)
                 resp.token_ids.extend(chunk.token_ids)
                 resp.logprobs.extend(chunk.logprobs)
+                if chunk.prompt_logprobs:
+                    resp.prompt_logprobs.extend(chunk.prompt_logprobs)
                 if chunk.finish_reason:
                     resp.finish_reason = chunk.finish_reason
                     resp.usage.CopyFrom(chunk.usage)
@@ -431,6 +462,42 @@ class InferenceHandler:
     async def list_models(self, req: pb.ListModelsRequest) -> pb.ListModelsResponse:
         await self.registry.refresh()
         return pb.ListModelsResponse(models=[model_info(e) for e in self.registry.entries()])
+
+    # --- what the OpenAI HTTP front end (services.http) needs beyond the RPCs -------------------
+    async def tokenize(self, model: str, text: str, allow_special: bool = False) -> tuple[str, list[int], int]:
+        """``(model name, token ids, context length)`` of a text, refused before tokenizing when it
+        cannot fit the model's context (the same bound a prompt has)."""
+        from lmcore.engine import check_prompt_chars
+
+        name, served = await self._served(model)
+        check_prompt_chars(len(text), served.tokenizer.max_token_chars, 0, served.context_length)
+        special = {"allowed_special": "all"} if allow_special else {}
+        return name, await offload(served.tokenizer.encode, text, size=len(text), **special), served.context_length
+
+    async def detokenize(self, model: str, token_ids: list[int]) -> tuple[str, str]:
+        """``(model name, text)`` of token ids (each in the vocabulary, at most a context's worth)."""
+        name, served = await self._served(model)
+        if len(token_ids) > served.context_length:
+            raise InvalidArgument(f"{len(token_ids)} token ids given, at most the context of {served.context_length}")
+        vocab = min(served.model.config.vocab_size, served.tokenizer.vocab_size)
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidArgument(f"token {bad} is outside the vocabulary: this model's ids are 0..{vocab - 1}")
+        return name, served.tokenizer.decode(token_ids)
+
+    async def chat_template(self, model: str):
+        """``(model name, lmcore ChatTemplate or None)``: the template of the model's directory (an
+        adapter without one uses its base's), read once per model."""
+        from lmcore.tokenizer.chat_template import ChatTemplate
+
+        entry = self.registry.lookup(model) or await self.registry.get(model)
+        if entry.name not in self._chat_templates:
+            template = await asyncio.to_thread(ChatTemplate.from_dir, entry.spec.path)
+            base = self.registry.lookup(entry.spec.base_model) if entry.spec.base_model else None
+            if template is None and base is not None:
+                template = await asyncio.to_thread(ChatTemplate.from_dir, base.spec.path)
+            self._chat_templates[entry.name] = template
+        return entry.name, self._chat_templates[entry.name]
 
 
 def _set_torch_threads(n: int) -> None:

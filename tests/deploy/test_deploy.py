@@ -47,6 +47,8 @@ def test_compose_ports_match_the_serve_defaults():
     d = p.parse_args([])
     env = {name: s.get("environment", {}) for name, s in compose()["services"].items()}
     assert env["inference"]["LMSTACK_PORT"] == str(d.inference_port)
+    assert env["inference"]["LMSTACK_HTTP_PORT"] == str(d.http_port)  # the OpenAI-compatible API
+    assert f"{d.http_port}:{d.http_port}" in compose()["services"]["inference"]["ports"]
     assert env["tokenizer"]["LMSTACK_PORT"] == str(d.tokenizer_port)
     assert env["finetune"]["LMSTACK_PORT"] == str(d.finetune_port)
     scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())["scrape_configs"]

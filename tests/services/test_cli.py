@@ -54,7 +54,7 @@ def served(tmp_path_factory):
     proc = subprocess.Popen(
         [*LMSTACK, "serve", "--data-dir", str(data), "--metrics-port", "0",
          "--inference-port", str(ports["inference"]), "--tokenizer-port", str(ports["tokenizer"]),
-         "--finetune-port", str(ports["finetune"])],
+         "--finetune-port", str(ports["finetune"]), "--http-port", str(free_port())],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
     )
     lines = []

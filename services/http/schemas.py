@@ -1,0 +1,137 @@
+"""The request bodies of the OpenAI-compatible API, as pydantic models: their *form* only.
+
+What a field may hold as a number (temperature's range, stop strings' count, logprobs' bound, the
+context) is lmcore's rule and is checked there (``lmcore.SamplingParams``, ``Engine.check_request``)
+after these bodies become a ``CompleteRequest``; here are only JSON types, the wire's integer
+widths and this layer's own fan-out bound (``MAX_CHOICES``). Unknown fields are refused with a 400
+naming them (``extra="forbid"``), and NaN or infinity are refused as numbers: nothing is silently
+ignored. Fields OpenAI has and lmstack does not support are declared so their *use* gets a clear
+400 (``refused_fields``) while their harmless defaults (``best_of: 1``, ``logit_bias: {}``) pass.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+
+INT32 = 2**31 - 1
+INT64 = 2**63 - 1
+MAX_CHOICES = 64  # prompts x n in one request
+MAX_PROMPTS = 64
+
+Int32 = Annotated[int, Field(ge=-INT32 - 1, le=INT32, strict=True)]
+TokenIds = list[Int32]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool = False
+
+
+class _Sampling(_Body):
+    """Fields completions and chat completions share."""
+
+    model: StrictStr = ""  # empty: the server's default model
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: int | None = Field(None, ge=-INT64 - 1, le=INT64)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = None  # accepted, not used (OpenAI's abuse monitoring)
+    logit_bias: dict[str, float] | None = None  # refused unless empty
+    # lmstack (and vLLM) extensions
+    top_k: int | None = Field(None, ge=0, le=INT32)
+    repetition_penalty: float | None = None
+    ignore_eos: StrictBool | None = None
+
+    def refused_fields(self) -> list[tuple[str, str]]:
+        """``(field, why)`` for fields set to something lmstack does not do."""
+        refused = []
+        if self.logit_bias:
+            refused.append(("logit_bias", "logit_bias is not supported"))
+        if self.stream_options is not None and not self.stream:
+            refused.append(("stream_options", "stream_options is only allowed with stream: true"))
+        return refused
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``."""
+
+    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+    max_tokens: int | None = Field(16, ge=0, le=INT32)  # 0 only with echo
+    logprobs: int | None = Field(None, ge=0, le=INT32)
+    echo: StrictBool = False
+    best_of: int | None = Field(None, ge=1, le=INT32)
+    suffix: StrictStr | None = None
+
+    def refused_fields(self) -> list[tuple[str, str]]:
+        refused = super().refused_fields()
+        if self.best_of is not None and self.best_of != 1 and self.best_of != self.n:
+            refused.append(("best_of", "best_of > 1 is not supported (use n for several choices)"))
+        if self.suffix:
+            refused.append(("suffix", "suffix (insertion) is not supported"))
+        return refused
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # templates may read more (name, tool_calls ...)
+
+    role: StrictStr
+    content: StrictStr | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32)
+    logprobs: StrictBool = False
+    top_logprobs: int | None = Field(None, ge=0, le=INT32)
+    tools: list[dict[str, Any]] | None = None  # refused unless empty
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None  # refused unless {"type": "text"}
+
+    def refused_fields(self) -> list[tuple[str, str]]:
+        refused = super().refused_fields()
+        if self.tools:
+            refused.append(("tools", "tools (function calling) are not supported"))
+        if self.tool_choice not in (None, "none", "auto"):
+            refused.append(("tool_choice", "tool_choice is not supported"))
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            refused.append(("response_format", "response_format other than text is not supported"))
+        if self.top_logprobs is not None and not self.logprobs:
+            refused.append(("top_logprobs", "top_logprobs needs logprobs: true"))
+        for m in self.messages:
+            if isinstance(m.content, list) and any(p.get("type") != "text" for p in m.content):
+                refused.append(("messages", "only text content parts are supported"))
+                break
+        return refused
+
+
+class TokenizeRequest(_Body):
+    """``POST /tokenize`` (vLLM's shape): a text, or chat messages rendered by the model's template."""
+
+    model: StrictStr = ""
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: StrictBool = True  # GPT-2 adds none; accepted for vLLM's clients
+    add_generation_prompt: StrictBool = True
+
+
+class DetokenizeRequest(_Body):
+    """``POST /detokenize`` (vLLM's shape)."""
+
+    model: StrictStr = ""
+    tokens: TokenIds
+
+
+FinishReason = Literal["stop", "length"]
