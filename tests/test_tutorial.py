@@ -115,4 +115,4 @@ def test_tutorial_runs_as_written(tmp_path):
              for x in re.findall(r"\d+\.\d+", line)]
     assert len(moved) == 2 * 4 and max(moved) > 0, compare  # 2 layers x 4 heads, and the adapter moved some
     before, after = map(float, re.search(r"([\d.]+) bits before, ([\d.]+) after", compare).groups())
-    assert after != before
+    assert after < before  # fine-tuned on that very text, the adapter finds it less surprising

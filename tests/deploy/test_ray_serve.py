@@ -80,3 +80,19 @@ def test_errors_keep_their_status_codes_through_ray(ray_app):
             c.complete("hi", model="nope")
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
         assert c.complete("hi", max_tokens=2).usage.completion_tokens == 2  # still serving
+
+
+def test_inspect_through_ray_matches_lmcore(ray_app):
+    from lmcore import inspect_tokens, load_model
+    from services.inference.inspection import unpack_attention
+
+    addr, model_dir, tok = ray_app
+    text = "The quick brown fox"
+    ref = inspect_tokens(load_model(model_dir), tok.encode(text), top_k=3, layers=[1])
+    with ray_client(addr) as c:
+        r = c.inspect(text, top_k=3, attention=True, layers=[1])
+        assert [t.id for t in r.tokens] == tok.encode(text)
+        assert abs(unpack_attention(r.attention[0]) - ref.attention[1].numpy()).max() < 1e-3
+        with pytest.raises(grpc.RpcError) as e:
+            c.inspect(text, attention=True, layers=[5])
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "layer 5 does not exist" in e.value.details()

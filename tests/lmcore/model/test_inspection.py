@@ -195,3 +195,20 @@ def test_an_adapter_changes_attention_and_the_bank_path_equals_it(tmp_path):
     check_against_transformers(ins, hf, ids, top_k=4)
     for layer in plain.layers:  # merging re-rounds the weights: ~3e-5 apart with this large adapter
         assert_close(ins.attention[layer], own.attention[layer], atol=1e-4, rtol=0)
+
+
+def test_an_int8_model_is_inspected_through_its_own_modules(tmp_path):
+    """``load_model(quantize="int8")`` swaps the Linears for int8 ones: the inspection runs them,
+    so its probabilities are that model's own (softmax of its forward) and its attention is normalised."""
+    from lmcore.model import load_model
+
+    random_model(seed=2, **SHAPES["tiny"]).save_pretrained(tmp_path)
+    q = load_model(tmp_path, quantize="int8")
+    ids = random_prompts(q.config.vocab_size, [20], seed=3)[0]
+    ins = inspect_tokens(q, ids, top_k=4)
+    with torch.no_grad():
+        probs = q(torch.tensor([ids]))[0].float().softmax(-1)
+    assert_close(ins.top_probs, probs.topk(4, dim=-1).values, atol=1e-5, rtol=0)
+    for att in ins.attention.values():
+        assert_close(att.sum(-1), torch.ones(att.shape[:2]), atol=1e-5, rtol=0)
+        assert (att.triu(1) == 0).all()
