@@ -4,7 +4,7 @@ The section's blocks are read from README.md itself (each is marked ``<!-- check
 tests/test_tutorial.py -->``, so ``tests/test_readme.py`` leaves them to this test). Two changes
 from what a reader types, both to fit a shared test machine: ``LMSTACK_MAX_STEPS=20`` caps the
 training run (as the section says), and the ``lmstack serve`` block gets free ports appended
-(``--inference-port ... --inspect-port ... --metrics-port 0``, the later flag winning), which the other commands find through
+(``--inference-port ... --http-port ... --metrics-port 0``), which the other commands find through
 ``LMSTACK_INFERENCE_ADDR`` / ``LMSTACK_TOKENIZER_ADDR`` / ``LMSTACK_FINETUNE_ADDR``. Everything
 runs in a fresh working directory; the serve block runs in the background, as in its own terminal.
 """
@@ -43,10 +43,11 @@ def test_the_section_is_all_checked_blocks():
     assert len(tutorial_blocks()) == text.count("```") // 2 == 6
 
 
+@pytest.mark.timeout(900)  # ~30 s alone; a loaded machine runs train, serve and a fine-tune slowly
 def test_tutorial_runs_as_written(tmp_path):
     work = tmp_path / "tutorial"
     work.mkdir()
-    ports = {"inference": free_port(), "tokenizer": free_port(), "finetune": free_port(), "inspect": free_port()}
+    ports = {"inference": free_port(), "tokenizer": free_port(), "finetune": free_port(), "http": free_port()}
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "LMSTACK_MAX_STEPS": "20", "XDG_CACHE_HOME": str(work / ".cache"), "PYTHONUNBUFFERED": "1",
            "LMSTACK_INFERENCE_ADDR": f"127.0.0.1:{ports['inference']}",
@@ -67,7 +68,7 @@ def test_tutorial_runs_as_written(tmp_path):
                 continue
             if body.startswith("lmstack serve"):
                 command = body + (f" --inference-port {ports['inference']} --tokenizer-port {ports['tokenizer']}"
-                                  f" --finetune-port {ports['finetune']} --inspect-port {ports['inspect']}"
+                                  f" --finetune-port {ports['finetune']} --http-port {ports['http']}"
                                   " --metrics-port 0")
                 log = open(log_path, "w")
                 serve = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=work, env=env, stdout=log,
@@ -78,9 +79,8 @@ def test_tutorial_runs_as_written(tmp_path):
                     if serve.poll() is not None or time.monotonic() > deadline:
                         pytest.fail(f"lmstack serve did not start:\n{log_path.read_text()[-3000:]}")
                     time.sleep(0.2)
-                page = f"http://127.0.0.1:{ports['inspect']}/inspect"
-                assert f"inspect    http {page}" in log_path.read_text()
-                deadline = time.monotonic() + 60  # the page, served with the platform (it starts beside it)
+                page = f"http://127.0.0.1:{ports['http']}/inspect"
+                deadline = time.monotonic() + 60  # the page, on the platform's HTTP API
                 while True:
                     try:
                         with urllib.request.urlopen(page, timeout=10) as r:

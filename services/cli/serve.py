@@ -69,9 +69,6 @@ def add_arguments(p) -> None:
                    help="quantize weights at load (CPU): 'int8' for every model or NAME=int8 for one "
                         "(repeatable); default fp32")
     p.add_argument("--api-key", action="append", default=[], help="require this API key (repeatable)")
-    p.add_argument("--inspect-port", type=int, default=0,
-                   help="serve the /inspect web page and POST /v1/inspect (services.inspect_web) on this HTTP "
-                        "port, e.g. 8001 (default 0: off)")
 
 
 @dataclass
@@ -81,7 +78,6 @@ class Child:
     env: dict[str, str]
     endpoint: str = ""  # host:port of its gRPC server, "" for processes without one
     metrics_port: int = 0
-    url: str = ""  # printed instead of the gRPC endpoint (an HTTP child)
     http_url: str = ""  # its OpenAI-compatible API, "" for none
     proc: subprocess.Popen | None = None
     crashes: list[float] = field(default_factory=list)
@@ -173,8 +169,6 @@ def check_ports(args) -> None:
         wanted.append((args.finetune_port, "fine-tuning gRPC", "--finetune-port"))
         if args.redis_port:
             wanted.append((args.redis_port, "private Redis", "--redis-port"))
-    if args.inspect_port:
-        wanted.append((args.inspect_port, "inspect page HTTP", "--inspect-port"))
     if args.metrics_port:
         names = ["inference", "tokenizer"] + ([] if args.no_finetune else ["fine-tuning API", "worker"])
         wanted += [(args.metrics_port + i, f"{n} metrics", "--metrics-port (the first of consecutive ports)")
@@ -289,12 +283,6 @@ def plan(args) -> tuple[list[Child], str | None]:
         "LMSTACK_HTTP_PORT": str(args.http_port)},
         f"{args.host}:{args.inference_port}", metrics(0),
         http_url=f"http://{args.host}:{args.http_port}/v1" if args.http_port else ""))
-    if args.inspect_port:  # the page calls the inference service over gRPC, with the first API key
-        children.append(Child("inspect", [py, "-m", "services.inspect_web", "--inference-addr",
-                                          f"{args.host}:{args.inference_port}", "--host", args.host,
-                                          "--port", str(args.inspect_port)],
-                              {"LMSTACK_API_KEY": args.api_key[0]} if args.api_key else {},
-                              url=f"http://{args.host}:{args.inspect_port}/inspect"))
     if not args.no_finetune:
         children.append(Child("finetune", [py, "-m", "services.finetune"], {
             **common, "LMSTACK_PORT": str(args.finetune_port), "LMSTACK_METRICS_PORT": str(metrics(2)),
@@ -363,7 +351,6 @@ class Supervisor:
         print("lmstack is serving:", flush=True)
         for c in self.children:
             where = f"grpc {c.endpoint}" if c.endpoint else ("redis " + c.argv[2] if c.name == "redis" else "-")
-            where = f"http {c.url}" if c.url else where
             metrics = f"  metrics http://{c.endpoint.split(':')[0] or '127.0.0.1'}:{c.metrics_port}/metrics" \
                 if c.metrics_port else ""
             print(f"  {c.name:<10} {where}{metrics}  (pid {c.proc.pid})", flush=True)

@@ -11,7 +11,9 @@ own module and list it there):
 * ``GET /v1/models``, ``GET /v1/models/{id}``: the served models, fine-tuned ones included, as
   ``ListModels`` shows them;
 * ``POST /tokenize``, ``POST /detokenize`` (vLLM's shapes);
-* ``GET /health``: 200 once the models are loaded, 503 before and while draining.
+* ``GET /health``: 200 once the models are loaded, 503 before and while draining;
+* ``GET /inspect`` (a web page) and ``POST /v1/inspect`` (the Inspect RPC as JSON):
+  :mod:`services.http.inspect`.
 
 Every route but ``/health`` needs ``Authorization: Bearer <key>`` when the server has API keys
 (the same keys as gRPC, checked by the same ``ApiKeyAuth``). Every error, a body that is not
@@ -174,7 +176,9 @@ def create_app(handler, api_keys: list[str] = ()) -> FastAPI:
     app = FastAPI(title="lmstack OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lmstack = types.SimpleNamespace(handler=handler, auth=ApiKeyAuth(list(api_keys)),
                                               serving=False, draining=False)
-    for router in ROUTERS:
+    from . import inspect
+
+    for router in [*ROUTERS, *inspect.routers(require_key, state)]:
         app.include_router(router)
 
     @app.exception_handler(RequestValidationError)

@@ -221,7 +221,8 @@ def assert_picture(path, size: tuple[int, int] | None = None) -> np.ndarray:
             assert im.size == size
         pixels = np.asarray(im.convert("RGB"))
     assert pixels.std() > 20, "the picture is (nearly) one color"
-    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
+    colors = pixels.reshape(-1, 3).astype(np.int64) @ np.array([1 << 16, 1 << 8, 1])  # one int per color
+    assert len(np.unique(colors)) > 50
     return pixels
 
 

@@ -1,7 +1,7 @@
 """``POST /v1/inspect`` and the ``/inspect`` page, against a real inference server and a real browser.
 
-``python -m services.inspect_web`` runs as a real process in front of a real inference server (a tiny
-GPT-2-vocabulary checkpoint). The JSON endpoint is checked against the gRPC Inspect RPC field by
+A real inference server (two tiny GPT-2-vocabulary checkpoints) serves gRPC and its HTTP API
+(``services.http``, where the page and the endpoint live) on free ports. The JSON endpoint is checked against the gRPC Inspect RPC field by
 field, errors in OpenAI's shape; the page is loaded in Debian's headless ``chromium`` driven by
 selenium through ``chromium-driver``: it lists the models, submits a text, shows its tokens, a
 token's top-k, attention lines whose weights are the RPC's (the page decodes float16 itself), the
@@ -16,9 +16,6 @@ import base64
 import json
 import os
 import shutil
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -27,10 +24,10 @@ import pytest
 
 from services.client import Client
 from services.config import InferenceSettings
+from services.http.inspect import to_json
 from services.inference.__main__ import setup
 from services.inference.inspection import unpack_attention
-from services.inspect_web import to_json
-from tests.helpers import ROOT, free_port
+from tests.helpers import free_port
 from tests.helpers.servers import ServerThread
 from tests.services.test_inspect import assert_picture
 
@@ -39,7 +36,9 @@ TEXT = "def add(a, b):\n    return a + b"
 
 @pytest.fixture(scope="module")
 def inference(tiny_models):
-    settings = InferenceSettings(models=[f"tiny={tiny_models['tiny']}", f"tiny-b={tiny_models['tiny-b']}"], port=0)
+    """The inference service with its HTTP API on the same handler (``--http-port``)."""
+    settings = InferenceSettings(models=[f"tiny={tiny_models['tiny']}", f"tiny-b={tiny_models['tiny-b']}"], port=0,
+                                 http_port=free_port())
     s = ServerThread(settings, "inference", setup).start()
     yield s
     s.stop()
@@ -47,24 +46,7 @@ def inference(tiny_models):
 
 @pytest.fixture(scope="module")
 def web(inference):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "services.inspect_web", "--inference-addr", inference.target,
-                             "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"services.inspect_web did not start:\n{proc.stdout.read()}")
-            time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(20)
+    return f"http://127.0.0.1:{inference.settings.http_port}"
 
 
 def post(url: str, body) -> tuple[int, dict]:
@@ -93,6 +75,7 @@ def test_v1_inspect_is_the_rpc_as_json(web, inference):
         ({"text": "hi", "top_k": 99}, 400, "top_k must be between 1 and 50"),
         ({"text": "hi", "model": "nope"}, 404, "'nope' not found"),
         ({"txt": "hi"}, 400, 'no field named "txt"'),
+        ({"text": "hi", "token_ids": [1]}, 400, "either text or token_ids"),
         ({"text": "hi", "top_k": "many"}, 400, "bad InspectRequest"),
         ([1, 2], 400, "JSON object"),
         (b"{not json", 400, "not valid JSON"),

@@ -7,8 +7,11 @@ const state = { resp: null, attention: [], selected: null };
 
 // --- the API -----------------------------------------------------------------------------------
 async function api(path, body) {
-  const r = await fetch(path, body === undefined ? {} : {
-    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  const headers = { "Content-Type": "application/json" };
+  const key = $("apikey").value.trim();
+  if (key) headers.Authorization = `Bearer ${key}`;  // the server's API key, when it has keys
+  const r = await fetch(path, body === undefined ? { headers } : {
+    method: "POST", headers, body: JSON.stringify(body),
   });
   const data = await r.json().catch(() => ({}));
   if (!r.ok) {
@@ -263,4 +266,10 @@ $("form").addEventListener("submit", run);
 $("layer").addEventListener("change", drawAttention);
 $("head").addEventListener("change", drawAttention);
 document.querySelectorAll("input[name=view]").forEach((r) => r.addEventListener("change", drawAttention));
-loadModels().catch((e) => { $("error").textContent = `could not list models: ${e.message}`; $("error").hidden = false; });
+
+function listModels() {
+  $("error").hidden = true;
+  loadModels().catch((e) => { $("error").textContent = `could not list models: ${e.message}`; $("error").hidden = false; });
+}
+$("apikey").addEventListener("change", listModels);
+listModels();
