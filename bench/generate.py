@@ -11,7 +11,11 @@ One run, the same random weights and prompts for every system (GPT-2-small shape
 * the lmcore Engine with 1, 4, 16 and 32 concurrent requests arriving at staggered times with
   different prompt lengths: aggregate tokens/s and p50/p99 time per output token, beside
   transformers on a static batch of the same size;
-* the batch-invariance divergence rate (seeded requests run alone vs together).
+* the batch-invariance divergence rate (seeded requests run alone vs together);
+* structured output (``lmcore.engine.constraints``): 16 staggered requests all constrained to a
+  JSON schema vs the same 16 unconstrained, in one run, on the shipped ``pycode`` model and on a
+  4-layer model over GPT-2's 50,257-token vocabulary; and the one-time costs: the library's import
+  and tokenizer setup, then the compile time per schema (cold) and per cache hit.
 
 Each measurement is repeated and the best run kept: this machine is shared, and the best run is
 the one least disturbed by others. Prints a table, writes JSON (``--json``).
@@ -19,6 +23,7 @@ the one least disturbed by others. Prints a table, writes JSON (``--json``).
     .venv/bin/python bench/generate.py                      # GPT-2-small shape + tiny shape
     .venv/bin/python bench/generate.py --shapes tiny --quick
     .venv/bin/python bench/generate.py --device cuda        # same script on a GPU (bf16 there)
+    .venv/bin/python bench/generate.py --shapes "" --quick  # only the structured-output rows
 """
 
 from __future__ import annotations
@@ -116,12 +121,12 @@ def naive_generate(model: GPT, prompt: list[int], new_tokens: int, device):
     return idx[0, len(prompt):].tolist()
 
 
-def engine_run(model, prompts, arrivals, new_tokens, device, dtype, max_batch):
+def engine_run(model, prompts, arrivals, new_tokens, device, dtype, max_batch, params=None, tokenizer=None):
     """Feed requests at their arrival times (seconds) into an Engine; record per-token timestamps."""
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    params = params or SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     engine = Engine(model, max_batch_size=max_batch, max_waiting=len(prompts), enable_prefix_cache=False,
                     max_seq_len=max(len(p) for p in prompts) + new_tokens, prefill_chunk_size=256,
-                    device=device, dtype=dtype)
+                    device=device, dtype=dtype, tokenizer=tokenizer)
     stamps: dict[str, list[float]] = {}
     pending = list(zip(arrivals, prompts))
     t0 = time.perf_counter()
@@ -242,6 +247,106 @@ def bench_shape(name: str, cfg: GPTConfig, args, device, dtype) -> dict:
     return res
 
 
+# --- structured output ---------------------------------------------------------------------------
+RECORD = {"type": "object", "properties": {
+    "id": {"type": "integer", "minimum": 0}, "name": {"type": "string"},
+    "kind": {"enum": ["user", "admin", "service"]}, "tags": {"type": "array", "items": {"type": "string"}},
+    "meta": {"type": "object", "properties": {"ok": {"type": "boolean"}, "score": {"type": "number"}},
+             "required": ["ok", "score"]}},
+    "required": ["id", "name", "kind", "tags", "meta"]}
+# 64 records cannot fit in the bench's new tokens: every constrained request runs to max_tokens,
+# exactly like the unconstrained ones, so the two rows generate the same tokens at the same batch sizes.
+BENCH_SCHEMA = {"type": "array", "items": RECORD, "minItems": 64}
+
+
+def compile_times(tok, vocab_size: int) -> dict:
+    """One-time costs of structured output on one tokenizer (wall ms): the first constraint of a
+    process (import xgrammar + tokenizer setup + compile), then per schema on a fresh cache (cold)
+    and from the cache (a request repeating a schema)."""
+    from lmcore.engine.constraints import Constraints
+
+    specs = {"record schema": ("json_schema", json.dumps(RECORD)),
+             "64-record array schema": ("json_schema", json.dumps(BENCH_SCHEMA)),
+             "regex": ("regex", r"[A-Z]{2}-[0-9]{3,5}( (alpha|beta))?"),
+             "choice of 4": ("choice", json.dumps(["yes", "no", "maybe", "later"]))}
+    t = time.perf_counter()
+    Constraints(tok, vocab_size).compile("json_object", "")
+    out = {"first use (import + tokenizer setup + compile)": 1e3 * (time.perf_counter() - t)}
+    for name, (kind, spec) in specs.items():
+        best = float("inf")
+        for _ in range(3):
+            c = Constraints(tok, vocab_size)
+            c.compile("json_object", "")  # the compiler (tokenizer setup) is per engine: time the compile alone
+            t = time.perf_counter()
+            c.compile(kind, spec)
+            best = min(best, time.perf_counter() - t)
+        out[f"{name} (cold)"] = 1e3 * best
+        t = time.perf_counter()
+        c.compile(kind, spec)
+        out[f"{name} (cached)"] = 1e3 * (time.perf_counter() - t)
+    return out
+
+
+def bench_constrained(args, device, dtype) -> list[dict]:
+    """16 staggered requests constrained to BENCH_SCHEMA vs the same unconstrained, alternated."""
+    from lmcore import Tokenizer, load_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from vocab import bench_vocabulary
+
+    root = Path(__file__).resolve().parent.parent
+    shipped = load_model(root / "models" / "pycode")
+    tok2 = Tokenizer.from_file(bench_vocabulary()[0])
+    torch.manual_seed(0)
+    wide = GPT(GPTConfig.from_preset("small", vocab_size=tok2.vocab_size)).eval()
+    results = []
+    for name, model, tok in (("pycode (shipped)", shipped, shipped.tokenizer),
+                             (f"small over a {tok2.vocab_size}-token vocabulary", wide, tok2)):
+        model = model.to(device=device, dtype=dtype)
+        C, N = 16, args.new_tokens
+        base = tok.encode("# Records of the users.\nrecords = ") * 8
+        ps = [base[: 16 + (i * 5) % 24] for i in range(C)]
+        plain = SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True)
+        constrained = SamplingParams(max_tokens=N, temperature=0.0, json_schema=BENCH_SCHEMA)
+        short = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        step_s = best_of(lambda m=model, p=ps[0], s=short: generate(m, [p], s), 1, device) / 8
+        arrivals = [i * 2 * step_s for i in range(C)]
+        times = compile_times(tok, model.config.vocab_size)
+        best: dict[str, dict] = {}
+        for _ in range(max(2, args.repeats)):  # alternate the two, keep each one's best
+            for label, sp in (("unconstrained", plain), ("json_schema", constrained)):
+                r = engine_run(model, ps, arrivals, N, device, dtype, C, params=sp, tokenizer=tok)
+                if label not in best or r["seconds"] < best[label]["seconds"]:
+                    best[label] = r
+        u, c = best["unconstrained"], best["json_schema"]
+        assert u["tokens"] == c["tokens"] == C * N, (u["tokens"], c["tokens"])
+        res = dict(model=name, vocab=model.config.vocab_size, requests=C, new_tokens=N, unconstrained=u,
+                   constrained=c, ratio=c["tokens_per_s"] / u["tokens_per_s"],
+                   overhead=u["tokens_per_s"] / c["tokens_per_s"] - 1, compile_ms=times)
+        print(f"  [{name}] 16 staggered, json_schema vs unconstrained: {c['tokens_per_s']:.1f} vs "
+              f"{u['tokens_per_s']:.1f} tok/s ({100 * res['overhead']:+.1f}% time per token)", flush=True)
+        results.append(res)
+    return results
+
+
+def constrained_table(results: list[dict]) -> str:
+    lines = ["\nStructured output: 16 staggered requests, greedy, all constrained to a JSON schema vs the same "
+             "unconstrained (same run, alternated, best of each)",
+             "| model | vocab | unconstrained tok/s | json_schema tok/s | ratio | overhead | TPOT p50 ms (u / c) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        u, c = r["unconstrained"], r["constrained"]
+        lines.append(f"| {r['model']} | {r['vocab']} | {u['tokens_per_s']:.1f} | {c['tokens_per_s']:.1f} | "
+                     f"{r['ratio']:.3f} | {100 * r['overhead']:+.1f}% | {u['tpot_p50_ms']:.1f} / "
+                     f"{c['tpot_p50_ms']:.1f} |")
+    lines += ["\nOne-time costs of structured output (wall ms)",
+              "| model | " + " | ".join(results[0]["compile_ms"]) + " |",
+              "|---|" + "---:|" * len(results[0]["compile_ms"])]
+    for r in results:
+        lines.append(f"| {r['model']} | " + " | ".join(f"{v:.1f}" for v in r["compile_ms"].values()) + " |")
+    return "\n".join(lines)
+
+
 def ratio_table(res: dict) -> str:
     rows = res["rows"]
     ref = {(r["system"], r["batch"]): r for r in rows}
@@ -278,6 +383,7 @@ def main(argv=None) -> int:
     ap.add_argument("--divergence-tokens", type=int, default=32)
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--skip-divergence", action="store_true")
+    ap.add_argument("--skip-constrained", action="store_true", help="no structured-output rows")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and repeats, for development")
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="process CPU time (default) or wall time")
     ap.add_argument("--naive-tokens", type=int, default=None, help="new tokens for the no-cache loop (default: all)")
@@ -296,12 +402,15 @@ def main(argv=None) -> int:
     env = dict(clock=CLOCK, torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
                device=str(device), dtype=str(dtype), threads=args.threads, machine=platform.processor() or platform.machine())
     print(f"bench/generate.py: {env}", flush=True)
-    results = [bench_shape(s, SHAPES[s], args, device, dtype) for s in args.shapes.split(",")]
+    results = [bench_shape(s, SHAPES[s], args, device, dtype) for s in args.shapes.split(",") if s]
+    constrained = [] if args.skip_constrained else bench_constrained(args, device, dtype)
     for res in results:
         print(ratio_table(res))
+    if constrained:
+        print(constrained_table(constrained))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(env=env, args=vars(args), results=results), indent=2))
+    out.write_text(json.dumps(dict(env=env, args=vars(args), results=results, constrained=constrained), indent=2))
     print(f"\nwrote {out}")
     return 0
 

@@ -23,11 +23,11 @@ against ~300 us, and ms-scale compiles; see docs/generation.md). Its pieces, as 
 
 In the batched step (:class:`ModelRunner <lmcore.engine.runner.ModelRunner>`) only the rows of
 constrained requests are touched: the runner asks :meth:`Constraints.begin_masks` for the step's
-masks *before* the model's forward, a worker thread fills the bit masks and unpacks them to a
-``(rows, V)`` bool tensor while the forward runs (xgrammar's C++ releases the GIL, and so do
-torch's kernels), and :meth:`PendingMasks.apply` writes ``-inf`` into those rows just before
-sampling, after the penalties. An unconstrained row is never read or written, so its token is
-what it would be without constrained neighbours. Log-probabilities stay those of the model's own
+masks *before* the model's forward; a worker thread fills the bit masks and unpacks them into a
+``(rows, V)`` additive mask (0 or ``-inf``) while the forward runs (xgrammar's calls go through
+TVM-FFI, which releases the GIL, as torch's kernels do), and :meth:`PendingMasks.apply` adds it to
+those rows just before sampling, after the penalties. An unconstrained row is copied unchanged,
+so its token is what it would be without constrained neighbours. Log-probabilities stay those of the model's own
 distribution (**pre-mask**), as for every other sampling knob (see
 :class:`lmcore.engine.sampling.TokenLogprob`).
 """
@@ -41,6 +41,7 @@ import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 MAX_CONSTRAINT_CHARS = 64 * 1024  # a schema, regex or grammar's text
@@ -53,6 +54,7 @@ CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
 # class its unbounded strings use; a length-bounded string then simply has no escapes, still valid JSON.
 _LOOSE_STRING_CHAR = r'[^\"\\\r\n]'
 _JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
+_NEG_INF_BITS = np.int32(-8388608)  # 0xFF800000: float32 -inf; 0 is +0.0
 _XGR_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")  # "[01:55:48] /project/cpp/x.cc:94: " before a message
 
 
@@ -127,7 +129,6 @@ class Constraints:
         self._lock = threading.Lock()
         self._matchers: dict[str, object] = {}  # request id -> xgrammar.GrammarMatcher
         self._pool: ThreadPoolExecutor | None = None  # the mask filler, started on first use
-        self._shifts = torch.arange(32, dtype=torch.int32)
         self.compiles = 0
         self.cache_hits = 0
 
@@ -218,13 +219,19 @@ class Constraints:
         return PendingMasks(rows, self._pool.submit(self._fill, matchers))
 
     def _fill(self, matchers: list) -> torch.Tensor:
-        """``(len(matchers), V)`` bool: True where a token is allowed."""
+        """``(len(matchers), V)`` float32 additive mask: 0 where a token is allowed, -inf where not."""
         xgr = _import_xgrammar()
         bitmask = xgr.allocate_token_bitmask(len(matchers), self.vocab_size)  # (n, ceil(V/32)) int32
         for i, m in enumerate(matchers):
             m.fill_next_token_bitmask(bitmask, i)
-        bits = (bitmask[:, :, None] >> self._shifts) & 1  # (n, W, 32): bit j of word w is token 32w+j
-        return bits.view(len(matchers), -1)[:, :self.vocab_size].bool()
+        # Bit j of word w is token 32w+j (little-endian bytes), set when allowed. numpy's unpackbits
+        # turns the refused bits into 0/1 bytes in one pass; times 0xFF800000 (-inf's bit pattern as an
+        # int32) they are the additive mask. Measured on (16, 50257): ~0.2 ms here plus ~0.1 ms for the
+        # add in the step, where torch's masked_fill took 1-6 ms (it is not vectorised on CPU).
+        refused = np.unpackbits((~bitmask).numpy().view(np.uint8), axis=1, count=self.vocab_size, bitorder="little")
+        additive = refused.astype(np.int32)
+        additive *= _NEG_INF_BITS
+        return torch.from_numpy(additive.view(np.float32))
 
     def close(self) -> None:
         if self._pool is not None:
@@ -244,14 +251,10 @@ class PendingMasks:
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` (R, V) with the constrained rows' disallowed tokens at ``-inf`` (a new tensor;
         the other rows' values are copied unchanged)."""
-        allowed = self._future.result()  # (n, V)
-        allowed = allowed.to(logits.device, non_blocking=True)
+        additive = self._future.result().to(logits.device, non_blocking=True)  # (n, V): 0 or -inf
         if len(self.rows) == logits.size(0):
-            return logits.masked_fill(~allowed, float("-inf"))
-        rows = torch.tensor(self.rows, device=logits.device)
-        out = logits.clone()
-        out[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
-        return out
+            return logits + additive
+        return logits.index_add(0, torch.tensor(self.rows, device=logits.device), additive)
 
     def wait(self) -> None:
         """Let the filler finish (a step that failed before sampling must not leave it running)."""
