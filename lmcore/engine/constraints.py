@@ -39,7 +39,7 @@ import re
 import threading
 import weakref
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -129,6 +129,7 @@ class Constraints:
         self._lock = threading.Lock()
         self._matchers: dict[str, object] = {}  # request id -> xgrammar.GrammarMatcher
         self._pool: ThreadPoolExecutor | None = None  # the mask filler, started on first use
+        self.overlap = True  # fill on the worker thread during the forward (False: inline, before it)
         self.compiles = 0
         self.cache_hits = 0
 
@@ -214,6 +215,10 @@ class Constraints:
         if not rows:
             return None
         matchers = [self._matchers[request_ids[i]] for i in rows]
+        if not self.overlap:
+            done: Future = Future()
+            done.set_result(self._fill(matchers))
+            return PendingMasks(rows, done)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="lmcore-masks")
         return PendingMasks(rows, self._pool.submit(self._fill, matchers))

@@ -330,7 +330,9 @@ class ModelRunner:
             )
             choice = sample_from_probs(probs, step.uniforms)
             ids = choice if step.greedy is None else torch.where(step.greedy, ids, choice)
-        ids = flag_unusable_rows(ids, best, raw if penalised or masks is not None else None)
+        # A masked row's -inf entries are refused tokens: its allowed ones are raw logits, so a row
+        # without a finite maximum still means the model's own logits were not finite there.
+        ids = flag_unusable_rows(ids, best, raw if penalised else None)
         safe = ids.clamp(min=0)  # flagged rows (-1/-2) index token 0 below; the engine fails them
         if penalised:
             self.counts.index_put_((slot_t, safe), (ids >= 0).to(self.counts.dtype), accumulate=True)

@@ -62,7 +62,28 @@ def sampling_pb(body, max_tokens: int | None, logprobs: int | None, choice: int)
         sp.seed = _seed(body.seed, choice)
     if logprobs is not None:
         sp.logprobs = max(1, logprobs)  # lmcore's 0 means "none"; OpenAI's 0 means "the token's own only"
+    constraint_pb(body, sp)
     return sp
+
+
+def constraint_pb(body, sp: common_pb2.SamplingParams) -> None:
+    """``response_format`` / vLLM's ``guided_*`` -> the constraint fields (the body refused two at
+    once; whether a schema, regex or grammar compiles is lmcore's check, a 400 naming the problem)."""
+    rf = body.response_format
+    if rf is not None and rf.type == "json_object":
+        sp.json_object = True
+    elif rf is not None and rf.type == "json_schema":
+        sp.json_schema = json.dumps(rf.json_schema.schema_)
+    if body.guided_json is not None:
+        sp.json_schema = body.guided_json if isinstance(body.guided_json, str) else json.dumps(body.guided_json)
+    if body.guided_regex is not None:
+        sp.regex = body.guided_regex
+    if body.guided_choice is not None:
+        if not body.guided_choice:
+            raise HttpError(400, "guided_choice is empty: give at least one string", "guided_choice")
+        sp.choice.extend(body.guided_choice)
+    if body.guided_grammar is not None:
+        sp.grammar = body.guided_grammar
 
 
 def split_prompts(prompt) -> list[str | list[int]]:

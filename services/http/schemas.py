@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 
 INT32 = 2**31 - 1
 INT64 = 2**63 - 1
@@ -30,6 +30,34 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: StrictBool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's ``response_format.json_schema``: ``{"name", "schema", "strict", "description"}``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: StrictStr | None = None
+    description: StrictStr | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: StrictBool | None = None  # lmstack always follows the schema strictly
+
+
+class ResponseFormat(_Body):
+    """OpenAI's ``response_format``: ``text``, ``json_object`` or ``json_schema`` (with its schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema (with its "schema") is required with type "json_schema", '
+                             "and only then")
+        return self
+
+
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 class _Sampling(_Body):
@@ -51,12 +79,36 @@ class _Sampling(_Body):
     top_k: int | None = Field(None, ge=0, le=INT32)
     repetition_penalty: float | None = None
     ignore_eos: StrictBool | None = None
+    # Structured output: OpenAI's response_format (vLLM accepts it on completions too) and vLLM's
+    # guided_* fields, all onto lmstack.v1.SamplingParams' constraint fields (at most one).
+    response_format: ResponseFormat | None = None
+    guided_json: StrictStr | dict[str, Any] | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
+    guided_decoding_backend: StrictStr | None = None  # lmstack has one: "xgrammar" (or "auto")
+    guided_whitespace_pattern: StrictStr | None = None  # refused: lmstack's JSON layout is fixed
+
+    def constraints_given(self) -> list[str]:
+        given = [f for f in GUIDED_FIELDS if getattr(self, f) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.insert(0, "response_format")
+        return given
 
     def refused_fields(self) -> list[tuple[str, str]]:
         """``(field, why)`` for fields set to something lmstack does not do."""
         refused = []
         if self.logit_bias:
             refused.append(("logit_bias", "logit_bias is not supported"))
+        given = self.constraints_given()
+        if len(given) > 1:
+            refused.append((given[1], f"give at most one of response_format (json_object / json_schema), "
+                                      f"{', '.join(GUIDED_FIELDS)}; got {', '.join(given)}"))
+        if self.guided_decoding_backend not in (None, "xgrammar", "auto"):
+            refused.append(("guided_decoding_backend", "lmstack's only guided decoding backend is xgrammar"))
+        if self.guided_whitespace_pattern is not None:
+            refused.append(("guided_whitespace_pattern", "guided_whitespace_pattern is not supported (JSON is "
+                                                         "generated on one line with ', ' and ': ')"))
         if self.stream_options is not None and not self.stream:
             refused.append(("stream_options", "stream_options is only allowed with stream: true"))
         return refused
@@ -98,7 +150,6 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=INT32)
     tools: list[dict[str, Any]] | None = None  # refused unless empty
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None  # refused unless {"type": "text"}
 
     def refused_fields(self) -> list[tuple[str, str]]:
         refused = super().refused_fields()
@@ -106,8 +157,6 @@ class ChatCompletionRequest(_Sampling):
             refused.append(("tools", "tools (function calling) are not supported"))
         if self.tool_choice not in (None, "none", "auto"):
             refused.append(("tool_choice", "tool_choice is not supported"))
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            refused.append(("response_format", "response_format other than text is not supported"))
         if self.top_logprobs is not None and not self.logprobs:
             refused.append(("top_logprobs", "top_logprobs needs logprobs: true"))
         for m in self.messages:

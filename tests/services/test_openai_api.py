@@ -261,6 +261,75 @@ def test_chat_with_a_template_and_a_400_without(platform, client):
                                                                 "tool_call_id": "1"}], max_tokens=4)
 
 
+# --- structured output: response_format and vLLM's guided_* ---------------------------------------
+PERSON = {"type": "object",
+          "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "minimum": 0,
+                                                                              "maximum": 120},
+                         "langs": {"type": "array", "items": {"enum": ["py", "rs", "go"]}, "maxItems": 3}},
+          "required": ["name", "age", "langs"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_and_json_object(client):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    for seed in range(3):
+        got = client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=80, temperature=1.0,
+                                             seed=seed, response_format=fmt)
+        assert got.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(got.choices[0].message.content), PERSON)
+    streamed = client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=80, temperature=1.0,
+                                              seed=2, response_format=fmt, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == got.choices[0].message.content
+    obj = client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=200, temperature=0,
+                                         response_format={"type": "json_object"})
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    else:  # "length": the partial text, still an object's beginning
+        assert obj.choices[0].message.content.startswith("{")
+    text = client.completions.create(model="plain", prompt="x", max_tokens=80, temperature=1.0, seed=4,
+                                     extra_body={"response_format": fmt})  # vLLM takes it on completions too
+    jsonschema.validate(json.loads(text.choices[0].text), PERSON)
+
+
+def test_vllm_guided_fields(client):
+    import re
+
+    import jsonschema
+
+    def complete(**extra):
+        return client.completions.create(model="plain", prompt="value:", max_tokens=60, temperature=1.0, seed=5,
+                                         n=3, extra_body=extra).choices
+
+    for c in complete(guided_json=PERSON):
+        jsonschema.validate(json.loads(c.text), PERSON)
+    for c in complete(guided_regex=r"[a-f0-9]{4}-[0-9]{2}", guided_decoding_backend="xgrammar"):
+        assert re.fullmatch(r"[a-f0-9]{4}-[0-9]{2}", c.text) and c.finish_reason == "stop"
+    assert {c.text for c in complete(guided_choice=["left", "right"])} <= {"left", "right"}
+    for c in complete(guided_grammar='root ::= "(" [0-9] ("+" [0-9])* ")"'):
+        assert re.fullmatch(r"\([0-9](\+[0-9])*\)", c.text) or c.finish_reason == "length"
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"guided_regex": "[a-"}, "invalid regex"),
+    ({"guided_json": {"type": "integer", "minimum": 3, "maximum": 1}}, "minimum greater than maximum"),
+    ({"guided_json": "{not json"}, "not valid JSON"),
+    ({"guided_grammar": "root ::= "}, "invalid grammar"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "at most one"),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "at most one"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"guided_whitespace_pattern": " *"}, "guided_whitespace_pattern"),
+    ({"guided_decoding_backend": "outlines"}, "xgrammar"),
+])
+def test_bad_constraints_are_400s(client, extra, needle):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="plain", prompt="Hello", max_tokens=4, extra_body=extra)
+    err = info.value.body
+    assert needle in err["message"] or needle in (err["param"] or ""), err
+    assert "Traceback" not in err["message"]
+
 def _post(base: str, path: str, payload, key: str | None = None) -> tuple[int, dict]:
     data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
