@@ -15,6 +15,13 @@ same batch size and torch threads, in a second long-lived process (the server's 
 (protobuf, gRPC, HTTP/2, the clients' process). The server is the real
 ``python -m services.inference`` in its own process; the clients use ``grpc.aio`` from this one.
 
+HTTP row: the same streaming workload over the OpenAI-compatible API (``POST /v1/completions``
+with ``stream: true``, server-sent events, token-id prompts, ``stream_options.include_usage`` for
+the token count) on the same server process and engine (``--http-port``), run right after the gRPC
+``CompleteStream`` run of each repeat; reported as HTTP/gRPC ratios of tokens/s and TTFT (target:
+HTTP overhead <= 15%). The HTTP clients are aiohttp (lean, like grpc.aio), not the openai package,
+so the client's own parsing does not count as server overhead.
+
 Part 2, round trips. Sequential unary ``Encode`` calls of a 100-character text against a
 tokenizer server that also serves an ``Echo`` RPC (an empty handler, same interceptors: error
 boundary, auth check, metrics), in alternating blocks. The ratio of p50 latencies is what
@@ -212,12 +219,41 @@ async def reference_worker(model_dir: Path, max_tokens: int, max_batch: int, thr
     await asyncio.to_thread(engine.stop)
 
 
+def http_submitter(session, url: str, prompt_ids, max_tokens: int):
+    """``submit(i)`` over ``POST /v1/completions`` (SSE): one item per event that carries text, then
+    the rest of the usage count (a lagging stream's events carry several tokens each)."""
+
+    async def submit(i):
+        body = {"model": "bench", "prompt": prompt_ids[i % len(prompt_ids)], "max_tokens": max_tokens,
+                "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        seen = 0
+        async with session.post(url, json=body) as r:
+            r.raise_for_status()
+            async for line in r.content:
+                if not line.startswith(b"data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if event["choices"]:
+                    seen += 1
+                    yield [0]
+                elif event.get("usage"):
+                    yield [0] * max(0, event["usage"]["completion_tokens"] - seen)
+
+    return submit
+
+
 async def bench_generation(target: str, server_pid: int, model_dir: Path, levels, per_client, max_tokens, max_batch, threads,
-                           prompt_ids, repeats: int) -> dict:
+                           prompt_ids, repeats: int, http_url: str | None = None) -> dict:
     """Per level and repeat: the service, then the AsyncEngine and the bare Engine (in the reference
     process), back to back so the three see the same machine load (this machine is shared; the
     repeats show how much that moves the figures)."""
-    runs: dict = {n: {"service": [], "async_engine": [], "engine": []} for n in levels}
+    runs: dict = {n: {"service": [], "async_engine": [], "engine": []} | ({"http": []} if http_url else {})
+                  for n in levels}
+    session = None
+    if http_url:
+        import aiohttp
+
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     worker = subprocess.Popen([sys.executable, __file__, "--reference-worker",
                                json.dumps([str(model_dir), max_tokens, max_batch, threads])],
                               cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -239,6 +275,14 @@ async def bench_generation(target: str, server_pid: int, model_dir: Path, levels
                     res["server_cpu_ms_per_token"] = 1e3 * (process_cpu_s(server_pid) - server_cpu0) / res["tokens"]
                     res["cpu_ms_per_token"] = res["client_cpu_ms_per_token"] + res["server_cpu_ms_per_token"]
                     runs[n]["service"].append(res)
+                    if session is not None:  # the same workload over the OpenAI-compatible API (SSE)
+                        submit = http_submitter(session, http_url, prompt_ids, max_tokens)
+                        await run_clients(n, 1, submit)  # warm-up
+                        server_cpu0 = process_cpu_s(server_pid)
+                        res = await run_clients(n, per_client(n), submit)
+                        res["server_cpu_ms_per_token"] = 1e3 * (process_cpu_s(server_pid) - server_cpu0) / res["tokens"]
+                        res["cpu_ms_per_token"] += res["server_cpu_ms_per_token"]
+                        runs[n]["http"].append(res)
                     worker.stdin.write(json.dumps([n, per_client(n)]) + "\n")
                     worker.stdin.flush()
                     ref = json.loads(await asyncio.to_thread(worker.stdout.readline))
@@ -250,6 +294,8 @@ async def bench_generation(target: str, server_pid: int, model_dir: Path, levels
     finally:
         worker.stdin.close()
         worker.wait(60)
+        if session is not None:
+            await session.close()
     return runs
 
 
@@ -265,6 +311,17 @@ def ratios(runs: dict, ref: str) -> dict:
                       ("tpot_p50_ms", "tpot_p50_ratio"), ("tpot_p99_ms", "tpot_p99_ratio"),
                       ("cpu_ms_per_token", "cpu_per_token_ratio")):
         out[name] = statistics.median(s[key] / r[key] for s, r in zip(runs["service"], runs[ref]))
+    out["overhead_pct"] = 100 * (1 - out["tokens_per_s_ratio"])
+    return out
+
+
+def http_ratios(runs: dict) -> dict:
+    """HTTP (SSE) / gRPC (CompleteStream) per repeat, then the median."""
+    pairs = list(zip(runs["http"], runs["service"]))
+    out = {name: statistics.median(h[key] / g[key] for h, g in pairs)
+           for key, name in (("tokens_per_s", "tokens_per_s_ratio"), ("ttft_p50_ms", "ttft_p50_ratio"),
+                             ("tpot_p50_ms", "tpot_p50_ratio"),
+                             ("server_cpu_ms_per_token", "server_cpu_per_token_ratio"))}
     out["overhead_pct"] = 100 * (1 - out["tokens_per_s_ratio"])
     return out
 
@@ -346,6 +403,7 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--encode-calls", type=int, default=2000)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-http", action="store_true", help="skip the OpenAI-compatible HTTP (SSE) row")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serving.json"))
     ap.add_argument("--serve-tokenizer-echo", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--reference-worker", help=argparse.SUPPRESS)
@@ -379,17 +437,18 @@ def main() -> None:
         model_dir = Path(tmp) / "bench-model"
         make_model(model_dir, args.preset)
         # part 1: the service (its own process) and the same workload in-process, level by level
-        port = free_port()
-        proc = spawn([sys.executable, "-m", "services.inference", "--port", str(port),
+        port, http_port = free_port(), (0 if args.no_http else free_port())
+        proc = spawn([sys.executable, "-m", "services.inference", "--port", str(port), "--http-port", str(http_port),
                       "--models", f"bench={model_dir}", "--max-batch-size", str(args.max_batch_size),
                       "--max-waiting", "1024", "--torch-threads", str(args.torch_threads),
                       "--log-level", "WARNING"])
         try:
             with Client(f"127.0.0.1:{port}") as c:
-                c.wait_ready(120)
+                c.wait_ready(600)  # a loaded machine: building the fast weight layouts takes a while
             runs = asyncio.run(bench_generation(
                 f"127.0.0.1:{port}", proc.pid, model_dir, levels, per_client, args.max_tokens, args.max_batch_size,
-                args.torch_threads, prompt_ids, args.repeats))
+                args.torch_threads, prompt_ids, args.repeats,
+                f"http://127.0.0.1:{http_port}/v1/completions" if http_port else None))
         finally:
             stop(proc)
 
@@ -406,6 +465,7 @@ def main() -> None:
     for n in levels:
         gen_rows.append({"clients": n, **{k: summarize(v) for k, v in runs[n].items()},
                          "vs_engine": ratios(runs[n], "engine"), "vs_async_engine": ratios(runs[n], "async_engine"),
+                         **({"http_vs_grpc": http_ratios(runs[n])} if "http" in runs[n] else {}),
                          "runs": runs[n]})
     report["generation"] = gen_rows
     report["round_trips"] = {**rt, "encode_over_echo_p50": rt["encode"]["p50_ms"] / rt["echo"]["p50_ms"]}
@@ -417,12 +477,18 @@ def main() -> None:
            f"{'TPOT p50':>9} | {'TPOT p99':>9} | {'CPU/token':>9}")
     print(hdr + "\n" + "-" * len(hdr))
     for row in gen_rows:
-        for where, r in (("service", row["service"]), ("AsyncEngine", row["async_engine"]),
-                         ("Engine", row["engine"])):
+        for where, r in (("service", row["service"]), *((("http (SSE)", row["http"]),) if "http" in row else ()),
+                         ("AsyncEngine", row["async_engine"]), ("Engine", row["engine"])):
             print(f"{row['clients']:>7} | {where:<11} | {r['tokens_per_s']:>8.1f} | {r['ttft_p50_ms']:>7.1f}ms | "
                   f"{r['ttft_p99_ms']:>7.1f}ms | {r['tpot_p50_ms']:>7.2f}ms | {r['tpot_p99_ms']:>7.2f}ms | "
                   f"{r['cpu_ms_per_token']:>7.2f}ms" + (f"  ({r['tokens_per_chunk']:.2f} tokens/chunk)"
-                                                          if "tokens_per_chunk" in r else ""))
+                                                          if "tokens_per_chunk" in r and where != "http (SSE)" else ""))
+        if "http_vs_grpc" in row:
+            v = row["http_vs_grpc"]
+            print(f"{'':>7} | {'http/gRPC':<11} | {v['tokens_per_s_ratio']:>8.3f} | {v['ttft_p50_ratio']:>8.2f}x | "
+                  f"{'':>9} | {v['tpot_p50_ratio']:>8.2f}x | {'':>9} | {'':>9}  "
+                  f"(HTTP overhead {v['overhead_pct']:+.1f}%, target <= 15%; server CPU/token "
+                  f"{v['server_cpu_per_token_ratio']:.2f}x)")
         for ref in ("engine", "async_engine"):
             v = row["vs_" + ref]
             label = "svc/Engine" if ref == "engine" else "svc/Async"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -438,3 +439,34 @@ def test_fuzzed_bodies_are_always_a_4xx_in_openai_shape(small):
     assert _wait_idle(server)
     status, _ = _post(base, "/v1/completions", {"prompt": "Hello", "max_tokens": 2})
     assert status == 200  # still serving
+
+
+def test_python_m_services_http_alone_health_and_sigterm(tmp_path):
+    """``python -m services.http``: the API without gRPC; /health 503 until loaded, then 200; SIGTERM
+    drains and exits 0."""
+    _, plain = write_models(tmp_path)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "services.http", "--http-port", str(port), "--models",
+                             f"plain={plain}", "--grace-period-s", "5"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        seen, deadline = [], time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    seen.append(r.status)
+                    break
+            except urllib.error.HTTPError as e:
+                assert e.code == 503 and json.loads(e.read())["error"]["message"] == "loading models"
+                seen.append(503)
+            except OSError:
+                pass  # not listening yet
+            time.sleep(0.05)
+        assert seen and seen[-1] == 200, (seen, proc.poll())
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        assert client.completions.create(model="plain", prompt="Hello", max_tokens=3).usage.completion_tokens >= 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, proc.stdout.read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
