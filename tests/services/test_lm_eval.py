@@ -76,7 +76,7 @@ def test_lm_eval_local_completions_agrees_with_hf(tmp_path, offline):
     data = tmp_path / "tasks" / "docs.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     (tmp_path / "tasks" / "lmstack_tiny_mc.yaml").write_text(TASK.format(data=data))
-    settings = InferenceSettings(models=[f"tiny={model_dir}"], http_port=free_port(), max_batch_size=4)
+    settings = InferenceSettings(models=[f"tiny={model_dir}"], port=0, http_port=free_port(), max_batch_size=4)
     server = ServerThread(settings, "inference", setup).start()
     try:
         ours = lm_eval("local-completions",

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import openai
 import pytest
@@ -358,11 +360,23 @@ def test_tokenize_and_detokenize(platform, tok):
 def small(tmp_path_factory):
     root = tmp_path_factory.mktemp("openai-small")
     _, plain = write_models(root)
-    settings = InferenceSettings(models=[f"plain={plain}"], http_port=free_port(), max_batch_size=1,
-                                 max_waiting=0)
+    (root / "store").mkdir()
+    settings = InferenceSettings(models=[f"plain={plain}"], port=0, http_port=free_port(), max_batch_size=1,
+                                 max_waiting=0, model_store=str(root / "store"), store_refresh_interval_s=0)
     server = ServerThread(settings, "inference", setup).start()
     yield server, f"http://127.0.0.1:{settings.http_port}"
     server.stop()
+
+
+def test_fine_tuned_models_appear_in_the_models_list(small):
+    server, base = small
+    store = Path(server.settings.model_store)
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["plain"]
+    shutil.copytree(server.settings.models[0].split("=", 1)[1], store / "ft:plain:demo:abc123")  # a publish
+    assert [m.id for m in client.models.list().data] == ["plain", "ft:plain:demo:abc123"]
+    assert client.models.retrieve("ft:plain:demo:abc123").id == "ft:plain:demo:abc123"
+    assert client.completions.create(model="ft:plain:demo:abc123", prompt="Hello", max_tokens=2).choices
 
 
 def _engine(server):
