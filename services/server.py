@@ -137,6 +137,27 @@ class ApiKeyAuth(grpc.aio.ServerInterceptor):
         return None  # bidirectional streams: none in lmstack.v1 (reflection is open)
 
 
+class HealthServicer(health.aio.HealthServicer):
+    """grpcio's asyncio health servicer plus ``List`` (the newest ``grpc.health.v1`` RPC, which it
+    leaves unimplemented: a client calling it would get UNKNOWN)."""
+
+    def __init__(self):
+        super().__init__()
+        self.statuses: dict[str, int] = {}
+
+    async def set(self, service: str, status) -> None:
+        self.statuses[service] = status
+        await super().set(service, status)
+
+    async def enter_graceful_shutdown(self) -> None:
+        self.statuses = dict.fromkeys(self.statuses, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await super().enter_graceful_shutdown()
+
+    async def List(self, request, context):
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status) for name, status in self.statuses.items()})
+
+
 class GrpcServer:
     """A ``grpc.aio`` server with lmstack's interceptors, health, reflection and metrics."""
 
@@ -152,7 +173,7 @@ class GrpcServer:
             options=server_options(settings.max_message_bytes, settings),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names: list[str] = []
         self.port: int | None = None

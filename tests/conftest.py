@@ -68,6 +68,13 @@ class RedisServer:
             self.proc.wait(timeout=10)
         self.proc = None
 
+    def kill(self) -> None:
+        """kill -9: no shutdown, no final save (appendfsync always has written every command)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
     def restart(self) -> None:
         self.stop()
         self.start()

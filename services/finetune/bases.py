@@ -14,6 +14,7 @@ from lmcore._io import CONFIG_FILE
 from lmcore.lora import is_adapter_dir
 from lmcore.model import GPTConfig
 from services.errors import InvalidArgument, NotFound
+from services.limits import check_name
 from services.models import parse_model_specs
 
 
@@ -34,7 +35,7 @@ class BaseModels:
 
     def path(self, name: str) -> Path:
         """The directory of base model ``name`` (empty: the default); NotFound lists the choices."""
-        name = name or self.default
+        name = check_name(name or self.default, "base model")
         if not name:
             raise InvalidArgument("no base model given and the server has no default model")
         if name in self.specs:

@@ -27,6 +27,9 @@ TERMINAL = (pb.JOB_STATUS_SUCCEEDED, pb.JOB_STATUS_FAILED, pb.JOB_STATUS_CANCELL
 HP_FIELDS = set(pb.Hyperparameters.DESCRIPTOR.fields_by_name)
 
 
+TERMINAL_STATUSES = (pb.JOB_STATUS_SUCCEEDED, pb.JOB_STATUS_FAILED, pb.JOB_STATUS_CANCELLED)
+
+
 def status_name(status: int) -> str:
     """``JOB_STATUS_SUCCEEDED`` -> ``succeeded``."""
     return pb.JobStatus.Name(status).removeprefix("JOB_STATUS_").lower()
@@ -108,9 +111,27 @@ class FineTuneClient(Client):
 
     def watch_job(self, job_id: str, after_event_id: str = "", timeout: float | None = 3600.0
                   ) -> Iterator[pb.JobEvent]:
-        """The job's events, history first; ends after the terminal status event."""
-        yield from self.stub.WatchJob(pb.WatchJobRequest(id=job_id, after_event_id=after_event_id),
-                                      timeout=timeout, metadata=self.metadata)
+        """The job's events, history first; ends after the terminal status event. The server ends
+        a watch after its watch_max_s: this resumes it from the last event seen, within ``timeout``."""
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.001, deadline - time.monotonic())
+            ended = False
+            for event in self.stub.WatchJob(pb.WatchJobRequest(id=job_id, after_event_id=after_event_id),
+                                            timeout=left, metadata=self.metadata):
+                after_event_id = event.id
+                ended = event.type == pb.JOB_EVENT_TYPE_STATUS and event.status in TERMINAL_STATUSES
+                yield event
+            if ended or self.get_job(job_id, timeout=left).status in TERMINAL_STATUSES:
+                if not ended:  # it ended between two watches: hand over what was left unseen
+                    yield from self.stub.WatchJob(pb.WatchJobRequest(id=job_id, after_event_id=after_event_id),
+                                                  timeout=left, metadata=self.metadata)
+                return
+
+    def delete_dataset(self, dataset_id: str, timeout=None) -> pb.DeleteDatasetResponse:
+        return self.stub.DeleteDataset(pb.DeleteDatasetRequest(id=dataset_id), **self._kw(timeout))
 
     def wait(self, job_id: str, timeout: float = 600.0) -> pb.Job:
         """Block until the job is SUCCEEDED, FAILED or CANCELLED; returns its final record."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 import time
 from pathlib import Path
@@ -19,12 +20,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from lmcore.training import DatasetError
 from lmcore.training.data import check_record, parse_record
-from services.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, clip
 from services.gen.lmstack.v1 import finetune_pb2 as pb
 
 from .bases import BaseModels
 from .settings import FineTuneSettings
-from .spec import HyperparameterError, check_suffix, resolve_hyperparameters
+from .spec import HyperparameterError, check_model_name, check_suffix, resolve_hyperparameters
 from .store import SCRIPTS, STATUSES, TERMINAL, Keys, ensure_group, now, redis_client
 
 log = logging.getLogger("lmstack.finetune")
@@ -38,6 +39,26 @@ OPTIONAL_HP = ("epochs", "max_steps", "learning_rate", "batch_size", "grad_accum
                "checkpoint_interval", "log_interval", "grad_clip", "merge_lora")
 FLOAT_HP = {"learning_rate", "weight_decay", "lora_alpha", "lora_dropout", "eval_fraction", "grad_clip"}
 MAX_IDEMPOTENCY_KEY = 200
+# Ids are checked by pattern before they reach a Redis key: "<job>:events" names another key (of
+# another type), so an unchecked id could read or break what it was never meant to.
+JOB_ID = re.compile(r"ftjob-[0-9a-f]{12}")
+DATASET_ID = re.compile(r"ds-[0-9a-f]{12}")
+EVENT_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")  # a Redis stream id
+PAGE_TOKEN = re.compile(r"[0-9]{1,20}")
+
+
+def check_id(value: str, pattern: re.Pattern, what: str, example: str) -> str:
+    if not pattern.fullmatch(value):
+        raise InvalidArgument(f"{what} {clip(value)} is not valid: expected {example}")
+    return value
+
+
+def job_id(value: str) -> str:
+    return check_id(value, JOB_ID, "job id", "'ftjob-' and 12 hex digits")
+
+
+def dataset_id(value: str) -> str:
+    return check_id(value, DATASET_ID, "dataset id", "'ds-' and 12 hex digits (from UploadDataset)")
 
 
 # --- protobuf conversion (the edge) ------------------------------------------------------------------
@@ -138,10 +159,14 @@ class FineTuneHandler:
         self.keys = Keys(settings.redis_prefix)
         self.bases = BaseModels(settings.models, settings.model_store, settings.default_model)
         self.r = None
+        self.r_watch = None  # a pool of its own for WatchJob's blocking reads: watches never starve other RPCs
         self.scripts: dict = {}
+        self._watches = 0
 
     async def connect(self) -> None:
         self.r = redis_client(self.settings.redis_url, asyncio=True)
+        self.r_watch = redis_client(self.settings.redis_url, asyncio=True,
+                                    max_connections=self.settings.max_watches)
         self.scripts = {name: self.r.register_script(src) for name, src in SCRIPTS.items()}
         try:
             await asyncio.to_thread(self._ensure_group_sync)
@@ -157,15 +182,17 @@ class FineTuneHandler:
             r.close()
 
     async def close(self) -> None:
-        if self.r is not None:
-            await self.r.aclose()
+        for r in (self.r, self.r_watch):
+            if r is not None:
+                await r.aclose()
 
     # --- datasets ---------------------------------------------------------------------------------
     async def upload_dataset(self, requests) -> pb.Dataset:
         """Validate a streamed JSONL file line by line, then store it; nothing is stored on error."""
-        limit = self.settings.max_dataset_bytes
+        limit, max_line = self.settings.max_dataset_bytes, self.settings.max_line_bytes
         parts: list[bytes] = []
-        pending = b""
+        pending: list[bytes] = []  # the pieces of the line not yet complete (linear: never re-split)
+        pending_len = 0
         size = lineno = examples = tokens = 0
         filename = model = None
         tokenizer = block_size = None
@@ -177,31 +204,40 @@ class FineTuneHandler:
             if size > limit:
                 raise InvalidArgument(f"dataset is larger than the server's limit of {limit} bytes")
             parts.append(req.data)
-            pending += req.data
-            *lines, pending = pending.split(b"\n")
+            *lines, rest = req.data.split(b"\n")
+            if lines:
+                lines[0] = b"".join([*pending, lines[0]])
+                pending, pending_len = [], 0
+            if rest:
+                pending.append(rest)
+                pending_len += len(rest)
+            longest = max(max(map(len, lines), default=0), pending_len)
+            if longest > max_line:
+                raise InvalidArgument(f"invalid dataset: a line after line {lineno} is longer than the limit of "
+                                      f"{max_line} bytes (max_line_bytes)")
             if lines:
                 n, t = await asyncio.to_thread(check_lines, lines, lineno, tokenizer, block_size)
                 lineno, examples, tokens = lineno + len(lines), examples + n, tokens + t
         if filename is None:
             raise InvalidArgument("invalid dataset: the upload was empty (no data sent)")
         if pending:
-            n, t = await asyncio.to_thread(check_lines, [pending], lineno, tokenizer, block_size)
+            n, t = await asyncio.to_thread(check_lines, [b"".join(pending)], lineno, tokenizer, block_size)
             examples, tokens = examples + n, tokens + t
         if examples == 0:
             raise InvalidArgument("invalid dataset: the file is empty (no records)")
-        dataset_id = "ds-" + secrets.token_hex(6)
+        ds_id = "ds-" + secrets.token_hex(6)
         created = now()
-        meta = {"id": dataset_id, "filename": filename, "examples": examples, "tokens": tokens, "bytes": size,
+        meta = {"id": ds_id, "filename": filename[:255], "examples": examples, "tokens": tokens, "bytes": size,
                 "model": model, "block_size": block_size, "created_at": created}
         pipe = self.r.pipeline(transaction=True)
-        pipe.set(self.keys.dataset_data(dataset_id), b"".join(parts))
-        pipe.hset(self.keys.dataset(dataset_id), mapping={k: str(v) for k, v in meta.items()})
+        pipe.set(self.keys.dataset_data(ds_id), b"".join(parts))
+        pipe.hset(self.keys.dataset(ds_id), mapping={k: str(v) for k, v in meta.items()})
         await pipe.execute()
-        log.info("dataset %s: %d records, %d tokens (%s)", dataset_id, examples, tokens, filename)
+        log.info("dataset %s: %d records, %d tokens (%s)", ds_id, examples, tokens, clip(filename))
         return dataset_to_pb(meta)
 
     async def get_dataset(self, req: pb.GetDatasetRequest) -> pb.Dataset:
-        meta = await self.r.hgetall(self.keys.dataset(req.id))
+        meta = await self.r.hgetall(self.keys.dataset(dataset_id(req.id)))
         if not meta:
             raise NotFound(f"dataset {req.id!r} not found")
         return dataset_to_pb(meta)
@@ -217,8 +253,8 @@ class FineTuneHandler:
                 return await self._job(existing)
         base = req.base_model or self.bases.default
         await asyncio.to_thread(self.bases.path, base)  # NotFound with the list of bases
-        meta = await self.r.hgetall(self.keys.dataset(req.dataset_id))
-        if not req.dataset_id or not meta:
+        meta = await self.r.hgetall(self.keys.dataset(dataset_id(req.dataset_id)))
+        if not meta:
             raise NotFound(f"dataset {req.dataset_id!r} not found; upload it first (UploadDataset)")
         method = METHOD_NAMES.get(req.method)
         if method is None:
@@ -226,6 +262,7 @@ class FineTuneHandler:
         try:
             hp = resolve_hyperparameters(method, hyperparameters_from_pb(req.hyperparameters), int(meta["examples"]))
             suffix = check_suffix(req.suffix)
+            check_model_name(base, suffix)
         except HyperparameterError as e:
             raise InvalidArgument(str(e)) from None
         tokenizer, block_size = await asyncio.to_thread(self.bases.info, base)
@@ -236,24 +273,28 @@ class FineTuneHandler:
                 await asyncio.to_thread(check_lines, text.encode().split(b"\n"), 0, tokenizer, block_size)
             except DatasetError as e:
                 raise InvalidArgument(f"dataset {req.dataset_id} does not fit base model {base!r}: {e}") from None
-        job_id = "ftjob-" + secrets.token_hex(6)
-        created = time.time()
-        fields = {
-            "id": job_id, "base_model": base, "dataset_id": req.dataset_id, "method": method,
-            "hyperparameters": json.dumps(hp), "suffix": suffix, "created_at": f"{created:.6f}",
-            "total_steps": hp["total_steps"], "step": 0, "trained_tokens": 0, "attempt": 0,
-            "idempotency_key": key,
-        }
         k = self.keys
         idem_key = k.idempotency(key) if key else k.idempotency("-")
-        outcome, found = await self.scripts["create"](
-            keys=[k.job(job_id), k.jobs, k.queue, k.events(job_id), idem_key],
-            args=[job_id, int(created * 1e6), "1" if key else "0", now(),
-                  *[x for kv in fields.items() for x in (kv[0], str(kv[1]))]])
+        for _ in range(5):  # a new id on the (2^-48) chance that this one is taken
+            new_id = "ftjob-" + secrets.token_hex(6)
+            created = time.time()
+            fields = {
+                "id": new_id, "base_model": base, "dataset_id": req.dataset_id, "method": method,
+                "hyperparameters": json.dumps(hp), "suffix": suffix, "created_at": f"{created:.6f}",
+                "total_steps": hp["total_steps"], "step": 0, "trained_tokens": 0, "attempt": 0,
+                "idempotency_key": key,
+            }
+            outcome, found = await self.scripts["create"](
+                keys=[k.job(new_id), k.jobs, k.queue, k.events(new_id), idem_key, k.dataset_jobs(req.dataset_id),
+                      k.prefix],
+                args=[new_id, int(created * 1e6), "1" if key else "0", now(),
+                      *[x for kv in fields.items() for x in (kv[0], str(kv[1]))]])
+            if outcome != "collision":
+                break
         if outcome == "exists":
             return await self._job(found)
-        log.info("job %s queued: %s %s on %s, %d steps", job_id, method, req.dataset_id, base, hp["total_steps"])
-        return await self._job(job_id)
+        log.info("job %s queued: %s %s on %s, %d steps", new_id, method, req.dataset_id, base, hp["total_steps"])
+        return await self._job(new_id)
 
     async def _job(self, job_id: str) -> pb.Job:
         d = await self.r.hgetall(self.keys.job(job_id))
@@ -262,32 +303,47 @@ class FineTuneHandler:
         return job_to_pb(d)
 
     async def get_job(self, req: pb.GetJobRequest) -> pb.Job:
-        return await self._job(req.id)
+        return await self._job(job_id(req.id))
 
     async def list_jobs(self, req: pb.ListJobsRequest) -> pb.ListJobsResponse:
+        """Newest first; with statuses, read from the per-status indexes (no scan of other jobs)."""
         size = req.page_size or 20
         if not 1 <= size <= 1000:
             raise InvalidArgument(f"page_size must be in [1, 1000], got {req.page_size}")
-        wanted = {name for name, v in STATUS_VALUES.items() if v in set(req.statuses)}
+        unknown = [s for s in req.statuses if s not in STATUS_VALUES.values()]
+        if unknown:
+            raise InvalidArgument(f"unknown job status value(s) {unknown[:5]}")
+        wanted = sorted({name for name, v in STATUS_VALUES.items() if v in set(req.statuses)})
         if req.page_token:
-            if not req.page_token.isdigit():
-                raise InvalidArgument("page_token is not one this server returned")
-            upper = f"({req.page_token}"
+            upper = f"({check_id(req.page_token, PAGE_TOKEN, 'page_token', 'a next_page_token this server returned')}"
         else:
             upper = "+inf"
+        k = self.keys
+        indexes = [k.status_index(s) for s in wanted] or [k.jobs]
         page: list[tuple[dict, int]] = []
         while len(page) <= size:
-            batch = await self.r.zrevrangebyscore(self.keys.jobs, upper, "-inf", start=0, num=max(2 * size, 50),
-                                                  withscores=True)
-            if not batch:
+            need = size + 1 - len(page)
+            merged = []
+            for index in indexes:
+                merged += await self.r.zrevrangebyscore(index, upper, "-inf", start=0, num=need, withscores=True)
+            if not merged:
                 break
+            merged = sorted(merged, key=lambda x: -x[1])[:need]
             pipe = self.r.pipeline(transaction=False)
-            for job_id, _ in batch:
-                pipe.hgetall(self.keys.job(job_id))
-            for (_, score), d in zip(batch, await pipe.execute()):
-                if d and (not wanted or d.get("status") in wanted):
+            for jid, _ in merged:
+                pipe.hgetall(k.job(jid))
+            expired = []
+            for (jid, score), d in zip(merged, await pipe.execute()):
+                if d:
                     page.append((d, int(score)))
-            upper = f"({int(batch[-1][1])}"
+                else:  # its records expired (finished_job_ttl_s): drop it from the indexes
+                    expired.append(jid)
+            if expired:
+                pipe = self.r.pipeline(transaction=False)
+                for index in (k.jobs, *(k.status_index(s) for s in STATUSES)):
+                    pipe.zrem(index, *expired)
+                await pipe.execute()
+            upper = f"({int(merged[-1][1])}"
         resp = pb.ListJobsResponse(jobs=[job_to_pb(d) for d, _ in page[:size]])
         if len(page) > size:
             resp.next_page_token = str(page[size - 1][1])
@@ -295,7 +351,8 @@ class FineTuneHandler:
 
     async def cancel_job(self, req: pb.CancelJobRequest) -> pb.Job:
         k = self.keys
-        outcome, status = await self.scripts["cancel"](keys=[k.job(req.id), k.events(req.id)], args=[now()])
+        outcome, status = await self.scripts["cancel"](keys=[k.job(job_id(req.id)), k.events(req.id), k.prefix],
+                                                       args=[now()])
         if outcome == "missing":
             raise NotFound(f"job {req.id!r} not found")
         if outcome == "terminal" and status != "CANCELLED":
@@ -304,7 +361,7 @@ class FineTuneHandler:
         return await self._job(req.id)
 
     async def list_checkpoints(self, req: pb.ListCheckpointsRequest) -> pb.ListCheckpointsResponse:
-        if not await self.r.exists(self.keys.job(req.job_id)):
+        if not await self.r.exists(self.keys.job(job_id(req.job_id))):
             raise NotFound(f"job {req.job_id!r} not found")
         entries = [json.loads(e) for e in await self.r.lrange(self.keys.checkpoints(req.job_id), 0, -1)]
         # Older checkpoints are rotated away by the worker: list those still on disk.
@@ -312,22 +369,51 @@ class FineTuneHandler:
         return pb.ListCheckpointsResponse(checkpoints=[checkpoint_to_pb(e) for e in entries])
 
     async def watch_job(self, req: pb.WatchJobRequest):
-        """Replay the job's events after ``after_event_id``, then follow it until a terminal status."""
-        if not await self.r.exists(self.keys.job(req.id)):
-            raise NotFound(f"job {req.id!r} not found")
-        stream, last = self.keys.events(req.id), req.after_event_id or "0-0"
-        while True:
-            got = await self.r.xread({stream: last}, count=100, block=2000)
-            for _, entries in got or []:
-                for event_id, fields in entries:
-                    last = event_id
-                    yield event_to_pb(req.id, event_id, fields)
-                    if fields.get("type") == "STATUS" and fields.get("status") in TERMINAL:
+        """Replay the job's events after ``after_event_id``, then follow it until a terminal status.
+
+        At most ``max_watches`` watches are open at once (RESOURCE_EXHAUSTED past that), each for at
+        most ``watch_max_s``: then the stream ends and the client resumes with the last event's id
+        (``FineTuneClient.watch_job`` does). Blocking reads use a pool of their own."""
+        jid = job_id(req.id)
+        last = check_id(req.after_event_id, EVENT_ID, "after_event_id", "a JobEvent.id") if req.after_event_id else "0-0"
+        if self._watches >= self.settings.max_watches:
+            raise ResourceExhausted(f"too many watches: {self._watches} open, at most {self.settings.max_watches}; "
+                                    "retry shortly")
+        self._watches += 1
+        try:
+            if not await self.r.exists(self.keys.job(jid)):
+                raise NotFound(f"job {jid!r} not found")
+            stream = self.keys.events(jid)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.settings.watch_max_s
+            while (left := deadline - loop.time()) > 0:
+                got = await self.r_watch.xread({stream: last}, count=100, block=max(1, int(min(2.0, left) * 1000)))
+                for _, entries in got or []:
+                    for event_id, fields in entries:
+                        last = event_id
+                        yield event_to_pb(jid, event_id, fields)
+                        if fields.get("type") == "STATUS" and fields.get("status") in TERMINAL:
+                            return
+                if not got:  # quiet: the job may have ended before the events we were shown
+                    status = await self.r.hget(self.keys.job(jid), "status")
+                    if status in TERMINAL and not await self.r.xread({stream: last}, count=1):
                         return
-            if not got:  # quiet: the job may have ended before the events we were shown
-                status = await self.r.hget(self.keys.job(req.id), "status")
-                if status in TERMINAL and not await self.r.xread({stream: last}, count=1):
-                    return
+        finally:
+            self._watches -= 1
+
+    async def delete_dataset(self, req: pb.DeleteDatasetRequest) -> pb.DeleteDatasetResponse:
+        """Delete a dataset's records and bytes; FAILED_PRECONDITION while a job on it is unfinished."""
+        ds = dataset_id(req.id)
+        k = self.keys
+        outcome, detail = await self.scripts["delete_dataset"](
+            keys=[k.dataset(ds), k.dataset_data(ds), k.dataset_jobs(ds), k.prefix])
+        if outcome == "missing":
+            raise NotFound(f"dataset {ds!r} not found")
+        if outcome == "busy":
+            raise FailedPrecondition(f"dataset {ds} is used by job {detail}, which has not finished; cancel it or "
+                                     "wait for it first")
+        log.info("dataset %s deleted", ds)
+        return pb.DeleteDatasetResponse(id=ds)
 
 
 def dataset_to_pb(meta: dict) -> pb.Dataset:

@@ -51,6 +51,9 @@ class FineTuningServicer(finetune_pb2_grpc.FineTuningServiceServicer):
     async def ListCheckpoints(self, request, context):
         return await self.handler.list_checkpoints(request)
 
+    async def DeleteDataset(self, request, context):
+        return await self.handler.delete_dataset(request)
+
     async def WatchJob(self, request, context):
         # aclosing: a cancelled watch stops reading the job's event stream at once.
         async with aclosing(self.handler.watch_job(request)) as events:

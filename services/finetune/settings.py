@@ -16,6 +16,17 @@ class FineTuneSettings(ModelServiceSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the queue, jobs and events")
     redis_prefix: str = Field("lmstack:ft", description="prefix of every Redis key (several stacks, one Redis)")
     max_dataset_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest accepted dataset file")
+    max_line_bytes: int = Field(4 * 1024 * 1024, gt=0, description="longest accepted dataset line (one record)")
+    max_watches: int = Field(64, ge=1, description="WatchJob streams open at once (each holds a Redis "
+                                                   "connection of their own pool); past it RESOURCE_EXHAUSTED")
+    watch_max_s: float = Field(300.0, gt=0, description="a WatchJob stream ends after this long; the client "
+                                                        "resumes with after_event_id")
+    max_events_per_job: int = Field(1000, ge=10, description="events kept per job (older progress events are "
+                                                             "trimmed)")
+    finished_job_ttl_s: float = Field(30 * 86400.0, ge=0, description="a finished job's records expire after "
+                                                                      "this long (0: never)")
+    checkpoints_kept_after_finish: int = Field(1, ge=0, description="checkpoints a finished job keeps on disk "
+                                                                    "(the final model is always kept)")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads (workers: the training loop's)")
     reclaim_idle_s: float = Field(30.0, gt=0, description="a job whose worker sent no heartbeat for this "
                                                           "long is taken over by another worker (the API "

@@ -108,6 +108,18 @@ def check_suffix(suffix: str) -> str:
     return suffix
 
 
+MAX_MODEL_NAME = 255  # the result is a directory of the model store: a file name's limit
+
+
 def model_name(base_model: str, suffix: str, job_id: str) -> str:
-    """``ft:<base>:<suffix>:<short id>``: the result's name in the model store and the inference service."""
-    return f"ft:{base_model}:{suffix}:{job_id.removeprefix('ftjob-')[:8]}"
+    """``ft:<base>:<suffix>:<id>``: the result's name in the model store and the inference service.
+    ``<id>`` is the job id's 12 hex digits (unique: CreateJob never reuses an id), so two jobs never
+    publish under one name; CreateJob refuses a base + suffix whose name would pass ``MAX_MODEL_NAME``."""
+    return f"ft:{base_model}:{suffix}:{job_id.removeprefix('ftjob-')}"
+
+
+def check_model_name(base_model: str, suffix: str) -> None:
+    longest = len(model_name(base_model, suffix, "ftjob-" + "0" * 12).encode())
+    if longest > MAX_MODEL_NAME:
+        raise ValueError(f"the result's name ft:<base>:<suffix>:<id> would be {longest} bytes, past the model "
+                         f"store's limit of {MAX_MODEL_NAME}: use a shorter suffix (or base model name)")

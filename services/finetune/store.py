@@ -4,12 +4,21 @@ Keys (``P`` is the prefix, ``lmstack:ft`` by default)::
 
     P:queue                  stream of {job_id}; consumer group "workers" (the work queue)
     P:jobs                   sorted set: job id by creation time (ListJobs, newest first)
+    P:jobs:<STATUS>          sorted set per status, same scores (ListJobs by status pages without scanning)
     P:job:<id>               hash: the job record (status, hyperparameters, progress, result)
     P:job:<id>:events        stream: the job's events (WatchJob replays it, then blocks on it)
     P:job:<id>:checkpoints   list: one JSON entry per checkpoint saved
     P:idem:<key>             string: the job an idempotency key created
     P:ds:<id>, P:ds:<id>:data  hash + string: a dataset's metadata and its JSONL bytes
     P:workers                sorted set: worker id by the last time it polled or heartbeat (liveness)
+    P:ds:<id>:jobs           set: the jobs created on the dataset (DeleteDataset refuses while one is unfinished)
+
+**Growth is bounded.** A job's event stream is trimmed (``XADD ... MAXLEN ~ max_events_per_job``:
+the oldest progress events go first); acknowledged queue entries are trimmed by the workers
+(:meth:`JobStore.trim_queue`: ``XTRIM MINID`` up to the oldest entry still pending or undelivered,
+so a queued job is never trimmed); a finished job's records expire after ``finished_job_ttl_s``
+and its checkpoints beyond ``checkpoints_kept_after_finish`` are deleted; datasets are deleted
+with ``DeleteDataset``.
 
 **Why a stream with a consumer group.** ``XREADGROUP`` hands each queued job to exactly one
 worker and records it in the group's pending list (PEL) under that worker's name until it is
@@ -79,13 +88,32 @@ class Keys:
     @property
     def workers(self) -> str:
         return f"{self.prefix}:workers"
+    def dataset_jobs(self, dataset_id: str) -> str:
+        return f"{self.prefix}:ds:{dataset_id}:jobs"
+
+    def status_index(self, status: str) -> str:
+        return f"{self.prefix}:jobs:{status}"
+
+
+# Moves a job between the per-status indexes (its score: the creation time in the P:jobs set).
+# Every script that changes a status calls it, so the indexes change atomically with the status.
+# The scripts take the key prefix as their last KEYS entry to name the index keys.
+_MOVE = """
+local function move(p, id, from, to)
+  if from then redis.call('ZREM', p .. ':jobs:' .. from, id) end
+  local score = redis.call('ZSCORE', p .. ':jobs', id)
+  if score then redis.call('ZADD', p .. ':jobs:' .. to, score, id) end
+end
+"""
 
 
 # Every script returns a small array: {outcome, detail}. KEYS/ARGV are documented per script.
 SCRIPTS = {
-    # KEYS: job, jobs zset, queue, events, idempotency key (may be a dummy when ARGV[3] == "0")
+    # KEYS: job, jobs zset, queue, events, idempotency key (may be a dummy when ARGV[3] == "0"),
+    # the dataset's job set, the key prefix
     # ARGV: job id, created score (µs), has idempotency key "1"/"0", now, then field/value pairs
-    "create": """
+    "create": _MOVE + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'collision', ARGV[1]} end
 if ARGV[3] == '1' then
   local existing = redis.call('GET', KEYS[5])
   if existing then return {'exists', existing} end
@@ -96,13 +124,15 @@ redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 local msg = redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[1])
 redis.call('HSET', KEYS[1], 'queue_msg_id', msg, 'status', 'QUEUED')
+move(KEYS[7], ARGV[1], nil, 'QUEUED')
+redis.call('SADD', KEYS[6], ARGV[1])
 redis.call('XADD', KEYS[4], '*', 'type', 'STATUS', 'status', 'QUEUED', 'time', ARGV[4],
            'message', 'job created and queued')
 if ARGV[3] == '1' then redis.call('SET', KEYS[5], ARGV[1]) end
 return {'created', ARGV[1]}
 """,
-    # KEYS: job, events, queue.  ARGV: worker, queue msg id, group, now
-    "start": """
+    # KEYS: job, events, queue, prefix.  ARGV: worker, queue msg id, group, now
+    "start": _MOVE + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then redis.call('XACK', KEYS[3], ARGV[3], ARGV[2]); return {'skip', 'missing'} end
 if redis.call('HGET', KEYS[1], 'queue_msg_id') ~= ARGV[2] then
@@ -113,6 +143,7 @@ if st == 'SUCCEEDED' or st == 'FAILED' or st == 'CANCELLED' then
 end
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
   redis.call('HSET', KEYS[1], 'status', 'CANCELLED', 'finished_at', ARGV[4])
+  move(KEYS[4], redis.call('HGET', KEYS[1], 'id'), st, 'CANCELLED')
   redis.call('XADD', KEYS[2], '*', 'type', 'STATUS', 'status', 'CANCELLED', 'time', ARGV[4],
              'message', 'cancelled before it could resume')
   redis.call('XACK', KEYS[3], ARGV[3], ARGV[2]); return {'skip', 'CANCELLED'}
@@ -120,6 +151,7 @@ end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 local previous = redis.call('HGET', KEYS[1], 'worker')
 redis.call('HSET', KEYS[1], 'status', 'RUNNING', 'worker', ARGV[1], 'heartbeat_at', ARGV[4])
+move(KEYS[4], redis.call('HGET', KEYS[1], 'id'), st, 'RUNNING')
 if not redis.call('HGET', KEYS[1], 'started_at') then redis.call('HSET', KEYS[1], 'started_at', ARGV[4]) end
 local why = 'started by worker ' .. ARGV[1]
 if attempt > 1 then why = 'resumed by worker ' .. ARGV[1] .. ' (attempt ' .. attempt .. ')' end
@@ -135,36 +167,39 @@ redis.call('XCLAIM', KEYS[2], ARGV[3], ARGV[1], 0, ARGV[4], 'JUSTID')
 redis.call('HSET', KEYS[1], 'heartbeat_at', ARGV[5])
 return {'ok', f[4] or ''}
 """,
-    # KEYS: job, events, queue.  ARGV: worker, attempt, group, queue msg id, now, final status,
+    # KEYS: job, events, queue, prefix.  ARGV: worker, attempt, group, queue msg id, now, final status,
     # event message, event data (JSON), then field/value pairs to set on the job
-    "finish": """
+    "finish": _MOVE + """
 local f = redis.call('HMGET', KEYS[1], 'worker', 'attempt', 'status')
 if f[1] ~= ARGV[1] or f[2] ~= ARGV[2] or f[3] ~= 'RUNNING' then return {'lost', f[3] or ''} end
 local fields = {'status', ARGV[6], 'finished_at', ARGV[5]}
 for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
+move(KEYS[4], redis.call('HGET', KEYS[1], 'id'), 'RUNNING', ARGV[6])
 redis.call('XADD', KEYS[2], '*', 'type', 'STATUS', 'status', ARGV[6], 'time', ARGV[5], 'message', ARGV[7],
            'data', ARGV[8])
 redis.call('XACK', KEYS[3], ARGV[3], ARGV[4])
 return {'done', ARGV[6]}
 """,
     # A worker shutting down hands its job back: ack its entry, queue a fresh one.
-    # KEYS: job, events, queue.  ARGV: worker, attempt, group, queue msg id, now, message
-    "requeue": """
+    # KEYS: job, events, queue, prefix.  ARGV: worker, attempt, group, queue msg id, now, message
+    "requeue": _MOVE + """
 local f = redis.call('HMGET', KEYS[1], 'worker', 'attempt', 'status')
 if f[1] ~= ARGV[1] or f[2] ~= ARGV[2] or f[3] ~= 'RUNNING' then return {'lost', ''} end
 redis.call('XACK', KEYS[3], ARGV[3], ARGV[4])
 local msg = redis.call('XADD', KEYS[3], '*', 'job_id', redis.call('HGET', KEYS[1], 'id'))
 redis.call('HSET', KEYS[1], 'status', 'QUEUED', 'queue_msg_id', msg, 'worker', '')
+move(KEYS[4], redis.call('HGET', KEYS[1], 'id'), 'RUNNING', 'QUEUED')
 redis.call('XADD', KEYS[2], '*', 'type', 'STATUS', 'status', 'QUEUED', 'time', ARGV[5], 'message', ARGV[6])
 return {'queued', msg}
 """,
-    # KEYS: job, events.  ARGV: now
-    "cancel": """
+    # KEYS: job, events, prefix.  ARGV: now
+    "cancel": _MOVE + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing', ''} end
 if st == 'QUEUED' then
   redis.call('HSET', KEYS[1], 'status', 'CANCELLED', 'finished_at', ARGV[1], 'cancel_requested', '1')
+  move(KEYS[3], redis.call('HGET', KEYS[1], 'id'), 'QUEUED', 'CANCELLED')
   redis.call('XADD', KEYS[2], '*', 'type', 'STATUS', 'status', 'CANCELLED', 'time', ARGV[1],
              'message', 'cancelled while queued')
   return {'cancelled', st}
@@ -179,19 +214,38 @@ if st == 'RUNNING' then
 end
 return {'terminal', st}
 """,
+    # KEYS: dataset hash, dataset data, dataset job set, prefix.  Refused while a job on it is unfinished.
+    "delete_dataset": """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing', ''} end
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  local st = redis.call('HGET', KEYS[4] .. ':job:' .. id, 'status')
+  if st == 'QUEUED' or st == 'RUNNING' then return {'busy', id} end
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return {'deleted', ''}
+""",
 }
 
 
-def redis_client(url: str, asyncio: bool = False):
-    """A client that retries a command across a dropped connection (a Redis restart) for a while."""
-    kw = dict(retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 8),
-              retry_on_error=[redis.ConnectionError, redis.TimeoutError], health_check_interval=10,
-              socket_keepalive=True)
+def redis_client(url: str, asyncio: bool = False, max_connections: int | None = None):
+    """A client that retries a command across a dropped connection (a Redis restart) for a while:
+    exponential backoff from 50 ms, capped at 1 s, 8 retries (about 5 s in all), so a restart of a
+    few seconds is invisible to callers. The asyncio client needs ``redis.asyncio.retry.Retry``:
+    given the synchronous ``Retry`` it never retries. ``max_connections`` bounds its pool."""
+    errors = [redis.ConnectionError, redis.TimeoutError]
+    kw = dict(retry_on_error=errors, health_check_interval=10, socket_keepalive=True)
+    if max_connections is not None:
+        kw["max_connections"] = max_connections
     if asyncio:
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry as AsyncRetry
 
-        return aioredis.Redis.from_url(url, decode_responses=True, **kw)
-    return redis.Redis.from_url(url, decode_responses=True, **kw)
+        return aioredis.Redis.from_url(url, decode_responses=True, retry=AsyncRetry(_backoff(), 8), **kw)
+    return redis.Redis.from_url(url, decode_responses=True, retry=Retry(_backoff(), 8), **kw)
+
+
+def _backoff() -> ExponentialBackoff:
+    return ExponentialBackoff(cap=1.0, base=0.05)
 
 
 def now() -> str:
@@ -214,8 +268,9 @@ def ensure_group(r: redis.Redis, keys: Keys) -> None:
 class JobStore:
     """The worker's side of the store (synchronous ``redis.Redis``)."""
 
-    def __init__(self, r: redis.Redis, keys: Keys):
+    def __init__(self, r: redis.Redis, keys: Keys, max_events: int = 1000):
         self.r, self.keys = r, keys
+        self.max_events = max_events  # per job: older progress events are trimmed away
         self.scripts = {name: r.register_script(src) for name, src in SCRIPTS.items()}
 
     def ensure_group(self) -> None:
@@ -261,7 +316,7 @@ class JobStore:
         worker, ``QUEUED`` a fresh or requeued job; else ``("skip", why)``."""
         k = self.keys
         return tuple(decode_list(self.scripts["start"](
-            keys=[k.job(job_id), k.events(job_id), k.queue], args=[worker, msg_id, GROUP, now()])))
+            keys=[k.job(job_id), k.events(job_id), k.queue, k.prefix], args=[worker, msg_id, GROUP, now()])))
 
     def heartbeat(self, job_id: str, worker: str, attempt: int, msg_id: str) -> tuple[str, str]:
         k = self.keys
@@ -273,14 +328,14 @@ class JobStore:
         k = self.keys
         pairs = [x for kv in (fields or {}).items() for x in (kv[0], _str(kv[1]))]
         out = decode_list(self.scripts["finish"](
-            keys=[k.job(job_id), k.events(job_id), k.queue],
+            keys=[k.job(job_id), k.events(job_id), k.queue, k.prefix],
             args=[worker, str(attempt), GROUP, msg_id, now(), status, message, json.dumps(data or {}), *pairs]))
         return out[0] == "done"
 
     def requeue(self, job_id: str, worker: str, attempt: int, msg_id: str, message: str) -> bool:
         k = self.keys
         out = decode_list(self.scripts["requeue"](
-            keys=[k.job(job_id), k.events(job_id), k.queue],
+            keys=[k.job(job_id), k.events(job_id), k.queue, k.prefix],
             args=[worker, str(attempt), GROUP, msg_id, now(), message]))
         return out[0] == "queued"
 
@@ -292,7 +347,7 @@ class JobStore:
         if fields:
             pipe.hset(self.keys.job(job_id), mapping={k: _str(v) for k, v in fields.items()})
         pipe.xadd(self.keys.events(job_id), {"type": type_, "time": now(), "message": message,
-                                             "data": json.dumps(data or {})})
+                                             "data": json.dumps(data or {})}, maxlen=self.max_events, approximate=True)
         pipe.execute()
 
     def worker_seen(self, worker: str, forget_after_s: float = 86400.0) -> None:
@@ -304,13 +359,49 @@ class JobStore:
         pipe.zremrangebyscore(self.keys.workers, "-inf", t - forget_after_s)
         pipe.execute()
 
-    def add_checkpoint(self, job_id: str, entry: dict) -> None:
-        self.r.rpush(self.keys.checkpoints(job_id), json.dumps(entry))
+    def add_checkpoint(self, job_id: str, entry: dict, keep: int = 100) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.rpush(self.keys.checkpoints(job_id), json.dumps(entry))
+        pipe.ltrim(self.keys.checkpoints(job_id), -keep, -1)  # the records of rotated-away checkpoints
+        pipe.execute()
+
+    def trim_queue(self) -> int:
+        """Drop acknowledged queue entries: everything older than both the oldest entry still
+        pending (leased to a worker) and the group's last delivered entry (newer ones are queued
+        jobs nobody has read yet). Returns how many entries went."""
+        queue = self.keys.queue
+        group = next((g for g in self.r.xinfo_groups(queue) if g["name"] == GROUP), None)
+        if group is None:
+            return 0
+        floor = group["last-delivered-id"]
+        pending = self.r.xpending(queue, GROUP)
+        if pending["pending"] and _stream_id(pending["min"]) < _stream_id(floor):
+            floor = pending["min"]
+        if floor in ("0-0", None):
+            return 0
+        return self.r.xtrim(queue, minid=floor, approximate=False)
+
+    def retain(self, job_id: str, ttl_s: float) -> None:
+        """A finished job's records (hash, events, checkpoint list, idempotency key) expire after
+        ``ttl_s`` (0: kept forever); ListJobs drops the index entries of expired jobs as it meets them."""
+        if ttl_s <= 0:
+            return
+        k, ttl = self.keys, max(1, int(ttl_s))
+        key = self.r.hget(k.job(job_id), "idempotency_key")
+        pipe = self.r.pipeline(transaction=False)
+        for name in (k.job(job_id), k.events(job_id), k.checkpoints(job_id), *([k.idempotency(key)] if key else [])):
+            pipe.expire(name, ttl)
+        pipe.execute()
 
     def control(self, job_id: str, worker: str, attempt: int) -> tuple[bool, bool]:
         """(cancel requested, still ours): polled before every optimizer step."""
         cancel, w, a, st = self.r.hmget(self.keys.job(job_id), "cancel_requested", "worker", "attempt", "status")
         return cancel == "1", (w == worker and a == str(attempt) and st == "RUNNING")
+
+
+def _stream_id(value: str) -> tuple[int, int]:
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _str(v) -> str:

@@ -8,7 +8,7 @@ The life of a job on a worker (the Redis side of each step is in ``store.py``)::
                    checkpoint if any, run lmcore's Trainer; a heartbeat thread renews the lease
                    and every optimizer step first checks for cancellation or a lost lease
     publish        write the model (or adapter) to <store>/.tmp-..., rename it to
-                   <store>/ft:<base>:<suffix>:<short id>, then finish SUCCEEDED (fenced)
+                   <store>/ft:<base>:<suffix>:<id>, then finish SUCCEEDED (fenced)
 
 Crash safety: checkpoints are atomic (``lmcore.training.trainer``) and live in the shared model store
 (``<store>/.checkpoints/<job id>``), so whichever worker takes over resumes the same trajectory
@@ -37,7 +37,7 @@ import redis
 
 from lmcore.training import DatasetError, RecordDataset, TrainEvent
 from lmcore.training.data import read_records, train_eval_split
-from lmcore.training.trainer import latest_checkpoint
+from lmcore.training.trainer import latest_checkpoint, list_checkpoints
 
 from .bases import BaseModels
 from .metrics import WorkerMetrics
@@ -61,7 +61,8 @@ class Worker:
                              "checkpoints go there")
         self.settings = settings
         self.id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
-        self.store = JobStore(redis_client(settings.redis_url), Keys(settings.redis_prefix))
+        self.store = JobStore(redis_client(settings.redis_url), Keys(settings.redis_prefix),
+                              settings.max_events_per_job)
         self.bases = BaseModels(settings.models, settings.model_store, settings.default_model)
         self.store_dir = Path(settings.model_store)
         self.shutdown = threading.Event()
@@ -86,6 +87,7 @@ class Worker:
                 self.store.worker_seen(self.id)
                 if time.monotonic() > next_prune:  # every worker ever started left a consumer name behind
                     self.store.prune_consumers()
+                    self.store.trim_queue()
                     next_prune = time.monotonic() + 600
                 got = self.store.next_message(self.id, int(self.settings.reclaim_idle_s * 1000),
                                               int(self.settings.poll_s * 1000))
@@ -109,6 +111,10 @@ class Worker:
             JobRun(self, job_id, msg_id, int(detail)).execute()
         else:
             log.info("skipping queue entry %s for job %s (%s)", msg_id, job_id, detail)
+        try:
+            self.store.trim_queue()  # acknowledged entries never pile up
+        except redis.RedisError as e:
+            log.warning("queue trim skipped (%s)", e)
 
     def _retry(self, fn, what: str = "Redis call"):
         """Run ``fn`` until Redis answers (status changes must not be lost to an outage)."""
@@ -231,9 +237,26 @@ class JobRun:
         self.w.metrics.job_ended(status.lower() if ok else "lost", self.started_at)
         if ok:
             log.info("job %s %s", self.job_id, message)
+            self._retain()
         else:
             log.warning("job %s: not ours any more; result %s discarded", self.job_id, status)
         return ok
+
+    def _retain(self) -> None:
+        """A finished job keeps its result, its newest ``checkpoints_kept_after_finish`` checkpoints
+        and its records for ``finished_job_ttl_s``; the rest goes now."""
+        settings = self.w.settings
+        ckpt_dir = self.w.store_dir / ".checkpoints" / self.job_id
+        keep = settings.checkpoints_kept_after_finish
+        found = list_checkpoints(ckpt_dir)
+        for old in found[: len(found) - keep] if keep else found:
+            shutil.rmtree(old, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        try:
+            self.store.retain(self.job_id, settings.finished_job_ttl_s)
+        except redis.RedisError as e:
+            log.warning("retention of %s not set (%s)", self.job_id, e)
 
     def _train_and_publish(self) -> None:
         import torch
@@ -306,7 +329,7 @@ class JobRun:
 
         final = self.w.store_dir / name
         if final.exists():  # an earlier attempt published it and died before recording SUCCEEDED
-            return True
+            return self._published_by_us(final)
         tmp = self.w.store_dir / f".tmp-{self.job_id}-{self.w.id}"
         shutil.rmtree(tmp, ignore_errors=True)
         info = {"job_id": self.job_id, "base_model": job["base_model"], "method": job["method"],
@@ -329,8 +352,22 @@ class JobRun:
             return False
         try:
             os.rename(tmp, final)
-        except OSError:  # another attempt won the rename: same run, same weights
+        except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
+            if not final.exists():  # not a lost race: the rename itself failed (name, disk, permissions)
+                raise
+            return self._published_by_us(final)  # another attempt of this job won the rename
+        return True
+
+    def _published_by_us(self, final: Path) -> bool:
+        """A result already at ``final`` is this job's (an earlier attempt's: same run, same weights);
+        anything else there is a failure of this job, never a success reported for another's model."""
+        try:
+            owner = json.loads((final / "finetune.json").read_text()).get("job_id")
+        except (OSError, ValueError):
+            owner = None
+        if owner != self.job_id:
+            raise JobFailure("internal", f"{final.name} already exists in the model store and is not this job's")
         return True
 
 

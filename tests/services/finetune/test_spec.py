@@ -59,7 +59,7 @@ def test_names():
     assert check_suffix("") == "custom" and check_suffix("sql-v2") == "sql-v2"
     with pytest.raises(ValueError, match="suffix"):
         check_suffix("Has Space")
-    assert model_name("pycode", "sql", "ftjob-0123456789ab") == "ft:pycode:sql:01234567"
+    assert model_name("pycode", "sql", "ftjob-0123456789ab") == "ft:pycode:sql:0123456789ab"
 
 
 def test_dead_consumers_are_pruned_and_silent_jobs_reclaimed(redis_server):
