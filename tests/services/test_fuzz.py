@@ -52,6 +52,7 @@ FORBIDDEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.
 CALL_TIMEOUT_S = 120.0
 STREAM_WINDOW_S = 15.0  # a response stream is read this long at most (health's Watch never ends)
 MAX_STREAM_ITEMS = 40
+ENDLESS = {"/grpc.health.v1.Health/Watch"}  # streams that never end by design: read the first answer only
 
 SERVICES = [inference_pb2.DESCRIPTOR.services_by_name["InferenceService"],
             tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"],
@@ -104,6 +105,17 @@ def scalar_strategy(field):
     raise AssertionError(f"no strategy for {field.full_name} (type {t})")
 
 
+# Values that reach deeper code for fields of these names (a served model, an id of the right
+# shape); they are offered beside the generic values, never instead of them, and a field without
+# a hint (a new one, say) is fuzzed with the generic values alone.
+_JOB = st.from_regex(r"ftjob-[0-9a-f]{12}", fullmatch=True)
+_DATASET = st.from_regex(r"ds-[0-9a-f]{12}", fullmatch=True)
+HINTS = {"model": st.sampled_from(["", "tiny", "gpt2"]), "base_model": st.sampled_from(["", "tiny"]),
+         "style": st.sampled_from(["", "qa", "io", "arrow"]), "id": st.one_of(_JOB, _DATASET), "job_id": _JOB,
+         "dataset_id": _DATASET, "after_event_id": st.from_regex(r"[0-9]{1,13}-[0-9]{1,3}", fullmatch=True),
+         "page_token": st.from_regex(r"[0-9]{1,16}", fullmatch=True)}
+
+
 def field_strategy(field, depth: int):
     if field.type == FD.TYPE_MESSAGE:
         if field.message_type.GetOptions().map_entry:
@@ -111,6 +123,8 @@ def field_strategy(field, depth: int):
         one = message_strategy(field.message_type, depth + 1)
     else:
         one = scalar_strategy(field)
+        if field.name in HINTS and field.type == FD.TYPE_STRING:
+            one = st.one_of(HINTS[field.name], one)
     if field.is_repeated:
         if field.type == FD.TYPE_MESSAGE:
             return st.lists(one, max_size=5 if depth else 70)
@@ -212,7 +226,8 @@ class BesideStreams:
             self.threads.append(t)
 
     def _loop(self, fn) -> None:
-        while not self.stop_event.is_set():
+        pause = 0.0 if fn.__name__ == "_stream" else 0.5  # streams back to back; the rest now and then
+        while not self.stop_event.wait(pause):
             try:
                 fn()
             except Exception as e:  # noqa: BLE001 - every failure of a well-formed call is reported
@@ -267,9 +282,10 @@ def call(channel, method, request) -> grpc.StatusCode:
             channel.stream_unary(path)(iter(request), timeout=CALL_TIMEOUT_S)
         elif method.server_streaming:
             responses = channel.unary_stream(path)(request, timeout=STREAM_WINDOW_S)
+            most = 1 if path in ENDLESS else MAX_STREAM_ITEMS
             try:
-                for i, _ in enumerate(responses):
-                    if i >= MAX_STREAM_ITEMS:
+                for i, _ in enumerate(responses, start=1):
+                    if i >= most:
                         break
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # our window, not the server's doing

@@ -4,6 +4,7 @@ uploads with a line cap, and Redis growth bounded (event streams, the acked queu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 
@@ -23,16 +24,24 @@ def _records(n: int) -> bytes:
     return "".join(json.dumps({"prompt": f"Q: {i}?\nA:", "completion": f" {i}"}) + "\n" for i in range(n)).encode()
 
 
-@pytest.fixture
-def api(tiny_models, redis_server, tmp_path):
-    settings = FineTuneSettings(models=[f"tiny={tiny_models['tiny']}"], model_store=str(tmp_path / "store"),
-                                redis_url=redis_server.url, port=0, max_watches=120, watch_max_s=1.0,
-                                max_line_bytes=64 * 1024)
+@contextlib.contextmanager
+def serve_api(tiny_models, redis_url: str, store, **overrides):
+    settings = FineTuneSettings(models=[f"tiny={tiny_models['tiny']}"], model_store=str(store), redis_url=redis_url,
+                                port=0, **overrides)
     server = ServerThread(settings, "finetune", setup).start()
     client = FineTuneClient(server.target)
-    yield client
-    client.close()
-    server.stop()
+    try:
+        yield client
+    finally:
+        client.close()
+        server.stop()
+
+
+@pytest.fixture
+def api(tiny_models, redis_server, tmp_path):
+    with serve_api(tiny_models, redis_server.url, tmp_path / "store", watch_max_s=1.0,
+                   max_line_bytes=64 * 1024) as client:
+        yield client
 
 
 def _status(call) -> tuple[grpc.StatusCode, str]:
@@ -56,7 +65,12 @@ def test_ids_tokens_and_names_are_checked_before_redis(api):
     assert api.get_job(job.id).status == pb.JOB_STATUS_QUEUED
 
 
-def test_watches_are_bounded_and_never_starve_other_rpcs(api):
+def test_watches_are_bounded_and_never_starve_other_rpcs(tiny_models, redis_server, tmp_path):
+    with serve_api(tiny_models, redis_server.url, tmp_path / "store", max_watches=120, watch_max_s=600) as api:
+        _watches_are_bounded(api)
+
+
+def _watches_are_bounded(api):
     ds = api.upload_dataset(_records(4))
     job = api.create_job("tiny", ds.id, max_steps=2)  # no worker: it stays queued
     req = pb.WatchJobRequest(id=job.id)
