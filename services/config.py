@@ -145,6 +145,37 @@ class InferenceSettings(ModelServiceSettings):
     def _split_quantize(cls, v):
         return _split_list(v)
 
+    speculation: str = Field("auto", description="speculative decoding default (lmcore.engine.speculative): "
+                                                 "auto (prompt lookup for greedy requests), off, prompt_lookup, draft")
+    speculative_tokens: int = Field(4, ge=1, le=16, description="most tokens proposed per step")
+    draft_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="draft models for speculation as TARGET=PATH pairs (a smaller model with the "
+                    "target's tokenizer; comma-separated)",
+    )
+
+    @field_validator("draft_models", mode="before")
+    @classmethod
+    def _split_drafts(cls, v):
+        return _split_list(v)
+
+    @field_validator("speculation")
+    @classmethod
+    def _check_speculation(cls, v):
+        from lmcore.engine.speculative import SPECULATION_MODES as modes  # lmcore owns the rule
+
+        if v not in modes:
+            raise ValueError(f"speculation must be one of {list(modes)}, got {v!r}")
+        return v
+
+    def draft_model_of(self, model_name: str) -> str | None:
+        """The draft model directory ``--draft-models`` gives this model (None: no draft)."""
+        for item in self.draft_models:
+            name, sep, path = item.partition("=")
+            if sep and name == model_name:
+                return path
+        return None
+
     def quantization_of(self, model_name: str) -> str | None:
         """The quantization ``--quantize`` asks for this model (None: as stored)."""
         chosen = None

@@ -174,6 +174,11 @@ class _EngineGauges:
                                       "prefix cache", labels=["model"])
         hits = CounterMetricFamily(f"{p}_prefix_cache_hit_tokens", "Prompt tokens whose keys and values "
                                    "came from the prefix cache", labels=["model"])
+        # Speculative decoding (vLLM's spec_decode_num_draft_tokens / _num_accepted_tokens), per engine.
+        drafted = CounterMetricFamily(f"{p}_spec_decode_draft_tokens", "Tokens proposed by speculative "
+                                      "decoding (prompt lookup or a draft model)", labels=["model"])
+        accepted = CounterMetricFamily(f"{p}_spec_decode_accepted_tokens", "Proposed tokens the model "
+                                       "accepted (acceptance rate = accepted / draft)", labels=["model"])
         for entry in self.model_registry.entries():
             r, w = entry.obj.load()
             running.add_metric([entry.name], r)
@@ -187,7 +192,9 @@ class _EngineGauges:
             if stats["prefix_cache_enabled"]:
                 queried.add_metric([entry.name], stats["prefix_cache_query_tokens"])
                 hits.add_metric([entry.name], stats["prefix_cache_hit_tokens"])
-        yield from (running, waiting, capacity, slots, tokens, queried, hits)
+            drafted.add_metric([entry.name], stats["spec_proposed_tokens"])
+            accepted.add_metric([entry.name], stats["spec_accepted_tokens"])
+        yield from (running, waiting, capacity, slots, tokens, queried, hits, drafted, accepted)
 
 
 class TokenizerMetrics:

@@ -45,6 +45,7 @@ from .prompt_logprobs import PromptLogprobs
 from .runner import ModelRunner
 from .sampling import SamplingParams, TokenLogprob
 from .scheduler import Scheduler, Sequence
+from .speculative import DraftModel, Speculator
 from .stats import RequestClock, StatsListener, StepStats
 from .text_stream import TextStream
 
@@ -85,6 +86,12 @@ class EngineConfig:
         prepack_weights: keep contiguous ``(in, out)`` copies of the plain Linear weights and the
             head for fast decode (see :mod:`lmcore.engine.weight_layout`); costs one more copy.
         device, dtype: where and in what precision to run (default: the model's).
+        speculation: speculative decoding's default (:mod:`lmcore.engine.speculative`): ``"off"``
+            (here: a step is one token per request, as library callers expect; the inference
+            service defaults to ``"auto"``), ``"auto"`` (prompt lookup for greedy requests),
+            ``"prompt_lookup"`` or ``"draft"``; a request's ``SamplingParams.speculation`` overrides it.
+        speculative_tokens: most tokens proposed per verify step.
+        draft_model: a smaller GPT with the same vocabulary, for ``"draft"`` speculation.
     """
 
     max_batch_size: int = 16
@@ -98,6 +105,9 @@ class EngineConfig:
     prepack_weights: bool = True
     device: str | torch.device | None = None
     dtype: torch.dtype | None = None
+    speculation: str = "off"
+    speculative_tokens: int = 4
+    draft_model: GPT | None = None
 
     def __post_init__(self):
         for name in ("max_batch_size", "prefill_chunk_size", "prefix_block_size"):
@@ -153,6 +163,8 @@ class Engine:
                                   prefix_blocks, block, config.prepack_weights, constraints=self.constraints)
         matcher = self._match_prefix if self.prefix_cache is not None else None
         self.scheduler = Scheduler(config.max_batch_size, config.prefill_chunk_size, matcher)
+        draft = DraftModel(config.draft_model.to(device), model.config.vocab_size) if config.draft_model else None
+        self.speculator = Speculator(config.speculation, config.speculative_tokens, self.max_seq_len, draft)
         self._gens: dict[str, _Generation] = {}
         self._prompt_lp = PromptLogprobs()  # echo's figures, gathered over a prompt's prefill chunks
         self._ids = itertools.count()
@@ -227,6 +239,7 @@ class Engine:
             raise ValueError("stop strings need a tokenizer (the engine was built without one)")
         if params.constrained:  # compiles it (cached): a schema, regex or grammar the library refuses is named here
             self.constraints.compile(*constraint_of(params))
+        self.speculator.check(params)
         return prompt_ids
 
     def check_prompt_text(self, n_chars: int, params: SamplingParams) -> None:
@@ -272,6 +285,9 @@ class Engine:
             "prefix_cache_hit_tokens": pc.hit_tokens if pc is not None else 0,
             "prefix_cache_blocks_used": len(pc) if pc is not None else 0,
             "prefix_cache_blocks_total": pc.num_blocks if pc is not None else 0,
+            "spec_decode_steps": self.speculator.steps,
+            "spec_proposed_tokens": self.speculator.proposed,
+            "spec_accepted_tokens": self.speculator.accepted,
         }
 
     def set_stats_listener(self, listener: StatsListener | None) -> None:
@@ -300,10 +316,12 @@ class Engine:
         for chunk in plan.prefill:
             rid = chunk.seq.request_id
             params[rid], rngs[rid] = self._gens[rid].params, self._gens[rid].rng
+        self.speculator.propose(plan, params, rngs)  # speculating decodes move to plan.verify
         try:
             samplers, token_ids, logprobs = self.runner.execute(plan, params, rngs)
             failures = {}
         except Exception:  # confine it: re-run request by request, fail only those that fail again
+            self.speculator.restore(plan)
             samplers, token_ids, logprobs, failures = execute_each(self.runner, plan, params, rngs)
         outputs = [self._fail(rid, RuntimeError(f"generation failed: {type(e).__name__}: {e}"))
                    for rid, e in failures.items()]
@@ -331,11 +349,39 @@ class Engine:
                 chosen, values, ids = logprobs
                 lp = [TokenLogprob(tok, chosen[i], list(zip(ids[i][:n], values[i][:n])))]
             outputs.append(self._append(seq, tok, lp))
+        outputs += [self._emit_verified(chunk, logits) for chunk, logits in zip(plan.verify, self.runner.verify_logits)]
         if self._stats_listener is not None:
-            self._stats_listener.on_step(StepStats(len(plan.decode) + len(plan.prefill), len(plan.decode),
-                                                   plan.num_tokens - len(plan.decode),
+            n_verify = sum(len(v.tokens) for v in plan.verify)  # speculating decodes: their fed tokens
+            self._stats_listener.on_step(StepStats(len(plan.decode) + len(plan.prefill) + len(plan.verify),
+                                                   len(plan.decode) + n_verify,
+                                                   plan.num_tokens - len(plan.decode) - n_verify,
                                                    time.perf_counter() - started))
         return outputs
+
+    def _emit_verified(self, chunk, logits) -> StepOutput:
+        """A verify step's kept tokens, appended one by one (stop strings, eos and max_tokens end the
+        request at the exact token), as one StepOutput; the cache keeps only what was fed and kept."""
+        seq, gen = chunk.seq, self._gens[chunk.seq.request_id]
+        tokens, lps = self.speculator.verify(chunk, logits, gen.params, gen.rng)
+        self.scheduler.accept(seq, len(tokens))  # the fed last token + the accepted draft tokens
+        merged = None
+        for i, tok in enumerate(tokens):
+            lp = None
+            if lps is not None:
+                n = gen.params.logprobs
+                lp = [TokenLogprob(tok, lps[0][i], list(zip(lps[2][i][:n], lps[1][i][:n])))]
+            out = self._append(seq, tok, lp)
+            if merged is None:
+                merged = out
+            else:
+                merged.new_token_ids += out.new_token_ids
+                merged.text += out.text
+                merged.logprobs = merged.logprobs + out.logprobs if lp is not None else None
+                merged.finished, merged.finish_reason = out.finished, out.finish_reason
+                merged.completion_tokens = out.completion_tokens
+            if out.finished:
+                break
+        return merged
 
     def _append(self, seq: Sequence, tok: int, lp) -> StepOutput:
         gen = self._gens[seq.request_id]

@@ -75,6 +75,7 @@ class ModelRunner:
         self.counts: torch.Tensor | None = None  # (n_slots, V) float
         self.last_draws: tuple | None = None  # the latest step's (samplers, uniforms), see prepare
         self._prompt_logprobs: dict = {}  # this step's prompt figures (take_prompt_logprobs)
+        self.verify_logits: list[torch.Tensor] = []  # the latest step's raw logits per VerifyChunk, (k+1, V) each
 
     # --- admission --------------------------------------------------------------------------------
     def admit(self, seq: Sequence, params: SamplingParams) -> None:
@@ -203,6 +204,12 @@ class ModelRunner:
             if chunk.completes_prompt:
                 samplers.append(seq)
                 rows.append(len(tokens) - 1)
+        for v in out.verify:  # speculation: a segment like a prefill chunk, every row's logits kept
+            seq, toks = v.seq, v.tokens
+            spans.append((len(tokens), seq.slot, seq.num_computed, seq.num_computed + len(toks)))
+            tokens.extend(toks)
+            slots.extend([seq.slot] * len(toks))
+            positions.extend(range(seq.num_computed, seq.num_computed + len(toks)))
         return tokens, slots, positions, samplers, rows, spans
 
     def _write_index(self, slots: list[int], positions: list[int]) -> list[int]:
@@ -234,6 +241,8 @@ class ModelRunner:
         adapters = [s.adapter for s in out.decode]
         for chunk in out.prefill:
             adapters.extend([chunk.seq.adapter] * (chunk.end - chunk.start))
+        for v in out.verify:
+            adapters.extend([v.seq.adapter] * len(v.tokens))
         return adapters
 
     def _decode_mask(self, row_pos: torch.Tensor, L: int) -> torch.Tensor:
@@ -289,11 +298,23 @@ class ModelRunner:
                 self.bank.route(None)
         if any(params[c.seq.request_id].prompt_logprobs is not None for c in out.prefill):
             self._prompt_logprobs.update(prompt_logprobs.compute(self.logits, hidden, out, params))
+        self.verify_logits = []
+        if out.verify:  # the verify segments are the last rows: their logits, all in one head call
+            n_verify = sum(len(v.tokens) for v in out.verify)
+            hidden, verify_hidden = hidden[:hidden.size(0) - n_verify], hidden[hidden.size(0) - n_verify:]
+            if not step.samplers:
+                self.verify_logits = list(self.logits(verify_hidden).float().split([len(v.tokens) for v in out.verify]))
+                return [], [], None
         if not step.samplers:
             return [], [], None
         R = len(step.samplers)
         hidden = hidden[:R] if step.rows is None else hidden.index_select(0, step.rows)  # (R, C)
-        logits = self.logits(hidden).float()  # (R, V)
+        if out.verify:
+            logits = self.logits(torch.cat([hidden, verify_hidden])).float()
+            self.verify_logits = list(logits[R:].split([len(v.tokens) for v in out.verify]))
+            logits = logits[:R]
+        else:
+            logits = self.logits(hidden).float()  # (R, V)
         ids, lp = self.sample(logits, step, masks)
         return step.samplers, ids, lp
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -66,6 +67,9 @@ class SamplingParams(BaseModel):
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                         description="log-probability of every prompt token with this many "
                                                     "alternatives (lmcore.engine.prompt_logprobs); None = off")
+    speculation: Literal["auto", "off", "prompt_lookup", "draft"] | None = Field(
+        None, description="speculative decoding for this request (lmcore.engine.speculative); None = the engine's default")
+    speculative_tokens: int | None = Field(None, ge=1, le=16, description="most tokens proposed per step; None = the engine's")
 
     @field_validator("stop", mode="before")
     @classmethod

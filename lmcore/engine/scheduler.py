@@ -77,18 +77,33 @@ class PrefillChunk:
 
 
 @dataclass
+class VerifyChunk:
+    """A speculating sequence's step (see :mod:`lmcore.engine.speculative`): its last sampled token
+    and ``draft`` proposed tokens, fed at positions ``seq.num_computed ...``, every row sampled."""
+
+    seq: Sequence
+    draft: list[int]
+    draft_probs: Any = None  # (len(draft), V) the draft model's probabilities; None: a point proposal
+
+    @property
+    def tokens(self) -> list[int]:
+        return [self.seq.next_input()] + self.draft
+
+
+@dataclass
 class SchedulerOutput:
     decode: list[Sequence]  # one token each, ascending slot
     prefill: list[PrefillChunk]
     admitted: list[Sequence]  # given a slot this step (their cached prefix must be copied in first)
+    verify: list[VerifyChunk] = field(default_factory=list)  # speculating sequences (the engine moves them here)
 
     @property
     def is_empty(self) -> bool:
-        return not self.decode and not self.prefill
+        return not self.decode and not self.prefill and not self.verify
 
     @property
     def num_tokens(self) -> int:
-        return len(self.decode) + sum(c.end - c.start for c in self.prefill)
+        return len(self.decode) + sum(c.end - c.start for c in self.prefill) + sum(len(v.tokens) for v in self.verify)
 
 
 PrefixMatcher = Callable[[Sequence], tuple[int, Any]]  # sequence -> (cached prompt tokens, handle)
@@ -165,6 +180,11 @@ class Scheduler:
             seq.num_computed += 1
         for chunk in out.prefill:
             chunk.seq.num_computed = chunk.end
+
+    def accept(self, seq: Sequence, n_tokens: int) -> None:
+        """A verify step kept ``n_tokens`` of its tokens' keys and values (the last sampled token and
+        the accepted draft): the cache past them is stale and is overwritten by later steps."""
+        seq.num_computed += n_tokens
 
     # --- leaving ---------------------------------------------------------------------------------
     def finish(self, seq: Sequence) -> None:

@@ -68,6 +68,12 @@ def add_arguments(p) -> None:
     p.add_argument("--quantize", action="append", default=[], metavar="[NAME=]int8",
                    help="quantize weights at load (CPU): 'int8' for every model or NAME=int8 for one "
                         "(repeatable); default fp32")
+    p.add_argument("--speculation", default=None, choices=["auto", "off", "prompt_lookup", "draft"],
+                   help="speculative decoding default (requests may override): auto = prompt lookup for "
+                        "greedy requests (the default)")
+    p.add_argument("--speculative-tokens", type=int, default=None, help="most tokens proposed per step (1-16)")
+    p.add_argument("--draft-model", action="append", default=[], metavar="TARGET=PATH",
+                   help="a draft model directory for TARGET's 'draft' speculation (same tokenizer, smaller)")
     p.add_argument("--api-key", action="append", default=[], help="require this API key (repeatable)")
 
 
@@ -236,6 +242,13 @@ def _model_arg(models: list[str]) -> str:
     return ",".join(out)
 
 
+def _draft_arg(item: str) -> str:
+    target, sep, path = item.partition("=")
+    if not sep or not Path(path).expanduser().is_dir():
+        raise SystemExit(f"lmstack: --draft-model {item!r}: give TARGET=PATH with PATH a model directory")
+    return f"{target}={Path(path).expanduser().resolve()}"
+
+
 def finetune_available() -> bool:
     import importlib.util
 
@@ -280,7 +293,10 @@ def plan(args) -> tuple[list[Child], str | None]:
         **common, "LMSTACK_PORT": str(args.inference_port), "LMSTACK_METRICS_PORT": str(metrics(0)),
         "LMSTACK_MODELS": models, "LMSTACK_MAX_BATCH_SIZE": str(args.max_batch_size),
         **({"LMSTACK_QUANTIZE": ",".join(args.quantize)} if args.quantize else {}),
-        "LMSTACK_HTTP_PORT": str(args.http_port)},
+        "LMSTACK_HTTP_PORT": str(args.http_port),
+        **({"LMSTACK_SPECULATION": args.speculation} if args.speculation else {}),
+        **({"LMSTACK_SPECULATIVE_TOKENS": str(args.speculative_tokens)} if args.speculative_tokens else {}),
+        **({"LMSTACK_DRAFT_MODELS": ",".join(_draft_arg(d) for d in args.draft_model)} if args.draft_model else {})},
         f"{args.host}:{args.inference_port}", metrics(0),
         http_url=f"http://{args.host}:{args.http_port}/v1" if args.http_port else ""))
     if not args.no_finetune:

@@ -45,7 +45,8 @@ if TYPE_CHECKING:  # lmcore is imported when a model loads, not when the service
     from lmcore import GPT, AsyncEngine, Engine, SamplingParams, Tokenizer, TokenLogprob
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
-                   "presence_penalty", "frequency_penalty", "seed", "logprobs", "ignore_eos")
+                   "presence_penalty", "frequency_penalty", "seed", "logprobs", "ignore_eos", "speculation",
+                   "speculative_tokens")
 FLOAT_FIELDS = {"temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"}
 CONSTRAINT_FIELDS = ("json_schema", "json_object", "regex", "grammar")  # structured output (+ repeated choice)
 
@@ -105,7 +106,10 @@ def make_loader(settings: InferenceSettings):
         if model.tokenizer is None:
             raise ValueError(f"{spec.path}: no tokenizer files (tokenizer.json or vocab.json + merges.txt); "
                              "save the model with its tokenizer")
-        config = EngineConfig(max_batch_size=settings.max_batch_size, max_waiting=settings.max_waiting)
+        draft = settings.draft_model_of(spec.name)
+        config = EngineConfig(max_batch_size=settings.max_batch_size, max_waiting=settings.max_waiting,
+                              speculation=settings.speculation, speculative_tokens=settings.speculative_tokens,
+                              draft_model=load_model(draft, device=settings.device) if draft else None)
         engine = Engine(model, config, tokenizer=model.tokenizer)
         return ServedModel(spec.name, model, model.tokenizer, engine)
 

@@ -1,0 +1,203 @@
+"""Speculative decoding (lmcore.engine.speculative): greedy output identical to plain decoding,
+sampled output from the same distribution, exact stops, rollback, logprobs, cancel, reproducibility."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from lmcore import Engine, SamplingParams, generate
+from lmcore.engine.speculative import prompt_lookup, verify
+from tests.helpers.models import SHAPES, gpt2_vocab_model, greedy_without_cache, random_model, random_prompts
+
+
+def run(engine, prompts, params):
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    got: dict[str, list[int]] = {}
+    outs: dict[str, list] = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+            outs.setdefault(o.request_id, []).append(o)
+    return [got[i] for i in ids], [outs[i] for i in ids]
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_longest_match():
+    assert prompt_lookup([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 2) == [7, 5]  # latest occurrence of 1 2 3
+    assert prompt_lookup([4, 5, 6, 4, 5, 8, 5], 3) == [8, 5]  # no 3-/2-gram match: the 1-gram "5"
+    assert prompt_lookup([1, 2, 3, 4], 3) == []
+    assert prompt_lookup([7, 7, 7], 5) == [7]  # a match at the end proposes what there is
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_greedy_speculation_equals_plain_decoding_batched_with_plain_requests(shape):
+    dims = SHAPES[shape]
+    model = random_model(11, **dims)
+    V = dims["vocab_size"]
+    base = random_prompts(V, [6, 9, 4], seed=12)
+    prompts = [b * 4 for b in base] + random_prompts(V, [9, 5, 13], seed=13)  # repetitive, then not
+    n = 24
+    modes = ["prompt_lookup", "off", "auto", "prompt_lookup", "auto", "off"]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, speculation=m) for m in modes]
+    e = Engine(model, max_batch_size=6, prefill_chunk_size=32, max_seq_len=min(64, dims["block_size"]))
+    got, outs = run(e, prompts, params)
+    assert got == [greedy_without_cache(model, p, n) for p in prompts]
+    s = e.stats()
+    assert s["spec_accepted_tokens"] > 0 and s["spec_proposed_tokens"] >= s["spec_accepted_tokens"]
+    assert s["tokens_generated"] == 6 * n
+    assert len(outs[1]) == n and len(outs[0]) < n  # plain: a token per step; speculating: several at once
+
+
+def test_greedy_speculation_on_the_shipped_model_with_code_prompts():
+    from bench.pycode_data import PYCODE_DIR
+    from lmcore import load_model
+
+    model = load_model(PYCODE_DIR)
+    tok = model.tokenizer
+    texts = ["    def __init__(self, data):\n        self.data = data\n\n    def __len__(self):\n        return len(self.",
+             "import os\nimport sys\n\ndef main(argv):\n    parser = argparse.ArgumentParser()\n    parser.add_argument(",
+             "class Stack:\n", "x = 1\n"]
+    prompts = [tok.encode(t) for t in texts]
+    on = generate(model, prompts, SamplingParams(max_tokens=40, temperature=0.0, speculation="prompt_lookup"))
+    off = generate(model, prompts, SamplingParams(max_tokens=40, temperature=0.0, speculation="off"))
+    assert [c.token_ids for c in on] == [c.token_ids for c in off]
+    assert [c.text for c in on] == [c.text for c in off]
+
+
+def test_draft_model_speculation_is_exact_and_a_perfect_draft_is_always_accepted():
+    model = random_model(21)
+    prompts = random_prompts(512, [5, 9, 14], seed=22)
+    greedy = SamplingParams(max_tokens=16, temperature=0.0, speculation="draft", ignore_eos=True)
+    want = [greedy_without_cache(model, p, 16) for p in prompts]
+    for draft, perfect in ((random_model(23), False), (random_model(21), True)):
+        e = Engine(model, max_batch_size=3, draft_model=draft, speculative_tokens=3)
+        got, _ = run(e, prompts, [greedy] * 3)
+        assert got == want
+        s = e.stats()
+        assert s["spec_proposed_tokens"] > 0
+        assert (s["spec_accepted_tokens"] == s["spec_proposed_tokens"]) == perfect
+    with pytest.raises(ValueError, match="no draft model"):
+        Engine(model).add_request([1], greedy)
+    with pytest.raises(ValueError, match="vocabulary"):
+        Engine(model, draft_model=random_model(1, **SHAPES["one-head"]))
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    keep = expected > 5  # pool the rare tail into one cell
+    obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
+    exp = torch.cat([expected[keep], expected[~keep].sum()[None]])
+    return float(((obs - exp) ** 2 / exp.clamp(min=1e-9)).sum()), int(keep.sum())
+
+
+@pytest.mark.parametrize("proposer", ["point", "draft"])
+def test_verified_tokens_follow_the_target_distribution(proposer):
+    """The accept/reject rule with the residual: each emitted token is distributed as the target's
+    p, whatever was proposed (a chi-square test over 6,000 draws; the wrong rule fails it)."""
+    torch.manual_seed(0)
+    V, k = 12, 2
+    logits = torch.randn(k + 1, V) * 1.5
+    params = SamplingParams(temperature=0.8, top_k=10)
+    from lmcore.engine.speculative import _probs
+
+    p = _probs(logits, params)
+    q = torch.softmax(torch.randn(k, V), -1)
+    rng = random.Random(1)
+    first = torch.zeros(V)
+    second = torch.zeros(V)
+    n_second = 0
+    for _ in range(6000):
+        if proposer == "point":
+            draft, dq = [3, 5], None
+        else:
+            draft = [int(torch.multinomial(q[j], 1, generator=torch.Generator().manual_seed(rng.randrange(1 << 30))))
+                     for j in range(k)]
+            dq = q
+        out = verify(logits, draft, dq, params, rng)
+        first[out[0]] += 1
+        if len(out) > 1:  # the second token is from row 1 only when the first was the draft's
+            second[out[1]] += 1
+            n_second += 1
+    stat, cells = _chi2(first, p[0])
+    assert stat < cells + 6 * cells ** 0.5, (stat, cells)  # ~6 sigma: a fixed seed, far from the edge
+    assert first[p[0] == 0].sum() == 0  # top-k-filtered tokens are never emitted
+    if proposer == "point":  # given the first token was the draft's 3, the next is distributed as p[1]
+        stat, cells = _chi2(second, p[1])
+        assert stat < cells + 6 * cells ** 0.5, (stat, cells)
+        assert n_second == int(first[3])
+
+
+def test_sampled_speculation_end_to_end_matches_plain_sampling_distribution():
+    model = random_model(31, scale=3.0, **SHAPES["one-head"])
+    prompt = random_prompts(97, [24], seed=32)[0] * 2
+    plain, spec = torch.zeros(97), torch.zeros(97)
+    n = 300
+    for mode, counts in (("off", plain), ("prompt_lookup", spec)):
+        params = [SamplingParams(max_tokens=4, temperature=1.0, seed=s, speculation=mode, ignore_eos=True)
+                  for s in range(n)]
+        e = Engine(model, max_batch_size=32, max_waiting=n, enable_prefix_cache=False)
+        got, _ = run(e, [prompt] * n, params)
+        assert (e.stats()["spec_accepted_tokens"] > 0) == (mode != "off")
+        for toks in got:
+            counts[toks[3]] += 1  # the fourth token: after speculative steps
+    # two-sample chi-square on the cells both saw often
+    keep = (plain + spec) > 10
+    a, b = plain[keep], spec[keep]
+    stat = float(((a - b) ** 2 / (a + b)).sum())
+    dof = int(keep.sum()) - 1
+    assert stat < dof + 6 * (2 * dof) ** 0.5 + 10, (stat, dof)
+
+
+def test_seeded_sampled_speculation_is_reproducible_alone_or_batched():
+    model = random_model(41)
+    base = random_prompts(512, [5, 8, 3], seed=42)
+    prompts = [b * 3 for b in base]
+    params = [SamplingParams(max_tokens=20, temperature=0.9, seed=i, speculation="prompt_lookup", ignore_eos=True)
+              for i in range(3)]
+    alone = [generate(model, [p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+    together = generate(model, prompts, params)
+    assert [c.token_ids for c in together] == alone
+
+
+def test_stop_strings_max_tokens_and_logprobs_are_exact_across_accepted_runs(tokenizer):
+    model = gpt2_vocab_model(51)
+    text = "the cat sat on the mat. the cat sat on the mat. the cat"
+    prompt = tokenizer.encode(text)
+    off = generate(model, [prompt], SamplingParams(max_tokens=40, temperature=0.0, speculation="off", ignore_eos=True),
+                   tokenizer=tokenizer)[0]
+    continuation = off.text
+    stop = continuation[len(continuation) // 2:len(continuation) // 2 + 3]
+    for m in range(1, 12):  # max_tokens landing anywhere inside a proposal
+        kw = dict(max_tokens=m, temperature=0.0, ignore_eos=True, logprobs=2)
+        a = generate(model, [prompt], SamplingParams(speculation="prompt_lookup", **kw), tokenizer=tokenizer)[0]
+        b = generate(model, [prompt], SamplingParams(speculation="off", **kw), tokenizer=tokenizer)[0]
+        assert a.token_ids == b.token_ids and a.text == b.text and a.finish_reason == b.finish_reason == "length"
+        assert [x.token_id for x in a.logprobs] == a.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+            assert [t for t, _ in x.top] == [t for t, _ in y.top]
+    kw = dict(max_tokens=40, temperature=0.0, ignore_eos=True, stop=[stop])
+    a = generate(model, [prompt], SamplingParams(speculation="prompt_lookup", **kw), tokenizer=tokenizer)[0]
+    b = generate(model, [prompt], SamplingParams(speculation="off", **kw), tokenizer=tokenizer)[0]
+    assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, "stop")
+
+
+def test_cancel_mid_speculation_frees_the_slot_and_the_cache_rolls_back():
+    model = random_model(61)
+    prompt = random_prompts(512, [6], seed=62)[0] * 4
+    spec = SamplingParams(max_tokens=30, temperature=0.0, speculation="prompt_lookup", ignore_eos=True)
+    e = Engine(model, max_batch_size=1)
+    rid = e.add_request(prompt, spec)
+    while e.stats()["spec_decode_steps"] == 0:
+        e.step()
+    assert e.abort(rid)
+    other = random_prompts(512, [7], seed=63)[0]
+    got, _ = run(e, [other], [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)])
+    assert got == [greedy_without_cache(model, other, 8)]  # the freed slot's stale keys never leak
+    # penalised requests never speculate
+    e2 = Engine(model, max_batch_size=1)
+    run(e2, [prompt], [SamplingParams(max_tokens=10, temperature=0.0, repetition_penalty=1.2,
+                                      speculation="prompt_lookup")])
+    assert e2.stats()["spec_decode_steps"] == 0
