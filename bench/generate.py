@@ -387,6 +387,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer tokens and repeats, for development")
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="process CPU time (default) or wall time")
     ap.add_argument("--naive-tokens", type=int, default=None, help="new tokens for the no-cache loop (default: all)")
+    ap.add_argument("--speedups", choices=["on", "off", "only"], default="on",
+                    help="issue 15's rows (bench/decode_speedups.py: int8, speculation, prefix-cache TTFT); "
+                         "'only' skips the rows above")
     ap.add_argument("--json", default="bench/results/generate.json")
     args = ap.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -402,15 +405,22 @@ def main(argv=None) -> int:
     env = dict(clock=CLOCK, torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
                device=str(device), dtype=str(dtype), threads=args.threads, machine=platform.processor() or platform.machine())
     print(f"bench/generate.py: {env}", flush=True)
-    results = [bench_shape(s, SHAPES[s], args, device, dtype) for s in args.shapes.split(",") if s]
-    constrained = [] if args.skip_constrained else bench_constrained(args, device, dtype)
+    results = [] if args.speedups == "only" else [bench_shape(s, SHAPES[s], args, device, dtype)
+                                                   for s in args.shapes.split(",") if s]
+    constrained = [] if args.skip_constrained or args.speedups == "only" else bench_constrained(args, device, dtype)
     for res in results:
         print(ratio_table(res))
     if constrained:
         print(constrained_table(constrained))
+    speedups = None
+    if args.speedups != "off" and device.type == "cpu":  # int8 is a CPU feature; see the module for CUDA
+        from bench.decode_speedups import run as run_speedups
+
+        speedups = run_speedups(min(args.new_tokens, 64), max(1, args.repeats - 1))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(env=env, args=vars(args), results=results, constrained=constrained), indent=2))
+    out.write_text(json.dumps(dict(env=env, args=vars(args), results=results, constrained=constrained,
+                                   speedups=speedups), indent=2))
     print(f"\nwrote {out}")
     return 0
 

@@ -32,7 +32,7 @@ from .schemas import MAX_CHOICES, MAX_PROMPTS, ChatCompletionRequest, Completion
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 SAMPLING_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k",
-                   "repetition_penalty", "ignore_eos")
+                   "repetition_penalty", "ignore_eos", "speculation", "speculative_tokens")
 
 
 def refuse_unsupported(body) -> None:

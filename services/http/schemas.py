@@ -79,6 +79,8 @@ class _Sampling(_Body):
     top_k: int | None = Field(None, ge=0, le=INT32)
     repetition_penalty: float | None = None
     ignore_eos: StrictBool | None = None
+    speculation: StrictStr | None = None  # speculative decoding: auto, off, prompt_lookup, draft
+    speculative_tokens: int | None = Field(None, ge=-INT32, le=INT32)
     # Structured output: OpenAI's response_format (vLLM accepts it on completions too) and vLLM's
     # guided_* fields, all onto lmstack.v1.SamplingParams' constraint fields (at most one).
     response_format: ResponseFormat | None = None

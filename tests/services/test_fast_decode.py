@@ -70,3 +70,51 @@ def test_speculation_over_grpc_is_exact_per_request_and_counted(server, tiny_mod
                 c.complete(prompt, max_tokens=4, **{"model": "tiny", **bad})
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and match in err.value.details()
         assert c.complete(prompt, model="tiny", max_tokens=4).usage.completion_tokens == 4  # still serving
+
+
+def test_lmstack_serve_with_quantize_and_speculation_over_grpc_and_http(tiny_models, tmp_path):
+    """The real ``lmstack serve``: --quantize per model, --speculation as the server default, the
+    per-request fields over gRPC and the OpenAI HTTP API (extra body fields)."""
+    import subprocess
+    import sys
+
+    import openai
+
+    from lmcore import SamplingParams, generate, load_model
+    from tests.helpers import ROOT, free_port
+
+    ports = {"inference": free_port(), "tokenizer": free_port(), "http": free_port()}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "serve", "--data-dir", str(tmp_path / "data"), "--no-finetune",
+         "--metrics-port", "0", "--inference-port", str(ports["inference"]), "--tokenizer-port",
+         str(ports["tokenizer"]), "--http-port", str(ports["http"]), "--model", f"tiny={tiny_models['tiny']}",
+         "--quantize", "tiny=int8", "--speculation", "prompt_lookup", "--speculative-tokens", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("logs:"):
+                break
+        assert proc.poll() is None and "lmstack is serving" in "".join(lines), "".join(lines)
+        ref = load_model(tiny_models["tiny"], quantize="int8")
+        prompt = "one two three four. one two three four. one two three"
+        want = generate(ref, [ref.tokenizer.encode(prompt)],
+                        SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), tokenizer=ref.tokenizer)[0]
+        with Client(f"127.0.0.1:{ports['inference']}", timeout=60) as c:
+            for mode in (None, "off", "prompt_lookup"):
+                got = c.complete(prompt, max_tokens=16, temperature=0, ignore_eos=True, speculation=mode)
+                assert list(got.token_ids) == want.token_ids, mode
+        http = openai.OpenAI(base_url=f"http://127.0.0.1:{ports['http']}/v1", api_key="x", max_retries=0, timeout=60)
+        for body in ({}, {"speculation": "prompt_lookup", "speculative_tokens": 2}, {"speculation": "off"}):
+            r = http.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0,
+                                        extra_body={"ignore_eos": True, **body})
+            assert r.choices[0].text == want.text, body
+        with pytest.raises(openai.BadRequestError, match="speculation"):
+            http.completions.create(model="tiny", prompt=prompt, max_tokens=4, extra_body={"speculation": "always"})
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
