@@ -80,3 +80,15 @@ def test_bad_constraints_are_invalid_argument_before_anything_is_queued(client, 
         assert needle in e.value.details()
     assert engine_of(server).stats()["requests_finished"] >= 0 and engine_of(server).load() == (0, 0)
     assert client.complete("hello", max_tokens=2, temperature=0).usage.completion_tokens >= 1
+
+
+def test_few_shot_with_a_choice_constraint(client):
+    """FewShot's answer constrained to labels: the style's stop strings stay on top of the constraint."""
+    examples = [("great film", "positive"), ("awful plot", "negative"), ("loved it", "positive")]
+    for seed in range(3):
+        r = client.few_shot("boring and long", examples, instruction="Sentiment.", temperature=1.0, seed=seed,
+                            max_tokens=8, choice=["positive", "negative"])
+        assert r.text in ("positive", "negative") and r.finish_reason == "stop", r
+    with pytest.raises(grpc.RpcError) as e:
+        client.few_shot("x", examples, regex="(")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "invalid regex" in e.value.details()
