@@ -69,8 +69,9 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def worker(self, reclaim_idle_s: float = 30.0) -> subprocess.Popen:
-        return self.spawn("worker", ["services.finetune.worker"], LMSTACK_RECLAIM_IDLE_S=str(reclaim_idle_s))
+    def worker(self, reclaim_idle_s: float = 30.0, metrics_port: int = 0) -> subprocess.Popen:
+        return self.spawn("worker", ["services.finetune.worker"], LMSTACK_RECLAIM_IDLE_S=str(reclaim_idle_s),
+                          LMSTACK_METRICS_PORT=str(metrics_port))
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.tmp.glob("*.log")))
@@ -102,6 +103,32 @@ def events_of(client: FineTuneClient, job_id: str, timeout: float = 180.0) -> li
 
 def statuses(events) -> list[str]:
     return [status_name(e.status) for e in events if e.type == pb.JOB_EVENT_TYPE_STATUS]
+
+
+SUCCEEDED = 'lmstack_finetune_worker_jobs_total{outcome="succeeded"}'
+
+
+def worker_metrics(port: int, until=lambda m: True, timeout: float = 60.0) -> dict[str, float]:
+    """A worker's /metrics as {'name{label="value"}': value}, polled until ``until(metrics)`` (the
+    worker counts a job's end just after recording it in Redis, where the test saw it)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + timeout
+    while True:
+        out = {}
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            for family in text_string_to_metric_families(text):
+                for s in family.samples:
+                    labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                    out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        except OSError:  # still starting its server
+            pass
+        if (out and until(out)) or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
 
 
 def adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -197,13 +224,18 @@ def test_killed_worker_job_is_resumed_by_another_with_identical_weights(stack):
     killed_at = ft.get_job(job.id)
     assert killed_at.status == pb.JOB_STATUS_RUNNING and killed_at.step < 80, (kills, killed_at)
 
-    stack.worker(reclaim_idle_s=1.5)
+    metrics_port = free_port()
+    stack.worker(reclaim_idle_s=1.5, metrics_port=metrics_port)
     events = events_of(ft, job.id, timeout=300)
     assert statuses(events).count("succeeded") == 1 and statuses(events)[-1] == "succeeded"
     resumed = [e for e in events if e.type == pb.JOB_EVENT_TYPE_INFO and "resumed from the checkpoint" in e.message]
     assert len(resumed) == 3, kills
     done = ft.get_job(job.id)
     assert done.attempt == 4
+    scraped = worker_metrics(metrics_port, until=lambda m: m.get(SUCCEEDED) == 1)
+    assert scraped["lmstack_finetune_worker_jobs_reclaimed_total"] == 1  # taken over from the dead worker
+    assert scraped[SUCCEEDED] == 1
+    assert scraped['lmstack_finetune_worker_job_duration_seconds_count{outcome="succeeded"}'] == 1
 
     # The same job, uninterrupted, on the surviving worker: the same adapter, bit for bit.
     again = ft.wait(ft.create_job("tiny", ds.id, method="LORA", suffix="clean", **hp).id)
@@ -226,12 +258,16 @@ def test_stopped_worker_hands_its_job_back_and_another_resumes_it(stack):
     assert first.wait(timeout=60) == 0
     handed_back = ft.get_job(job.id)
     assert handed_back.status == pb.JOB_STATUS_QUEUED and 3 <= handed_back.step < 60
-    stack.worker()
+    metrics_port = free_port()
+    stack.worker(metrics_port=metrics_port)
     events = events_of(ft, job.id)
     assert statuses(events) == ["queued", "running", "queued", "running", "succeeded"]
     resumed = [e for e in events if e.type == pb.JOB_EVENT_TYPE_INFO and "resumed" in e.message]
     assert len(resumed) == 1 and f"step {handed_back.step}" in resumed[0].message
     assert ft.get_job(job.id).attempt == 2
+    scraped = worker_metrics(metrics_port, until=lambda m: m.get(SUCCEEDED) == 1)
+    assert scraped[SUCCEEDED] == 1
+    assert scraped["lmstack_finetune_worker_jobs_reclaimed_total"] == 0  # handed back, not taken over
 
 
 def test_redis_restart_loses_no_queued_job(stack, redis_server):
