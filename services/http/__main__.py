@@ -36,9 +36,11 @@ async def serve(settings: HttpSettings, signals=(signal.SIGTERM, signal.SIGINT))
     got_signal = asyncio.Event()
     for sig in signals:
         loop.add_signal_handler(sig, got_signal.set)
-    registry = inference_registry(settings)
     metrics_registry = CollectorRegistry()
-    handler = InferenceHandler(registry, InferenceMetrics(metrics_registry, registry), settings)
+    metrics = InferenceMetrics(metrics_registry)
+    registry = inference_registry(settings, metrics)  # the engines report steps and requests too
+    metrics.watch(registry)
+    handler = InferenceHandler(registry, metrics, settings)
     server = http_server(handler, settings)
     try:
         await server.start()
