@@ -4,6 +4,7 @@ and the tokenizer service's Encode vs a bare echo RPC on the same server stack.
     python bench/serving.py                 # default: GPT-2 vocabulary, 4 layers x 256 wide
     python bench/serving.py --preset gpt2   # GPT-2-small shape (slow on 2 cores)
     python bench/serving.py --quick         # fewer requests, for a smoke run
+    python bench/serving.py --ray           # 16 clients through Ray Serve's proxy vs the service (serving_ray.py)
 
 Part 1, generation. N concurrent streaming clients (1, 4, 16, 32), each running requests back to
 back (distinct ~32-token prompts, greedy, ``max_tokens`` new tokens, end-of-text ignored so every
@@ -393,6 +394,10 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def main() -> None:
+    if "--ray" in sys.argv[1:]:  # the same workload through Ray Serve's proxy vs the service: its own script
+        from serving_ray import main as ray_main
+
+        return ray_main()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="small", help="GPTConfig preset (vocab set to GPT-2's 50257)")
     ap.add_argument("--clients", default="1,4,16,32")
@@ -501,10 +506,14 @@ def main() -> None:
         print(f"  {name:<7} p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  {r['round_trips_per_s']:.0f}/s")
     print(f"  Encode p50 / echo p50 = {report['round_trips']['encode_over_echo_p50']:.3f} (target <= 1.3)")
 
+    write_report(report, Path(args.out))
+
+
+def write_report(report: dict, out: Path) -> None:
+    """Note the load average at the end (this machine is shared), print it and write the JSON."""
     report["machine"]["load_average_at_end"] = os.getloadavg()
     print(f"load average (1, 5, 15 min) at start {report['machine']['load_average_at_start']}, "
           f"at end {report['machine']['load_average_at_end']} on {os.cpu_count()} cores")
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {out}")

@@ -1,149 +1,258 @@
 """Ray Serve application: lmstack past one machine, with the same handlers as the standalone servers.
 
-One ingress deployment, ``LMStack``, answers both ``lmstack.v1.InferenceService`` and
-``lmstack.v1.TokenizerService`` behind Ray Serve's gRPC proxy. Its methods are named after the
-RPCs and take the request message (Ray Serve's gRPC convention); ``CompleteStream`` is a generator,
-which Ray Serve turns into a server-streaming RPC. The bodies are one line each: the
-``InferenceHandler`` and ``TokenizerHandler`` that ``python -m services.inference`` and
-``python -m services.tokenizer`` also call, so both paths share every behaviour and every error.
+``deploy/serve.yaml`` is the whole platform as one Serve application, ``lmstack``, built by
+``app(args)`` below. Its deployments are the design card's separate services, each scaled on its own:
 
-Scaling: each replica loads the models and runs its own continuous-batching engine; Ray Serve's
-router spreads requests over replicas (``num_replicas``, or ``autoscaling_config``). Errors keep
-their status codes: the same ``services.errors.status_for`` mapping sets the code on Ray's gRPC
-context before the exception propagates.
+* ``Gateway`` (the ingress): Ray's gRPC proxy routes every lmstack RPC to it by method name
+  (``Complete``, ``Encode``, ``CreateJob``, ...); each method forwards the request message through a
+  ``DeploymentHandle`` to the deployment that owns it and turns what comes back into a gRPC status.
+* ``Tokenizer``, ``Inference`` (multiplexed fine-tunes, autoscaled) and ``FineTuning`` (the job API
+  over Redis) in ``deploy/ray_services.py``, calling the ``TokenizerHandler``, ``InferenceHandler``
+  and ``FineTuneHandler`` that ``python -m services.*`` call: one body of logic, every error the same.
+* ``FineTuneWorker``: ``num_workers`` replicas, each running the fine-tuning worker loop.
 
-Run it (clients connect to the proxy's port, 9000 by default, and send the metadata
-``application: lmstack``, which Ray's proxy routes by)::
+Why a gateway: a status must survive a lost replica. When an ``Inference`` replica dies mid-stream,
+the gateway sees ``ActorDiedError`` from its handle and answers ``UNAVAILABLE`` at once (Ray's proxy
+would answer ``INTERNAL`` if the dead replica were the ingress itself), and Serve's router sends new
+calls to the remaining replicas while the controller replaces it. The hop costs one actor call per
+message (measured in ``bench/serving.py --ray``).
 
-    serve start --grpc-port 9000 --grpc-servicer-functions \\
-        services.gen.lmstack.v1.inference_pb2_grpc.add_InferenceServiceServicer_to_server \\
-        services.gen.lmstack.v1.tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server
-    serve run deploy.ray_serve:app models=pycode=models/pycode num_replicas=2
+Errors: each service deployment maps its handler's exceptions with ``services.errors.status_for``
+and its servicer's ``ERRORS`` (as the gRPC servers do) into an ``RpcFailed`` that pickles across
+actors; the gateway sets that code and message on Ray's gRPC context. Router back-pressure
+(``max_queued_requests``) is ``RESOURCE_EXHAUSTED`` like a full engine queue.
 
-or from Python: ``start_grpc(port)`` then ``serve.run(build_app({"models": "pycode=models/pycode"}))``.
+Routing of fine-tunes: a request whose ``model`` is not a configured base model goes to
+``Inference`` with ``multiplexed_model_id=<model>``, so Serve's router prefers replicas that already
+hold that fine-tune (``services.client.Client(application="lmstack")`` also sends it as metadata).
+
+Run it: ``serve run deploy/serve.yaml`` (clients connect to the proxy's gRPC port, 9000, with
+metadata ``application: lmstack``), or from Python ``run_config(yaml.safe_load(...))``, which is
+what ``serve run`` does with a config file.
 """
 
 from __future__ import annotations
 
-import asyncio
+from typing import Any
 
+import grpc
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
+from deploy.ray_services import (
+    FineTuneWorker,
+    FineTuning,
+    Inference,
+    RpcFailed,
+    Tokenizer,
+    base_model_names,
+    service_settings,
+)
+
+APPLICATION = "lmstack"
 GRPC_SERVICER_FUNCTIONS = [
     "services.gen.lmstack.v1.inference_pb2_grpc.add_InferenceServiceServicer_to_server",
     "services.gen.lmstack.v1.tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server",
+    "services.gen.lmstack.v1.finetune_pb2_grpc.add_FineTuningServiceServicer_to_server",
 ]
 
 
-def _with_status(grpc_context, exc: BaseException) -> None:
-    """Give Ray's gRPC proxy the status code and message our own servers would send."""
-    from services.errors import status_for
-    from services.inference.servicer import ERRORS  # the inference service's own mappings (EngineOverloaded)
+def rpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status for what a downstream deployment call raised."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+    from services.errors import status_for
+
+    cause = exc.cause if isinstance(exc, RayTaskError) else exc
+    if isinstance(cause, RpcFailed):
+        return grpc.StatusCode[cause.code], cause.message
+    if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)):
+        return grpc.StatusCode.UNAVAILABLE, ("the replica serving this call was lost; retry (Ray Serve is "
+                                             f"replacing it): {type(exc).__name__}")
+    if isinstance(exc, BackPressureError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded, retry later: {exc.message}"
+    return status_for(cause)
+
+
+def _set_status(grpc_context, exc: BaseException) -> None:
     if grpc_context is not None:
-        code, message = status_for(exc, ERRORS)
+        code, message = rpc_status(exc)
         grpc_context.set_code(code)
         grpc_context.set_details(message)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=128)
-class LMStack:
-    def __init__(self, models: str, model_store: str = "", default_model: str = "", max_batch_size: int = 16,
-                 max_waiting: int = 64, torch_threads: int = 1, device: str = "cpu"):
-        import torch
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1000)
+class Gateway:
+    """The ingress: one method per lmstack RPC, each forwarding to the deployment that owns it."""
 
-        from services.config import InferenceSettings, TokenizerSettings
-        from services.inference.handler import InferenceHandler, inference_registry
-        from services.tokenizer.handler import TokenizerHandler, tokenizer_registry
+    def __init__(self, tokenizer: DeploymentHandle, inference: DeploymentHandle, finetuning: DeploymentHandle,
+                 workers: DeploymentHandle | None, base_models: list[str], max_dataset_bytes: int):
+        self.tokenizer, self.inference, self.finetuning = tokenizer, inference, finetuning
+        self.workers = workers  # bound so the workers deploy with the application; never called
+        self.base_models = set(base_models)
+        self.max_dataset_bytes = max_dataset_bytes
 
-        torch.set_num_threads(torch_threads)
-        common = dict(models=models, model_store=model_store, default_model=default_model)
-        inference = InferenceSettings(**common, max_batch_size=max_batch_size, max_waiting=max_waiting,
-                                      torch_threads=torch_threads, device=device)
-        self.registries = [inference_registry(inference), tokenizer_registry(TokenizerSettings(**common))]
-        self.inference = InferenceHandler(self.registries[0])
-        self.tokenizer = TokenizerHandler(self.registries[1])
-        self._loaded: asyncio.Task | None = None
+    def _inference_for(self, model: str) -> DeploymentHandle:
+        """Fine-tunes are multiplexed over the replicas: route by the model's name."""
+        if model and model not in self.base_models:
+            return self.inference.options(multiplexed_model_id=model)
+        return self.inference
 
-    async def _ready(self) -> None:
-        # Models load on the replica's event loop (their engines' drivers live there), once.
-        if self._loaded is None:
-            self._loaded = asyncio.ensure_future(asyncio.gather(*(r.load_all() for r in self.registries)))
-        await self._loaded
-
-    async def _call(self, method, request, grpc_context):
+    async def _unary(self, call, request, grpc_context):
         try:
-            await self._ready()
-            return await method(request)
+            return await call.remote(request)
         except Exception as exc:
-            _with_status(grpc_context, exc)
+            _set_status(grpc_context, exc)
             raise
 
-    # --- lmstack.v1.InferenceService ---------------------------------------------------------------
+    async def _stream(self, handle: DeploymentHandle, method: str, request, grpc_context):
+        responses = getattr(handle.options(stream=True), method).remote(request)
+        try:
+            async for message in responses:
+                yield message
+        except Exception as exc:
+            _set_status(grpc_context, exc)
+            raise
+        finally:
+            responses.cancel()  # a client that went away stops the work downstream (no-op once done)
+
+    # --- lmstack.v1.InferenceService -------------------------------------------------------------
     async def Complete(self, request, grpc_context=None):
-        return await self._call(self.inference.complete, request, grpc_context)
+        return await self._unary(self._inference_for(request.model).complete, request, grpc_context)
 
     async def CompleteStream(self, request, grpc_context=None):
-        try:
-            await self._ready()
-            chunks = self.inference.complete_stream(request)
-            try:
-                async for chunk in chunks:
-                    yield chunk
-            finally:
-                await chunks.aclose()  # a cancelled call aborts the engine request at once
-        except Exception as exc:
-            _with_status(grpc_context, exc)
-            raise
+        async for chunk in self._stream(self._inference_for(request.model), "complete_stream", request,
+                                        grpc_context):
+            yield chunk
 
     async def FewShot(self, request, grpc_context=None):
-        return await self._call(self.inference.few_shot, request, grpc_context)
+        return await self._unary(self._inference_for(request.model).few_shot, request, grpc_context)
 
     async def Score(self, request, grpc_context=None):
-        return await self._call(self.inference.score, request, grpc_context)
+        return await self._unary(self._inference_for(request.model).score, request, grpc_context)
 
     async def Inspect(self, request, grpc_context=None):
-        return await self._call(self.inference.inspect, request, grpc_context)
+        return await self._unary(self._inference_for(request.model).inspect, request, grpc_context)
 
     async def ListModels(self, request, grpc_context=None):
-        return await self._call(self.inference.list_models, request, grpc_context)
+        return await self._unary(self.inference.list_models, request, grpc_context)
 
-    # --- lmstack.v1.TokenizerService ---------------------------------------------------------------
+    # --- lmstack.v1.TokenizerService -------------------------------------------------------------
     async def Encode(self, request, grpc_context=None):
-        return await self._call(self.tokenizer.encode, request, grpc_context)
+        return await self._unary(self.tokenizer.encode, request, grpc_context)
 
     async def EncodeBatch(self, request, grpc_context=None):
-        return await self._call(self.tokenizer.encode_batch, request, grpc_context)
+        return await self._unary(self.tokenizer.encode_batch, request, grpc_context)
 
     async def Decode(self, request, grpc_context=None):
-        return await self._call(self.tokenizer.decode, request, grpc_context)
+        return await self._unary(self.tokenizer.decode, request, grpc_context)
 
     async def CountTokens(self, request, grpc_context=None):
-        return await self._call(self.tokenizer.count_tokens, request, grpc_context)
+        return await self._unary(self.tokenizer.count_tokens, request, grpc_context)
 
-    # health for Ray's controller: the replica is healthy once its models loaded
-    async def check_health(self) -> None:
-        if self._loaded is not None and self._loaded.done() and self._loaded.exception():
-            raise RuntimeError(f"model loading failed: {self._loaded.exception()}")
+    # --- lmstack.v1.FineTuningService ------------------------------------------------------------
+    async def UploadDataset(self, request_iterator, grpc_context=None):
+        # A handle cannot carry a stream: gather the chunks, stopping one chunk past the size limit
+        # (the handler owns the limit and says so); the handler validates them as it would a stream.
+        chunks, size = [], 0
+        try:
+            async for chunk in request_iterator:
+                chunks.append(chunk)
+                size += len(chunk.data)
+                if size > self.max_dataset_bytes:
+                    break
+        except Exception as exc:
+            _set_status(grpc_context, exc)
+            raise
+        return await self._unary(self.finetuning.upload_dataset, chunks, grpc_context)
+
+    async def GetDataset(self, request, grpc_context=None):
+        return await self._unary(self.finetuning.get_dataset, request, grpc_context)
+
+    async def CreateJob(self, request, grpc_context=None):
+        return await self._unary(self.finetuning.create_job, request, grpc_context)
+
+    async def GetJob(self, request, grpc_context=None):
+        return await self._unary(self.finetuning.get_job, request, grpc_context)
+
+    async def ListJobs(self, request, grpc_context=None):
+        return await self._unary(self.finetuning.list_jobs, request, grpc_context)
+
+    async def CancelJob(self, request, grpc_context=None):
+        return await self._unary(self.finetuning.cancel_job, request, grpc_context)
+
+    async def ListCheckpoints(self, request, grpc_context=None):
+        return await self._unary(self.finetuning.list_checkpoints, request, grpc_context)
+
+    async def WatchJob(self, request, grpc_context=None):
+        async for event in self._stream(self.finetuning, "watch_job", request, grpc_context):
+            yield event
 
 
-def build_app(args: dict) -> serve.Application:
-    """``serve run deploy.ray_serve:app models=... [num_replicas=N] [model_store=...] ...``."""
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The application from ``args`` (``deploy/serve.yaml``'s ``applications[].args``).
+
+    ``args`` are the services' own settings fields (``models``, ``model_store``, ``default_model``,
+    ``redis_url``, ``device``, ``max_batch_size``, ``max_waiting``, ``torch_threads``,
+    ``reclaim_idle_s``, ...: see ``services/config.py``), validated here so a bad config fails at
+    deploy time, plus ``num_workers`` (fine-tuning worker replicas, default 1; 0 for none) and
+    ``max_models_per_replica`` (fine-tunes one ``Inference`` replica keeps, LRU, default 3).
+    ``Inference``'s ``max_ongoing_requests`` is its engine's slots plus waiting queue, and its
+    router queue (``max_queued_requests``) the waiting queue, so Serve's back-pressure and the
+    engine's agree.
+    """
     args = dict(args)
-    num_replicas = int(args.pop("num_replicas", 1))
-    for key in ("max_batch_size", "max_waiting", "torch_threads"):
-        if key in args:
-            args[key] = int(args[key])
-    return LMStack.options(num_replicas=num_replicas).bind(**args)
+    num_workers = int(args.pop("num_workers", 1))
+    settings = service_settings(args)  # validates every field
+    inference = settings["inference"]
+    capacity = inference.max_batch_size + inference.max_waiting
+    workers = FineTuneWorker.options(num_replicas=num_workers).bind(args) if num_workers else None
+    return Gateway.bind(
+        Tokenizer.bind(args),
+        Inference.options(max_ongoing_requests=capacity, max_queued_requests=inference.max_waiting).bind(args),
+        FineTuning.bind(args),
+        workers,
+        base_model_names(inference),
+        settings["finetune"].max_dataset_bytes,
+    )
 
 
 app = build_app
 
 
-def start_grpc(port: int = 9000, http_port: int | None = None) -> None:
+def start_grpc(port: int = 9000, http_port: int | None = None, proxy_location: str = "EveryNode") -> None:
     """Start Serve with the gRPC proxy serving lmstack's services on ``port``."""
     from ray.serve.config import HTTPOptions, gRPCOptions
 
     http = HTTPOptions(host="127.0.0.1", port=http_port) if http_port else None
     serve.start(grpc_options=gRPCOptions(port=port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
-                http_options=http)
+                http_options=http, proxy_location=proxy_location)
+
+
+def run_config(config: dict, timeout_s: float = 600.0) -> None:
+    """Deploy a Serve config (``deploy/serve.yaml`` as a dict) on the connected Ray cluster, as
+    ``serve run``/``serve deploy`` do: validate it with Ray's ``ServeDeploySchema``, start Serve with
+    its proxy options, apply it, and wait until every application is RUNNING."""
+    import time
+
+    from ray.serve._private.api import serve_start
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
+                         grpc_options=gRPCOptions(**schema.grpc_options.model_dump()))
+    client.deploy_apps(schema)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = serve.status().applications
+        states = {app.name: status[app.name].status if app.name in status else "NOT_STARTED"
+                  for app in schema.applications}
+        if all(s == "RUNNING" for s in states.values()):
+            return
+        failed = {n: status[n].message for n, s in states.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")}
+        if failed or time.monotonic() > deadline:
+            raise RuntimeError(f"Serve applications not RUNNING: {states} {failed}")
+        time.sleep(1.0)
+

@@ -16,6 +16,11 @@
         ids = t.encode("hello world")
         t.decode(ids), t.count_tokens("hello world")
 
+Behind Ray Serve's gRPC proxy (``deploy/serve.yaml``), pass ``application="lmstack"``: every call
+then carries Ray's routing metadata, ``application`` (which Serve application answers) and
+``multiplexed_model_id`` set from the request's ``model`` (so Serve's router sends a fine-tune's
+requests to the replicas that already hold it); a model is named exactly as against ``lmstack serve``.
+
 ``AsyncClient`` has the same methods as coroutines (``complete_stream`` is an async iterator) for
 ``asyncio`` programs. Sampling options are keyword arguments named like the proto's
 ``SamplingParams`` fields (``max_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``,
@@ -93,31 +98,37 @@ def inspect_request(text: str | list[int], model: str = "", top_k: int = 0, laye
     return req
 
 
-def _metadata(api_key: str | None) -> tuple:
-    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+def _metadata(api_key: str | None, application: str | None = None) -> tuple:
+    auth = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+    return auth + ((("application", application),) if application else ())
 
 
 class _Base:
     def __init__(self, target: str, api_key: str | None, timeout: float, channel_factory,
-                 max_message_bytes: int):
+                 max_message_bytes: int, application: str | None = None):
         self.target = target
         self.timeout = timeout
-        self.metadata = _metadata(api_key)
+        self.application = application
+        self.metadata = _metadata(api_key, application)
         self.channel = channel_factory(target, options=channel_options(max_message_bytes))
         self.inference = inference_pb2_grpc.InferenceServiceStub(self.channel)
         self.tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
-    def _kw(self, timeout: float | None) -> dict:
-        return {"timeout": self.timeout if timeout is None else timeout, "metadata": self.metadata}
+    def _kw(self, timeout: float | None, model: str = "") -> dict:
+        """Call options; behind Ray Serve, ``model`` becomes the multiplexing (routing) key."""
+        metadata = self.metadata
+        if self.application and model:
+            metadata = (*metadata, ("multiplexed_model_id", model))
+        return {"timeout": self.timeout if timeout is None else timeout, "metadata": metadata}
 
 
 class Client(_Base):
     """Blocking client for the inference and tokenizer services (one channel, both stubs)."""
 
     def __init__(self, target: str, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
-        super().__init__(target, api_key, timeout, grpc.insecure_channel, max_message_bytes)
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, application: str | None = None):
+        super().__init__(target, api_key, timeout, grpc.insecure_channel, max_message_bytes, application)
 
     def close(self) -> None:
         self.channel.close()
@@ -151,46 +162,46 @@ class Client(_Base):
     # tokenizer service
     def encode(self, text: str, model: str = "", allow_special: bool = False, timeout=None) -> list[int]:
         req = tokenizer_pb2.EncodeRequest(model=model, text=text, allow_special=allow_special)
-        return list(self.tokenizer.Encode(req, **self._kw(timeout)).token_ids)
+        return list(self.tokenizer.Encode(req, **self._kw(timeout, model)).token_ids)
 
     def encode_batch(self, texts: list[str], model: str = "", allow_special: bool = False,
                      timeout=None) -> list[list[int]]:
         req = tokenizer_pb2.EncodeBatchRequest(model=model, texts=texts, allow_special=allow_special)
-        return [list(i.token_ids) for i in self.tokenizer.EncodeBatch(req, **self._kw(timeout)).items]
+        return [list(i.token_ids) for i in self.tokenizer.EncodeBatch(req, **self._kw(timeout, model)).items]
 
     def decode(self, token_ids: list[int], model: str = "", timeout=None) -> str:
         req = tokenizer_pb2.DecodeRequest(model=model, token_ids=token_ids)
-        return self.tokenizer.Decode(req, **self._kw(timeout)).text
+        return self.tokenizer.Decode(req, **self._kw(timeout, model)).text
 
     def count_tokens(self, text: str, model: str = "", allow_special: bool = False, timeout=None) -> int:
         req = tokenizer_pb2.CountTokensRequest(model=model, text=text, allow_special=allow_special)
-        return self.tokenizer.CountTokens(req, **self._kw(timeout)).count
+        return self.tokenizer.CountTokens(req, **self._kw(timeout, model)).count
 
     # inference service
     def complete(self, prompt: str | list[int], model: str = "", timeout=None, allow_special: bool = False,
                  **sampling) -> inference_pb2.CompleteResponse:
         req = complete_request(prompt, model, allow_special, **sampling)
-        return self.inference.Complete(req, **self._kw(timeout))
+        return self.inference.Complete(req, **self._kw(timeout, model))
 
     def complete_stream(self, prompt: str | list[int], model: str = "", timeout=None,
                         allow_special: bool = False, **sampling):
         """An iterator of ``CompleteChunk``; call ``.cancel()`` on it to stop generation server-side."""
         req = complete_request(prompt, model, allow_special, **sampling)
-        return self.inference.CompleteStream(req, **self._kw(timeout))
+        return self.inference.CompleteStream(req, **self._kw(timeout, model))
 
     def few_shot(self, query: str, examples: Iterable[tuple[str, str]] = (), instruction: str = "",
                  style: str = "", model: str = "", timeout=None, **sampling) -> inference_pb2.FewShotResponse:
         req = few_shot_request(query, examples, instruction, style, model, **sampling)
-        return self.inference.FewShot(req, **self._kw(timeout))
+        return self.inference.FewShot(req, **self._kw(timeout, model))
 
     def score(self, context: str, choices: list[str], model: str = "", timeout=None) -> inference_pb2.ScoreResponse:
         req = inference_pb2.ScoreRequest(model=model, context=context, choices=choices)
-        return self.inference.Score(req, **self._kw(timeout))
+        return self.inference.Score(req, **self._kw(timeout, model))
 
     def inspect(self, text: str | list[int], model: str = "", timeout=None, **options) -> inference_pb2.InspectResponse:
         """Look inside the model on ``text``; options: ``top_k``, ``layers``, ``heads``, ``attention``,
         ``logit_lens``, ``allow_special`` (see ``InspectRequest``)."""
-        return self.inference.Inspect(inspect_request(text, model, **options), **self._kw(timeout))
+        return self.inference.Inspect(inspect_request(text, model, **options), **self._kw(timeout, model))
 
     def list_models(self, timeout=None) -> list[inference_pb2.ModelInfo]:
         return list(self.inference.ListModels(inference_pb2.ListModelsRequest(), **self._kw(timeout)).models)
@@ -200,8 +211,8 @@ class AsyncClient(_Base):
     """``grpc.aio`` client with the same methods as ``Client``, as coroutines."""
 
     def __init__(self, target: str, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
-        super().__init__(target, api_key, timeout, grpc.aio.insecure_channel, max_message_bytes)
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, application: str | None = None):
+        super().__init__(target, api_key, timeout, grpc.aio.insecure_channel, max_message_bytes, application)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -233,40 +244,40 @@ class AsyncClient(_Base):
 
     async def encode(self, text: str, model: str = "", allow_special: bool = False, timeout=None) -> list[int]:
         req = tokenizer_pb2.EncodeRequest(model=model, text=text, allow_special=allow_special)
-        return list((await self.tokenizer.Encode(req, **self._kw(timeout))).token_ids)
+        return list((await self.tokenizer.Encode(req, **self._kw(timeout, model))).token_ids)
 
     async def decode(self, token_ids: list[int], model: str = "", timeout=None) -> str:
         req = tokenizer_pb2.DecodeRequest(model=model, token_ids=token_ids)
-        return (await self.tokenizer.Decode(req, **self._kw(timeout))).text
+        return (await self.tokenizer.Decode(req, **self._kw(timeout, model))).text
 
     async def count_tokens(self, text: str, model: str = "", allow_special: bool = False, timeout=None) -> int:
         req = tokenizer_pb2.CountTokensRequest(model=model, text=text, allow_special=allow_special)
-        return (await self.tokenizer.CountTokens(req, **self._kw(timeout))).count
+        return (await self.tokenizer.CountTokens(req, **self._kw(timeout, model))).count
 
     async def complete(self, prompt: str | list[int], model: str = "", timeout=None, allow_special: bool = False,
                        **sampling) -> inference_pb2.CompleteResponse:
         req = complete_request(prompt, model, allow_special, **sampling)
-        return await self.inference.Complete(req, **self._kw(timeout))
+        return await self.inference.Complete(req, **self._kw(timeout, model))
 
     def complete_stream(self, prompt: str | list[int], model: str = "", timeout=None,
                         allow_special: bool = False, **sampling):
         """The streaming call: ``async for chunk in call``; ``call.cancel()`` stops generation."""
         req = complete_request(prompt, model, allow_special, **sampling)
-        return self.inference.CompleteStream(req, **self._kw(timeout))
+        return self.inference.CompleteStream(req, **self._kw(timeout, model))
 
     async def few_shot(self, query: str, examples: Iterable[tuple[str, str]] = (), instruction: str = "",
                        style: str = "", model: str = "", timeout=None, **sampling) -> inference_pb2.FewShotResponse:
         req = few_shot_request(query, examples, instruction, style, model, **sampling)
-        return await self.inference.FewShot(req, **self._kw(timeout))
+        return await self.inference.FewShot(req, **self._kw(timeout, model))
 
     async def score(self, context: str, choices: list[str], model: str = "",
                     timeout=None) -> inference_pb2.ScoreResponse:
         req = inference_pb2.ScoreRequest(model=model, context=context, choices=choices)
-        return await self.inference.Score(req, **self._kw(timeout))
+        return await self.inference.Score(req, **self._kw(timeout, model))
 
     async def inspect(self, text: str | list[int], model: str = "", timeout=None,
                       **options) -> inference_pb2.InspectResponse:
-        return await self.inference.Inspect(inspect_request(text, model, **options), **self._kw(timeout))
+        return await self.inference.Inspect(inspect_request(text, model, **options), **self._kw(timeout, model))
 
     async def list_models(self, timeout=None) -> list[inference_pb2.ModelInfo]:
         resp = await self.inference.ListModels(inference_pb2.ListModelsRequest(), **self._kw(timeout))

@@ -18,6 +18,9 @@ name asked for again meanwhile is NOT_FOUND at once, a negative cache) and the d
 of requests for unknown names costs the event loop nothing. Names are checked first
 (``services.limits.check_name``): an over-long or path-like name is INVALID_ARGUMENT. Entries that fail to load are logged and retried
 only when their directory changes. Loading runs in a worker thread, never on the event loop.
+A registry built with ``autoload_store=False`` (a Ray Serve replica that multiplexes fine-tunes)
+loads store entries only when asked (``load_store_entry``) and drops them when told (``unload``):
+the replica's LRU of models decides what it holds, not the store's contents.
 A store entry whose directory is gone is closed (``close_entry``: the inference service unloads
 an adapter from its base's bank, or stops a model's engine) and forgotten; a close hook that
 answers "busy" (requests still use it) keeps it served until a later refresh finds it idle.
@@ -122,7 +125,8 @@ class ModelRegistry:
     """
 
     def __init__(self, specs: list[ModelSpec], loader: Loader, default: str = "", store: str | Path = "",
-                 start_entry=None, close_entry=None, refresh_interval_s: float = 2.0):
+                 start_entry=None, close_entry=None, refresh_interval_s: float = 2.0,
+                 autoload_store: bool = True):
         if not specs and not store:
             raise ValueError("no models configured: pass --models name=path (or LMSTACK_MODELS) "
                              "and/or --model-store")
@@ -135,6 +139,7 @@ class ModelRegistry:
         self.store = Path(store).expanduser() if store else None
         self.start_entry = start_entry
         self.close_entry = close_entry
+        self.autoload_store = autoload_store
         self._entries: dict[str, Entry] = {}
         self._failed: dict[str, tuple[float, str]] = {}  # store entry name -> (mtime, why) of its last failure
         self._lock = asyncio.Lock()
@@ -225,6 +230,8 @@ class ModelRegistry:
                 return []
             self._last_scan, self._last_store_mtime = time.monotonic(), store_mtime
             await self._close_removed()
+            if not self.autoload_store:
+                return new
             # Full models first: an adapter may name a full model published in the same scan.
             for spec, mtime, is_adapter in await asyncio.to_thread(self._scan_with_mtimes):
                 if spec.name in self._failed and self._failed[spec.name][0] == mtime:
@@ -244,6 +251,48 @@ class ModelRegistry:
         """The scan and what the refresh needs of each entry, all file system work (in a thread)."""
         specs = sorted(self.scan_store(), key=lambda s: s.is_adapter)
         return [(spec, _mtime(spec.path), spec.is_adapter) for spec in specs]
+
+    async def load_store_entry(self, name: str) -> Entry:
+        """Load the store entry ``name`` alone (loaded already: its entry). ``NotFound`` when the store
+        has no such model or it cannot be loaded, with the reason."""
+        entry = self._entries.get(name)
+        if entry is not None:
+            return entry
+        check_name(name)
+        if not self.loaded:
+            raise Unavailable("models are still loading; retry shortly (health turns SERVING when ready)")
+        path = self.store / name if self.store is not None and name and "/" not in name else None
+        if path is None or name.startswith(".") or not _holds_model(path):
+            raise NotFound(f"model {name!r} not found; served models: {[s.name for s in self.specs]}"
+                           + (f", or a fine-tune in the model store {self.store}" if self.store else ""))
+        async with self._lock:
+            if name in self._entries:
+                return self._entries[name]
+            spec = ModelSpec(name, path, source="store")
+            try:
+                if spec.is_adapter:
+                    spec.base_model = read_adapter_base(path)
+                return await self._load(spec)
+            except Exception as e:
+                log.warning("model store entry %s not served: %s", path, e)
+                raise NotFound(f"model {name!r} is in the model store but could not be loaded ({str(e)[:300]})"
+                               ) from None
+
+    async def unload(self, name: str) -> bool:
+        """Close and forget the store entry ``name``; False (still served) while the close hook finds
+        it busy or another entry is banked on it."""
+        async with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                return True
+            if entry.spec.source != "store" or any(e.spec.base_model == name for e in self._entries.values()):
+                return False
+            del self._entries[name]  # no new lookup finds it while it closes
+            if self.close_entry is not None and not await self.close_entry(entry, idle_only=True):
+                self._entries[name] = entry
+                return False
+            log.info("model %r unloaded", name)
+            return True
 
     async def _close_removed(self) -> list[str]:
         """Close and forget store entries whose directory no longer holds a model; returns their

@@ -32,6 +32,9 @@ def _connection_args(p, default_addr: str, what: str) -> None:
                    help="API key sent as 'authorization: Bearer KEY' (default $LMSTACK_API_KEY)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds before giving up (default 120)")
     p.add_argument("--model", default="", help="model name (default: the server's default model)")
+    p.add_argument("--application", default=os.environ.get("LMSTACK_APPLICATION") or None,
+                   help="behind Ray Serve's gRPC proxy: the Serve application (lmstack in deploy/serve.yaml); "
+                        "sets Ray's routing metadata from --model (default $LMSTACK_APPLICATION)")
 
 
 def _sampling_args(p, max_tokens: int = 64) -> None:
@@ -85,7 +88,7 @@ def _rpc(command: str, addr: str, fn: Callable[[], int]) -> int:
 def _client(args):
     from services.client import Client
 
-    return Client(args.addr, api_key=args.api_key, timeout=args.timeout)
+    return Client(args.addr, api_key=args.api_key, timeout=args.timeout, application=args.application)
 
 
 # --- complete ----------------------------------------------------------------------------------------
@@ -266,7 +269,10 @@ def _models(args) -> int:
     def go() -> int:
         with _client(args) as c:
             # A server that listens but has not loaded its models has nothing to list yet: say so.
-            if args.wait:
+            # (Ray's proxy has no grpc.health service: behind it, ListModels answers once the app is up.)
+            if args.application:
+                pass
+            elif args.wait:
                 try:
                     c.wait_ready(timeout=args.timeout)
                 except TimeoutError:

@@ -40,6 +40,9 @@ def _connection_args(p, defaults: bool) -> None:
                    help="API key sent as 'authorization: Bearer KEY' (default $LMSTACK_API_KEY)")
     p.add_argument("--timeout", type=float, default=default(120.0),
                    help="seconds per call before giving up (default 120)")
+    p.add_argument("--application", default=default(os.environ.get("LMSTACK_APPLICATION") or None),
+                   help="behind Ray Serve's gRPC proxy: the Serve application (lmstack in deploy/serve.yaml; "
+                        "default $LMSTACK_APPLICATION)")
 
 
 def add_arguments(p) -> None:
@@ -102,7 +105,8 @@ def run(args) -> int:
     from services.finetune.client import FineTuneClient
 
     try:
-        with FineTuneClient(args.addr, api_key=args.api_key, timeout=args.timeout) as client:
+        with FineTuneClient(args.addr, api_key=args.api_key, timeout=args.timeout,
+                            application=args.application) as client:
             return ACTIONS[args.action](client, args)
     except grpc.RpcError as e:
         code, details = e.code(), e.details()

@@ -57,8 +57,9 @@ class FineTuneClient(Client):
     """``services.client.Client`` (channel, API key, timeouts, health, ``wait_ready``) plus the
     fine-tuning stub; one channel reaches every service a server hosts."""
 
-    def __init__(self, target: str, api_key: str | None = None, timeout: float = 60.0):
-        super().__init__(target, api_key=api_key, timeout=timeout)
+    def __init__(self, target: str, api_key: str | None = None, timeout: float = 60.0,
+                 application: str | None = None):
+        super().__init__(target, api_key=api_key, timeout=timeout, application=application)
         self.stub = finetune_pb2_grpc.FineTuningServiceStub(self.channel)
 
     # --- datasets ------------------------------------------------------------------------------

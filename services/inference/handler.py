@@ -168,10 +168,12 @@ async def stop_engine(entry: Entry, idle_only: bool = False) -> bool:
     return True
 
 
-def inference_registry(settings: InferenceSettings, metrics: InferenceMetrics | None = None) -> ModelRegistry:
+def inference_registry(settings: InferenceSettings, metrics: InferenceMetrics | None = None,
+                       autoload_store: bool = True) -> ModelRegistry:
+    """The models to serve; ``autoload_store=False`` for a replica that loads fine-tunes on demand."""
     return ModelRegistry(parse_model_specs(settings.models), make_loader(settings), settings.default_model,
                          settings.model_store, start_entry=make_starter(settings, metrics), close_entry=stop_engine,
-                         refresh_interval_s=settings.store_refresh_interval_s)
+                         refresh_interval_s=settings.store_refresh_interval_s, autoload_store=autoload_store)
 
 
 # --- protobuf <-> lmcore ---------------------------------------------------------------------------

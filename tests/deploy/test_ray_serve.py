@@ -1,98 +1,442 @@
-"""deploy/ray_serve.py: the same handlers behind Ray Serve's gRPC proxy, on a local Ray instance."""
+"""deploy/serve.yaml on a real two-node Ray cluster (``ray.cluster_utils.Cluster``, two raylets on
+this machine), through Ray Serve's real gRPC proxy, against the standalone servers as reference.
+
+One module-scoped cluster runs the application from ``deploy/serve.yaml`` itself (loaded by Ray's
+``ServeDeploySchema``, deployed as ``serve run`` does), with a test overlay: tiny models, a real
+redis-server, short autoscaling delays, one proxy (two proxies on one machine would share a port),
+and custom resources that put ``Inference`` and ``FineTuneWorker`` on the second node.
+"""
 
 from __future__ import annotations
 
+import copy
+import json
+import os
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
 import grpc
 import pytest
+import yaml
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from tests.helpers import free_port, gpt2_tokenizer  # noqa: E402
+from services.client import Client  # noqa: E402
+from tests.helpers import ROOT, free_port, gpt2_tokenizer  # noqa: E402
 from tests.helpers.models import save_tiny_model  # noqa: E402
 
-
-def ray_client(addr: str):
-    """A services.client.Client whose calls name the Ray Serve application (Ray's routing metadata)."""
-    from services.client import Client
-
-    c = Client(addr)
-    c.metadata = (("application", "lmstack"),)
-    return c
+APP = "lmstack"
+SQL, POEM, FULL = "ft:tiny:sql:aaa111", "ft:tiny:poem:bbb222", "ft:tiny:full:ccc333"
+PROMPT = "The quick brown fox"
 
 
-def wait_for_proxy_route(addr: str, timeout: float = 60.0) -> None:
-    """The proxy learns about a new application a moment after serve.run returns."""
-    import time
+def serve_yaml() -> dict:
+    return yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
 
+
+def deployment(config: dict, name: str) -> dict:
+    return next(d for d in config["applications"][0]["deployments"] if d["name"] == name)
+
+
+def overlay_config(grpc_port: int, http_port: int, args: dict) -> dict:
+    """deploy/serve.yaml with the test overlay (what an operator edits is what the test runs)."""
+    config = copy.deepcopy(serve_yaml())
+    config["proxy_location"] = "HeadOnly"
+    config["http_options"] = {"host": "127.0.0.1", "port": http_port}
+    config["grpc_options"]["port"] = grpc_port
+    config["applications"][0]["args"].update(args)
+    deployment(config, "Gateway")["num_replicas"] = 1
+    inference = deployment(config, "Inference")
+    inference["autoscaling_config"].update(min_replicas=1, max_replicas=2, target_ongoing_requests=2,
+                                           upscale_delay_s=1, downscale_delay_s=3, look_back_period_s=2)
+    inference["ray_actor_options"] = {"num_cpus": 1, "resources": {"second_node": 1}}
+    inference["health_check_period_s"] = 1
+    tokenizer = deployment(config, "Tokenizer")
+    tokenizer.pop("autoscaling_config")
+    tokenizer["num_replicas"] = 1
+    for name in ("Gateway", "Tokenizer", "FineTuning"):
+        d = deployment(config, name)
+        d["ray_actor_options"] = {**d["ray_actor_options"], "resources": {"head_node": 1}}
+    worker = deployment(config, "FineTuneWorker")
+    worker["ray_actor_options"] = {"num_cpus": 1, "resources": {"second_node": 1}}
+    worker["health_check_period_s"] = 1
+    return config
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    from ray.cluster_utils import Cluster
+
+    from deploy.ray_serve import run_config
+    from tests.conftest import RedisServer
+    from tests.services.test_adapters import publish_adapter
+
+    root = tmp_path_factory.mktemp("ray")
+    tok = gpt2_tokenizer()
+    base = save_tiny_model(root / "tiny", 0, tok, block_size=1024)  # room for long streams
+    store = root / "store"
+    store.mkdir()
+    publish_adapter(store, SQL, base, "tiny", seed=1, rank=4, targets=("attn.c_attn",))
+    publish_adapter(store, POEM, base, "tiny", seed=2, rank=2, targets=("attn.c_attn", "mlp.c_fc"))
+    save_tiny_model(store / FULL, 3, tok)
+    (root / "redis").mkdir()
+    redis = RedisServer(root / "redis")
+    redis.start()
+
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", str(ROOT)),
+           # replicas and handles report their load for autoscaling every 0.5 s (Ray's knobs for it)
+           "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+           "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the raylets (and so every Ray process) inherit this environment
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 8, "resources": {"head_node": 100}, "include_dashboard": False,
+        "object_store_memory": 150 * 1024 * 1024,
+        "_system_config": {"metrics_report_interval_ms": 1000}})
+    cluster.add_node(num_cpus=8, resources={"second_node": 100}, object_store_memory=150 * 1024 * 1024)
+    ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
+    port = free_port()
+    args = {"models": f"tiny={base}", "model_store": str(store), "redis_url": redis.url, "max_models_per_replica": 2,
+            "reclaim_idle_s": 1.5, "max_batch_size": 8, "max_waiting": 16}
+    try:
+        run_config(overlay_config(port, free_port(), args), timeout_s=300)
+        s = type("Stack", (), {})()
+        s.addr, s.base, s.store, s.tok, s.redis, s.cluster, s.args = f"127.0.0.1:{port}", base, store, tok, redis, \
+            cluster, args
+        wait_for_app(s.addr)
+        yield s
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+        redis.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def ray_client(addr: str, **kw) -> Client:
+    return Client(addr, application=APP, timeout=120, **kw)
+
+
+def wait_for_app(addr: str, timeout: float = 120.0) -> None:
+    """The proxy learns about the application a moment after it is RUNNING."""
     deadline = time.monotonic() + timeout
     with ray_client(addr) as c:
         while True:
             try:
                 c.list_models(timeout=60)
                 return
-            except grpc.RpcError as e:
-                if time.monotonic() > deadline or "Application" not in (e.details() or ""):
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
 
 
-@pytest.fixture(scope="module")
-def ray_app(tmp_path_factory):
-    from deploy.ray_serve import build_app, start_grpc
+def replicas(deployment_name: str) -> list:
+    """The deployment's live replica actors (name, node_id, actor_id), from the GCS actor table
+    (the ``ray.util.state`` API would need the dashboard running)."""
+    from types import SimpleNamespace
 
-    tok = gpt2_tokenizer()
-    model_dir = save_tiny_model(tmp_path_factory.mktemp("ray") / "tiny", 0, tok)
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    try:
-        start_grpc(port, http_port=free_port())
-        serve.run(build_app({"models": f"tiny={model_dir}"}), name="lmstack", route_prefix="/lmstack")
-        wait_for_proxy_route(f"127.0.0.1:{port}")
-        yield f"127.0.0.1:{port}", model_dir, tok
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    from ray._private.state import actors
+
+    return [SimpleNamespace(name=a["Name"], node_id=a["Address"]["NodeID"], actor_id=a["ActorID"])
+            for a in actors().values()
+            if a["ActorClassName"] == f"ServeReplica:{APP}:{deployment_name}" and a["State"] == "ALIVE"]
 
 
-def test_complete_through_ray_matches_lmcore(ray_app):
+def running_replicas(deployment_name: str) -> int:
+    status = serve.status().applications[APP].deployments[deployment_name]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def rpc_error(fn, *args) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as e:
+        fn(*args)
+    return e.value.code(), e.value.details()
+
+
+# --- the config ----------------------------------------------------------------------------------
+def test_serve_yaml_is_a_ray_serve_config_whose_imports_resolve():
+    from ray._common.utils import import_attr
+    from ray.serve.schema import ServeDeploySchema
+
+    from deploy.ray_serve import GRPC_SERVICER_FUNCTIONS, Gateway, build_app
+
+    config = ServeDeploySchema.model_validate(serve_yaml())
+    assert config.grpc_options.grpc_servicer_functions == GRPC_SERVICER_FUNCTIONS
+    for path in config.grpc_options.grpc_servicer_functions:
+        assert callable(import_attr(path))
+    (app,) = config.applications
+    assert import_attr(app.import_path.replace(":", ".")) is build_app
+    assert {d.name for d in app.deployments} == {"Gateway", "Inference", "Tokenizer", "FineTuning",
+                                                 "FineTuneWorker"}
+    inference = next(d for d in app.deployments if d.name == "Inference")
+    assert inference.autoscaling_config["min_replicas"] < inference.autoscaling_config["max_replicas"]
+    assert build_app(app.args)._bound_deployment.func_or_class is Gateway.func_or_class  # args validate
+    with pytest.raises(Exception, match="max_batch_size"):
+        build_app({**app.args, "max_batch_size": 0})
+
+
+# --- two nodes, same answers, same status codes ----------------------------------------------------
+def test_deployments_span_two_nodes_and_answer_like_lmcore(stack):
     from lmcore import SamplingParams, generate, load_model
-    addr, model_dir, tok = ray_app
-    prompt = "The quick brown fox"
-    expected = generate(load_model(model_dir), [tok.encode(prompt)], SamplingParams(max_tokens=12, temperature=0))
-    with ray_client(addr) as c:
-        r = c.complete(prompt, max_tokens=12, temperature=0)
-        assert list(r.token_ids) == expected[0].token_ids
-        streamed = "".join(ch.text for ch in c.complete_stream(prompt, max_tokens=12, temperature=0))
-        assert streamed == r.text
-        assert c.encode(prompt) == tok.encode(prompt)
-        assert [m.name for m in c.list_models()] == ["tiny"]
+
+    nodes = {d: {a.node_id for a in replicas(d)} for d in ("Gateway", "Tokenizer", "Inference", "FineTuning",
+                                                            "FineTuneWorker")}
+    assert all(nodes.values()), nodes
+    assert len(set().union(*nodes.values())) == 2, nodes
+    assert nodes["Inference"].isdisjoint(nodes["Tokenizer"])
+
+    expected = generate(load_model(stack.base), [stack.tok.encode(PROMPT)],
+                        SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    with ray_client(stack.addr) as c:
+        r = c.complete(PROMPT, max_tokens=12, temperature=0, ignore_eos=True)
+        assert list(r.token_ids) == expected.token_ids and r.usage.completion_tokens == 12
+        chunks = list(c.complete_stream(PROMPT, max_tokens=12, temperature=0, ignore_eos=True))
+        assert [t for ch in chunks for t in ch.token_ids] == expected.token_ids
+        assert "".join(ch.text for ch in chunks) == r.text and chunks[-1].finish_reason == r.finish_reason
+        assert c.encode(PROMPT) == stack.tok.encode(PROMPT)
+        assert c.decode(stack.tok.encode(PROMPT)) == PROMPT
+        assert c.count_tokens(PROMPT) == len(stack.tok.encode(PROMPT))
+        assert c.score("The sky is", [" blue", " green"]).best in (0, 1)
+        models = {m.name: m for m in c.list_models()}
+        assert models["tiny"].is_default and models["tiny"].context_length == 1024
+        assert {SQL, POEM, FULL} <= set(models) and models[SQL].base_model == "tiny"
 
 
-def test_errors_keep_their_status_codes_through_ray(ray_app):
-    addr, _, _ = ray_app
-    with ray_client(addr) as c:
-        with pytest.raises(grpc.RpcError) as e:
-            c.complete("hi", temperature=-1)
-        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        with pytest.raises(grpc.RpcError) as e:
-            c.complete("hi", model="nope")
-        assert e.value.code() == grpc.StatusCode.NOT_FOUND
-        assert c.complete("hi", max_tokens=2).usage.completion_tokens == 2  # still serving
+BAD_CALLS = {
+    "negative temperature": lambda c: c.complete("hi", temperature=-1),
+    "unknown model": lambda c: c.complete("hi", model="nope"),
+    "empty prompt": lambda c: c.complete(""),
+    "past the context": lambda c: c.complete("hi", max_tokens=100_000),
+    "stream, unknown model": lambda c: list(c.complete_stream("hi", model="nope")),
+    "stream, bad top_p": lambda c: list(c.complete_stream("hi", top_p=2.0)),
+    "no choices": lambda c: c.score("ctx", []),
+    "decode out of range": lambda c: c.decode([10 ** 6]),
+    "tokenizer, unknown model": lambda c: c.encode("hi", model="nope"),
+}
 
 
-def test_inspect_through_ray_matches_lmcore(ray_app):
+def test_status_codes_equal_the_standalone_servers(stack):
+    from services.config import InferenceSettings, TokenizerSettings
+    from services.finetune.client import FineTuneClient
+    from services.inference.__main__ import setup as inference_setup
+    from services.tokenizer.__main__ import setup as tokenizer_setup
+    from tests.helpers.servers import ServerThread
+
+    models = [f"tiny={stack.base}"]
+    inference = ServerThread(InferenceSettings(models=models, port=0), "inference", inference_setup).start()
+    tokenizer = ServerThread(TokenizerSettings(models=models, port=0), "tokenizer", tokenizer_setup).start()
+    try:
+        with ray_client(stack.addr) as ray_c, Client(inference.target) as inf, Client(tokenizer.target) as tok:
+            for what, call in BAD_CALLS.items():
+                local = tok if "tokenizer" in what or "decode" in what else inf
+                expected, got = rpc_error(call, local), rpc_error(call, ray_c)
+                if "unknown model" in what:  # Ray's replicas also name the model store's fine-tunes
+                    assert got[0] == expected[0] and got[1].startswith("model 'nope' not found"), what
+                else:
+                    assert got == expected, what
+            assert ray_c.complete("hi", max_tokens=2).usage.completion_tokens == 2  # still serving
+    finally:
+        inference.stop()
+        tokenizer.stop()
+    with FineTuneClient(stack.addr, application=APP) as ft:
+        code, details = rpc_error(lambda: ft.get_job("ftjob-nope"))
+        assert code == grpc.StatusCode.NOT_FOUND and "ftjob-nope" in details
+        code, details = rpc_error(lambda: ft.upload_dataset(b'{"prompt": 1}\n'))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "line 1" in details
+
+
+def test_inspect_through_ray_matches_lmcore(stack):
     from lmcore import inspect_tokens, load_model
     from services.inference.inspection import unpack_attention
 
-    addr, model_dir, tok = ray_app
-    text = "The quick brown fox"
-    ref = inspect_tokens(load_model(model_dir), tok.encode(text), top_k=3, layers=[1])
-    with ray_client(addr) as c:
-        r = c.inspect(text, top_k=3, attention=True, layers=[1])
-        assert [t.id for t in r.tokens] == tok.encode(text)
+    ref = inspect_tokens(load_model(stack.base), stack.tok.encode(PROMPT), top_k=3, layers=[1])
+    with ray_client(stack.addr) as c:
+        r = c.inspect(PROMPT, top_k=3, attention=True, layers=[1])
+        assert [t.id for t in r.tokens] == stack.tok.encode(PROMPT)
         assert abs(unpack_attention(r.attention[0]) - ref.attention[1].numpy()).max() < 1e-3
         with pytest.raises(grpc.RpcError) as e:
-            c.inspect(text, attention=True, layers=[5])
+            c.inspect(PROMPT, attention=True, layers=[5])
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "layer 5 does not exist" in e.value.details()
+
+
+# --- fine-tunes multiplexed over replicas -----------------------------------------------------------
+def test_fine_tunes_are_multiplexed_with_an_lru_per_replica(stack):
+    from services.config import InferenceSettings
+    from services.inference.__main__ import setup
+    from tests.helpers.servers import ServerThread
+
+    local = ServerThread(InferenceSettings(models=[f"tiny={stack.base}"], model_store=str(stack.store), port=0),
+                         "inference", setup).start()
+    try:
+        with Client(local.target) as c:
+            expected = {m: list(c.complete(PROMPT, model=m, max_tokens=10, temperature=0,
+                                           ignore_eos=True).token_ids) for m in ("tiny", SQL, POEM, FULL)}
+    finally:
+        local.stop()
+    assert len({tuple(v) for v in expected.values()}) == 4  # each fine-tune changes the answer
+
+    inference = serve.get_deployment_handle("Inference", app_name=APP)
+    with ray_client(stack.addr) as c:
+        for model in (SQL, POEM, FULL, SQL):  # FULL evicts SQL (2 per replica), then SQL reloads
+            got = c.complete(PROMPT, model=model, max_tokens=10, temperature=0, ignore_eos=True)
+            assert list(got.token_ids) == expected[model], model
+            assert list(c.complete(PROMPT, max_tokens=10, temperature=0, ignore_eos=True).token_ids) \
+                == expected["tiny"]
+        held = wait_until(lambda: (lambda m: m if len(m) <= 3 else None)(
+            inference.loaded_models.remote().result(timeout_s=60)), 60, "the LRU to unload the evicted model")
+        assert held[0] == "tiny" and SQL in held and FULL in held and POEM not in held, held
+
+
+# --- fine-tuning on Ray --------------------------------------------------------------------------------
+def test_fine_tuning_on_ray_survives_a_killed_worker_and_is_served(stack):
+    import torch
+    from safetensors.torch import load_file
+
+    from lmcore import SamplingParams, generate, load_model
+    from lmcore.lora import load_adapter_model
+    from services.finetune.client import FineTuneClient
+    from services.gen.lmstack.v1 import finetune_pb2 as pb
+
+    records = [{"prompt": f"Q: {a} plus {b}?\nA:", "completion": f" {a + b}"} for a, b in
+               ((i % 7 + 1, i % 5 + 2) for i in range(32))]
+    hp = dict(max_steps=24, learning_rate=1e-2, batch_size=4, lora_rank=4, checkpoint_interval=4, log_interval=1,
+              lora_dropout=0.1, seed=7)
+    with FineTuneClient(stack.addr, application=APP, timeout=120) as ft:
+        ds = ft.upload_dataset(("\n".join(json.dumps(r) for r in records) + "\n").encode(), chunk_bytes=200)
+        assert ds.examples == 32
+        job = ft.create_job("tiny", ds.id, method="LORA", suffix="crash", **hp)
+        (victim,) = replicas("FineTuneWorker")
+        for event in ft.watch_job(job.id, timeout=300):
+            if event.type == pb.JOB_EVENT_TYPE_CHECKPOINT and event.checkpoint.step >= 8:
+                ray.kill(ray.get_actor(victim.name, namespace="serve"), no_restart=True)
+                break
+        running = ft.get_job(job.id)
+        assert running.status == pb.JOB_STATUS_RUNNING and running.worker.startswith("ray-")
+        assert running.step < 24
+
+        done = ft.wait(job.id, timeout=300)
+        events = list(ft.watch_job(job.id, timeout=60))
+        statuses = [e.status for e in events if e.type == pb.JOB_EVENT_TYPE_STATUS]
+        assert statuses.count(pb.JOB_STATUS_SUCCEEDED) == 1 and statuses[-1] == pb.JOB_STATUS_SUCCEEDED
+        assert done.attempt == 2 and done.worker != running.worker  # Serve's replacement replica took it over
+        assert victim.actor_id not in {a.actor_id for a in replicas("FineTuneWorker")}
+
+        again = ft.wait(ft.create_job("tiny", ds.id, method="LORA", suffix="clean", **hp).id, timeout=300)
+        assert again.status == pb.JOB_STATUS_SUCCEEDED and again.attempt == 1
+    a = load_file(str(stack.store / done.fine_tuned_model / "adapter_model.safetensors"))
+    b = load_file(str(stack.store / again.fine_tuned_model / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # The fine-tune -> serve loop: the published adapter answers through the proxy, no restart.
+    base = load_model(stack.base)
+    tuned = load_adapter_model(base, stack.store / done.fine_tuned_model)
+    prompt = records[0]["prompt"]
+    expected = generate(tuned, [base.tokenizer.encode(prompt)],
+                        SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), tokenizer=base.tokenizer)[0]
+    with ray_client(stack.addr) as c:
+        got = c.complete(prompt, model=done.fine_tuned_model, max_tokens=6, temperature=0, ignore_eos=True)
+        assert list(got.token_ids) == list(expected.token_ids)
+
+
+# --- autoscaling and replica loss ---------------------------------------------------------------------
+def stream_tokens(addr: str, max_tokens: int, first: threading.Event | None = None) -> tuple[int, object]:
+    """(tokens received, None or the grpc status code the stream ended with)."""
+    n = 0
+    with ray_client(addr) as c:
+        try:
+            for chunk in c.complete_stream(PROMPT, max_tokens=max_tokens, temperature=0, ignore_eos=True):
+                n += len(chunk.token_ids)
+                if first is not None:
+                    first.set()
+            return n, None
+        except grpc.RpcError as e:
+            return n, e.code()
+
+
+LONG = 1000  # tokens: streams that are still running when a replica is killed
+
+
+def test_autoscaling_up_and_down_and_a_lost_replica_fails_fast(stack):
+    assert running_replicas("Inference") == 1
+    stop = threading.Event()
+    results: list = []
+
+    def burst():
+        while not stop.is_set():
+            results.append(stream_tokens(stack.addr, 48))
+
+    with ThreadPoolExecutor(16) as pool:
+        try:
+            bursts = [pool.submit(burst) for _ in range(8)]
+            wait_until(lambda: running_replicas("Inference") == 2, 180, "Inference to scale up to 2 replicas")
+            # Long streams on both replicas; then the burst ends (its streams finish normally).
+            firsts = [threading.Event() for _ in range(8)]
+            long = [pool.submit(stream_tokens, stack.addr, LONG, f) for f in firsts]
+            wait_until(lambda: all(f.is_set() for f in firsts), 120, "every long stream's first token")
+        finally:
+            stop.set()
+        for f in bursts:
+            f.result(timeout=120)
+        assert results and all(code is None and n == 48 for n, code in results), results  # none failed scaling up
+
+        # Kill a replica that serves some of the long streams: those end UNAVAILABLE at once.
+        actors = {r.name: ray.get_actor(r.name, namespace="serve") for r in replicas("Inference")}
+        ongoing = {name: ray.get(a.get_num_ongoing_requests.remote(), timeout=60) for name, a in actors.items()}
+        victim = max(ongoing, key=ongoing.get)
+        assert ongoing[victim] > 0, ongoing
+        ray.kill(actors[victim], no_restart=True)
+        outcomes = [f.result(timeout=120) for f in long]
+    lost = [(n, code) for n, code in outcomes if code is not None]
+    assert lost and all(code == grpc.StatusCode.UNAVAILABLE and n < LONG for n, code in lost), outcomes
+    assert all(n == LONG for n, code in outcomes if code is None)
+    with ray_client(stack.addr) as c:  # new calls go to the remaining replica
+        assert c.complete(PROMPT, max_tokens=4).usage.completion_tokens == 4
+
+    # Idle (a trickle of single requests): back to one replica, without a failed request.
+    trickle = []
+    with ray_client(stack.addr) as c:
+        def one_and_check():
+            trickle.append(c.complete(PROMPT, max_tokens=4, ignore_eos=True).usage.completion_tokens)
+            return running_replicas("Inference") == 1 and len(replicas("Inference")) == 1
+        wait_until(one_and_check, 180, "Inference to scale back to 1 replica", interval=1.0)
+    assert trickle and all(n == 4 for n in trickle)
+
+
+# --- metrics through Ray's export -----------------------------------------------------------------------
+def test_lmstack_metrics_reach_rays_metrics_export(stack):
+    def scrape() -> str:
+        text = ""
+        for node in ray.nodes():
+            if node["Alive"]:
+                url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+                text += urllib.request.urlopen(url, timeout=10).read().decode()
+        return text
+
+    with ray_client(stack.addr) as c:
+        c.complete(PROMPT, max_tokens=4)
+    text = wait_until(lambda: (lambda t: t if "ray_lmstack_inference_generation_tokens_total" in t
+                               and "ray_lmstack_finetune_worker_optimizer_steps_total" in t else None)(scrape()),
+                      90, "lmstack metrics in Ray's export", interval=2.0)
+    assert "ray_lmstack_inference_time_to_first_token_seconds_bucket" in text
+    assert "ray_serve_num_router_requests" in text or "ray_serve_deployment_request_counter" in text
+    tokens = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("ray_lmstack_inference_generation_tokens_total{")]
+    assert tokens and sum(tokens) > 0
