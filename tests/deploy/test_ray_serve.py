@@ -28,6 +28,10 @@ from services.client import Client  # noqa: E402
 from tests.helpers import ROOT, free_port, gpt2_tokenizer  # noqa: E402
 from tests.helpers.models import save_tiny_model  # noqa: E402
 
+# The module's cluster starts in the first test's setup: seven Ray processes importing torch on a
+# loaded 2-core machine can take minutes, so the per-test limit is wider here than the suite's.
+pytestmark = pytest.mark.timeout(900)
+
 APP = "lmstack"
 SQL, POEM, FULL = "ft:tiny:sql:aaa111", "ft:tiny:poem:bbb222", "ft:tiny:full:ccc333"
 PROMPT = "The quick brown fox"
@@ -66,10 +70,29 @@ def overlay_config(grpc_port: int, http_port: int, args: dict) -> dict:
     return config
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def start_two_nodes(attempts: int = 5):
+    """A head and a second raylet on this machine. Ray gives a raylet a fixed 30 s to register with
+    the GCS, which an overloaded machine can miss: then start over (a fresh cluster, same config)."""
     from ray.cluster_utils import Cluster
 
+    for attempt in range(attempts):
+        cluster = Cluster()
+        try:
+            cluster.add_node(num_cpus=8, resources={"head_node": 100}, include_dashboard=False,
+                             object_store_memory=150 * 1024 * 1024,
+                             # no idle workers prestarted per logical CPU: 16 Python processes at once
+                             # would only slow the raylets' start on 2 cores
+                             _system_config={"metrics_report_interval_ms": 1000, "enable_worker_prestart": False})
+            cluster.add_node(num_cpus=8, resources={"second_node": 100}, object_store_memory=150 * 1024 * 1024)
+            return cluster
+        except Exception:
+            cluster.shutdown()
+            if attempt == attempts - 1:
+                raise
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
     from deploy.ray_serve import run_config
     from tests.conftest import RedisServer
     from tests.services.test_adapters import publish_adapter
@@ -92,11 +115,7 @@ def stack(tmp_path_factory):
            "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the raylets (and so every Ray process) inherit this environment
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 8, "resources": {"head_node": 100}, "include_dashboard": False,
-        "object_store_memory": 150 * 1024 * 1024,
-        "_system_config": {"metrics_report_interval_ms": 1000}})
-    cluster.add_node(num_cpus=8, resources={"second_node": 100}, object_store_memory=150 * 1024 * 1024)
+    cluster = start_two_nodes()
     ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
     port = free_port()
     args = {"models": f"tiny={base}", "model_store": str(store), "redis_url": redis.url, "max_models_per_replica": 2,
@@ -215,6 +234,8 @@ def test_deployments_span_two_nodes_and_answer_like_lmcore(stack):
         assert c.decode(stack.tok.encode(PROMPT)) == PROMPT
         assert c.count_tokens(PROMPT) == len(stack.tok.encode(PROMPT))
         assert c.score("The sky is", [" blue", " green"]).best in (0, 1)
+        inspected = c.inspect(PROMPT, top_k=3)
+        assert [t.id for t in inspected.tokens] == stack.tok.encode(PROMPT) and inspected.n_layer == 2
         models = {m.name: m for m in c.list_models()}
         assert models["tiny"].is_default and models["tiny"].context_length == 1024
         assert {SQL, POEM, FULL} <= set(models) and models[SQL].base_model == "tiny"

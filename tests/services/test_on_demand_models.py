@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from services.config import InferenceSettings
-from services.errors import NotFound
+from services.errors import InvalidArgument, NotFound
 from services.inference.handler import inference_registry
 from tests.services.test_adapters import POEM, SQL, publish_adapter
 
@@ -39,7 +39,7 @@ def test_registry_loads_and_unloads_store_entries_only_when_asked(tiny_models, s
             assert await registry.load_store_entry(SQL) is entry  # loaded once
             with pytest.raises(NotFound, match="not found"):
                 await registry.load_store_entry("ft:tiny:nope:1")
-            with pytest.raises(NotFound, match="not found"):
+            with pytest.raises(InvalidArgument, match="not a valid name"):
                 await registry.load_store_entry("../tiny")
             with pytest.raises(NotFound, match="could not be loaded"):
                 await registry.load_store_entry("ft:tiny:broken:000")
