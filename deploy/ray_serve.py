@@ -185,6 +185,9 @@ class Gateway:
     async def ListCheckpoints(self, request, grpc_context=None):
         return await self._unary(self.finetuning.list_checkpoints, request, grpc_context)
 
+    async def DeleteDataset(self, request, grpc_context=None):
+        return await self._unary(self.finetuning.delete_dataset, request, grpc_context)
+
     async def WatchJob(self, request, grpc_context=None):
         async for event in self._stream(self.finetuning, "watch_job", request, grpc_context):
             yield event

@@ -282,6 +282,9 @@ class FineTuning:
     async def list_checkpoints(self, request):
         return await _answer(self.handler.list_checkpoints, request, self.errors)
 
+    async def delete_dataset(self, request):
+        return await _answer(self.handler.delete_dataset, request, self.errors)
+
     async def watch_job(self, request):
         try:
             async with aclosing(self.handler.watch_job(request)) as events:

@@ -278,8 +278,10 @@ def test_status_codes_equal_the_standalone_servers(stack):
         inference.stop()
         tokenizer.stop()
     with FineTuneClient(stack.addr, application=APP) as ft:
-        code, details = rpc_error(lambda: ft.get_job("ftjob-nope"))
-        assert code == grpc.StatusCode.NOT_FOUND and "ftjob-nope" in details
+        code, details = rpc_error(ft.get_job, "ftjob-000000000000")
+        assert code == grpc.StatusCode.NOT_FOUND and "ftjob-000000000000" in details
+        code, details = rpc_error(ft.get_job, "nope")
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
         code, details = rpc_error(lambda: ft.upload_dataset(b'{"prompt": 1}\n'))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "line 1" in details
 
