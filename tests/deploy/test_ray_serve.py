@@ -463,3 +463,16 @@ def test_lmstack_metrics_reach_rays_metrics_export(stack):
     tokens = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
               if line.startswith("ray_lmstack_inference_generation_tokens_total{")]
     assert tokens and sum(tokens) > 0
+
+
+def test_prometheus_scrape_config_for_ray_is_valid():
+    """deploy/prometheus/ray.yml, checked by the real promtool, follows Ray's service-discovery file."""
+    import subprocess
+
+    from tests.helpers.prometheus import prometheus_binary
+
+    out = subprocess.run([prometheus_binary("promtool"), "check", "config", "ray.yml"], capture_output=True,
+                         text=True, cwd=ROOT / "deploy" / "prometheus")
+    assert out.returncode == 0, out.stdout + out.stderr
+    (job,) = yaml.safe_load((ROOT / "deploy" / "prometheus" / "ray.yml").read_text())["scrape_configs"]
+    assert job["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
