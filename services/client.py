@@ -21,6 +21,10 @@ then carries Ray's routing metadata, ``application`` (which Serve application an
 ``multiplexed_model_id`` set from the request's ``model`` (so Serve's router sends a fine-tune's
 requests to the replicas that already hold it); a model is named exactly as against ``lmstack serve``.
 
+TLS: ``Client(target, api_key=..., tls_ca="ca.pem")`` verifies the server against that CA; add
+``tls_cert``/``tls_key`` for a server that wants client certificates (mTLS). An admin key may pass
+``tenant="team-a"`` to act for that tenant (``services.tenants``).
+
 ``AsyncClient`` has the same methods as coroutines (``complete_stream`` is an async iterator) for
 ``asyncio`` programs. Sampling options are keyword arguments named like the proto's
 ``SamplingParams`` fields (``max_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``,
@@ -49,6 +53,7 @@ from services.gen.lmstack.v1 import (
     tokenizer_pb2_grpc,
 )
 from services.server import channel_options
+from services.tls import channel_credentials
 
 DEFAULT_TIMEOUT_S = 120.0
 _SAMPLING_FIELDS = set(common_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
@@ -104,13 +109,19 @@ def _metadata(api_key: str | None, application: str | None = None) -> tuple:
 
 
 class _Base:
-    def __init__(self, target: str, api_key: str | None, timeout: float, channel_factory,
-                 max_message_bytes: int, application: str | None = None):
+    def __init__(self, target: str, api_key: str | None, timeout: float, grpc_module,
+                 max_message_bytes: int, application: str | None = None, tls_ca: str = "", tls_cert: str = "",
+                 tls_key: str = "", tenant: str = ""):
         self.target = target
         self.timeout = timeout
         self.application = application
-        self.metadata = _metadata(api_key, application)
-        self.channel = channel_factory(target, options=channel_options(max_message_bytes))
+        self.metadata = _metadata(api_key, application) + ((("lmstack-tenant", tenant),) if tenant else ())
+        options = channel_options(max_message_bytes)
+        credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+        if credentials is None:
+            self.channel = grpc_module.insecure_channel(target, options=options)
+        else:
+            self.channel = grpc_module.secure_channel(target, credentials, options=options)
         self.inference = inference_pb2_grpc.InferenceServiceStub(self.channel)
         self.tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
@@ -127,8 +138,10 @@ class Client(_Base):
     """Blocking client for the inference and tokenizer services (one channel, both stubs)."""
 
     def __init__(self, target: str, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, application: str | None = None):
-        super().__init__(target, api_key, timeout, grpc.insecure_channel, max_message_bytes, application)
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, application: str | None = None,
+                 tls_ca: str = "", tls_cert: str = "", tls_key: str = "", tenant: str = ""):
+        super().__init__(target, api_key, timeout, grpc, max_message_bytes, application, tls_ca, tls_cert, tls_key,
+                         tenant)
 
     def close(self) -> None:
         self.channel.close()
@@ -206,13 +219,19 @@ class Client(_Base):
     def list_models(self, timeout=None) -> list[inference_pb2.ModelInfo]:
         return list(self.inference.ListModels(inference_pb2.ListModelsRequest(), **self._kw(timeout)).models)
 
+    def delete_model(self, name: str, timeout=None) -> inference_pb2.DeleteModelResponse:
+        """Unload a fine-tuned model and remove it from the store (your own; an admin: any)."""
+        return self.inference.DeleteModel(inference_pb2.DeleteModelRequest(name=name), **self._kw(timeout))
+
 
 class AsyncClient(_Base):
     """``grpc.aio`` client with the same methods as ``Client``, as coroutines."""
 
     def __init__(self, target: str, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, application: str | None = None):
-        super().__init__(target, api_key, timeout, grpc.aio.insecure_channel, max_message_bytes, application)
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, application: str | None = None,
+                 tls_ca: str = "", tls_cert: str = "", tls_key: str = "", tenant: str = ""):
+        super().__init__(target, api_key, timeout, grpc.aio, max_message_bytes, application, tls_ca, tls_cert,
+                         tls_key, tenant)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -282,3 +301,6 @@ class AsyncClient(_Base):
     async def list_models(self, timeout=None) -> list[inference_pb2.ModelInfo]:
         resp = await self.inference.ListModels(inference_pb2.ListModelsRequest(), **self._kw(timeout))
         return list(resp.models)
+
+    async def delete_model(self, name: str, timeout=None) -> inference_pb2.DeleteModelResponse:
+        return await self.inference.DeleteModel(inference_pb2.DeleteModelRequest(name=name), **self._kw(timeout))

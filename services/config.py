@@ -13,7 +13,7 @@ Reuse (the fine-tuning service does)::
     settings = FineTuneSettings.from_args(argv)   # flags + LMSTACK_* env
 
 ``ServiceSettings`` carries what every server built by ``services.server`` needs: host, port,
-API keys, metrics port, message size, shutdown grace period, torch threads, log level.
+API keys (and the tenants' keys file), TLS, metrics port, message size, shutdown grace period, torch threads, log level.
 """
 
 from __future__ import annotations
@@ -59,6 +59,12 @@ class ServiceSettings(BaseSettings):
         description="accepted API keys; when set, every RPC except health and reflection needs "
                     "'authorization: Bearer <key>' metadata",
     )
+    api_keys_file: str = Field("", description="keys file (YAML/JSON): sha256 of each key -> tenant, role, "
+                                               "quotas (services.tenants; `lmstack keys create`)")
+    tls_cert: str = Field("", description="TLS certificate (PEM); with --tls-key, serve TLS only")
+    tls_key: str = Field("", description="TLS private key (PEM)")
+    tls_client_ca: str = Field("", description="CA (PEM) client certificates must chain to (mutual TLS)")
+    insecure: bool = Field(False, description="allow a non-loopback address without API keys or without TLS")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics HTTP port; 0 disables it")
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0,
                                    description="largest request or response message, in bytes")
@@ -126,6 +132,10 @@ class InferenceSettings(ModelServiceSettings):
     max_waiting: int = Field(64, ge=0, description="most requests queued per engine before "
                                                    "RESOURCE_EXHAUSTED")
     device: str = Field("cpu", description="torch device for the models (cpu, cuda, cuda:1)")
+    max_loaded_models: int = Field(4, ge=0, description="fine-tuned full models from the store kept loaded at "
+                                                        "once (each has its own engine and KV cache): loaded on "
+                                                        "first use, least recently used unloaded; 0: no limit, "
+                                                        "all loaded at start. Adapters are banked, not counted")
     max_score_choices: int = Field(64, ge=1, description="most choices in one Score request")
     max_few_shot_examples: int = Field(256, ge=0, description="most examples in one FewShot request")
     score_threads: int = Field(1, ge=1, description="Score requests computed at once (their own threads, "

@@ -25,6 +25,14 @@ A store entry whose directory is gone is closed (``close_entry``: the inference 
 an adapter from its base's bank, or stops a model's engine) and forgotten; a close hook that
 answers "busy" (requests still use it) keeps it served until a later refresh finds it idle.
 
+**Lifecycle.** With ``max_loaded_store_models`` N (the inference service's ``--max-loaded-models``),
+store full models are not loaded by a scan: each loads on its first request, and when N are
+loaded the least recently used idle one is unloaded first (its engine stopped, its memory freed);
+if all N are busy the request is RESOURCE_EXHAUSTED. Adapters are banked in their base's engine and
+do not count. ``delete(spec)`` (DeleteModel) renames the directory away, unloads, removes it.
+Store entries carry their ``owner`` (the tenant in ``finetune.json``); ``get(name, tenant)`` and
+``names(tenant)`` answer only with what that tenant may use.
+
 The registry is generic over what it loads: the inference service loads models with engines
 (``services.inference.handler.load_served_model``), the tokenizer service only tokenizers.
 """
@@ -42,7 +50,7 @@ from typing import Any
 
 from lmcore._io import ADAPTER_CONFIG_FILE, CONFIG_FILE
 
-from .errors import NotFound, Unavailable
+from .errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from .limits import check_name
 
 log = logging.getLogger("lmstack.models")
@@ -57,6 +65,7 @@ class ModelSpec:
     path: Path
     source: str = "config"  # "config" or "store"
     base_model: str = ""  # for LoRA adapters: the base model's name (or path) from adapter_config.json
+    owner: str = ""  # the tenant a store model belongs to (its finetune.json); "" = everyone's
 
     @property
     def is_adapter(self) -> bool:
@@ -97,6 +106,26 @@ def read_adapter_base(path: Path) -> str:
     return str(base)
 
 
+OWNER_FILE = "finetune.json"  # written by the fine-tuning worker beside the weights; names the tenant
+
+
+def read_owner(path: Path) -> str:
+    """The tenant that owns a store model directory ("" for none: a model copied in by hand)."""
+    try:
+        return str(json.loads((path / OWNER_FILE).read_text()).get("tenant", ""))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return ""
+
+
+def owned_store_models(store: str | Path, tenant: str) -> int:
+    """How many complete models in ``store`` belong to ``tenant`` (the published_models quota)."""
+    root = Path(store).expanduser() if store else None
+    if root is None or not root.is_dir():
+        return 0
+    return sum(1 for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and _holds_model(d)
+               and read_owner(d) == tenant)
+
+
 @dataclass
 class Entry:
     """A loaded model: ``obj`` is whatever the loader returned (a ServedModel, a Tokenizer, ...)."""
@@ -126,7 +155,7 @@ class ModelRegistry:
 
     def __init__(self, specs: list[ModelSpec], loader: Loader, default: str = "", store: str | Path = "",
                  start_entry=None, close_entry=None, refresh_interval_s: float = 2.0,
-                 autoload_store: bool = True):
+                 autoload_store: bool = True, max_loaded_store_models: int = 0):
         if not specs and not store:
             raise ValueError("no models configured: pass --models name=path (or LMSTACK_MODELS) "
                              "and/or --model-store")
@@ -147,6 +176,10 @@ class ModelRegistry:
         self.refresh_interval_s = refresh_interval_s
         self._last_scan = -float("inf")  # time.monotonic() of the last store scan
         self._last_store_mtime = None  # the store directory's mtime then
+        # Lifecycle: with a limit, store full models load on first use and the least recently used
+        # idle one is unloaded to make room (adapters live in their base's bank: not counted).
+        self.max_loaded_store_models = max_loaded_store_models
+        self._unloaded: dict[str, ModelSpec] = {}  # store full models found but not loaded
 
     # --- lookups --------------------------------------------------------------------------------
     def entries(self) -> list[Entry]:
@@ -154,18 +187,30 @@ class ModelRegistry:
         return sorted(self._entries.values(), key=lambda e: (not e.is_default, e.spec.source != "config",
                                                             e.spec.source != "config" and e.name))
 
-    def names(self) -> list[str]:
-        return [e.name for e in self.entries()]
+    def names(self, tenant=None) -> list[str]:
+        """Names of the models ``tenant`` (a ``services.tenants.Tenant``; None: all) may use."""
+        return [e.name for e in self.entries() if tenant is None or tenant.owns(e.spec.owner)] + \
+            [s.name for s in self.unloaded(tenant)]
 
     def lookup(self, name: str) -> Entry | None:
         """The loaded entry for ``name`` (empty: the default), or None. Never blocks."""
-        return self._entries.get(name or self.default)
-
-    async def get(self, name: str) -> Entry:
-        """The entry for ``name``; an unknown name triggers a store rescan before ``NotFound``."""
         entry = self._entries.get(name or self.default)
         if entry is not None:
+            entry.extra["used"] = time.monotonic()  # the LRU order
+        return entry
+
+    def unloaded(self, tenant=None) -> list[ModelSpec]:
+        """Store full models known but not loaded (they load on first use), that ``tenant`` may use."""
+        return [s for n, s in sorted(self._unloaded.items()) if tenant is None or tenant.owns(s.owner)]
+
+    async def get(self, name: str, tenant=None) -> Entry:
+        """The entry for ``name``; an unknown name triggers a store rescan before ``NotFound``. With a
+        ``tenant``, another tenant's model is ``NOT_FOUND`` too, and messages list only its own."""
+        entry = self._entries.get(name or self.default)
+        if entry is not None and (tenant is None or tenant.owns(entry.spec.owner)):
             return entry
+        if entry is not None:
+            raise NotFound(f"model {name!r} not found; served models: {self.names(tenant)}")
         check_name(name)
         if not self.loaded:
             raise Unavailable("models are still loading; retry shortly (health turns SERVING when ready)")
@@ -174,11 +219,15 @@ class ModelRegistry:
                            f"(served: {self.names()})")
         await self.refresh(max_age_s=self.refresh_interval_s)
         entry = self._entries.get(name or self.default)
+        if entry is None and name in self._unloaded and (tenant is None or tenant.owns(self._unloaded[name].owner)):
+            entry = await self._load_on_demand(self._unloaded[name])
         if entry is None:
-            if name in self._failed:
+            if name in self._failed and (tenant is None or tenant.owns(read_owner(self.store / name))):
                 raise NotFound(f"model {name!r} is in the model store but could not be loaded "
-                               f"({self._failed[name][1]}); served models: {self.names()}")
-            raise NotFound(f"model {name!r} not found; served models: {self.names()}")
+                               f"({self._failed[name][1]}); served models: {self.names(tenant)}")
+            raise NotFound(f"model {name!r} not found; served models: {self.names(tenant)}")
+        if tenant is not None and not tenant.owns(entry.spec.owner):
+            raise NotFound(f"model {name!r} not found; served models: {self.names(tenant)}")
         return entry
 
     # --- loading --------------------------------------------------------------------------------
@@ -212,7 +261,7 @@ class ModelRegistry:
                 continue
             if not _holds_model(d):
                 continue  # still being written, or not a model
-            found.append(ModelSpec(d.name, d, source="store"))
+            found.append(ModelSpec(d.name, d, source="store", owner=read_owner(d)))
         return found
 
     async def refresh(self, max_age_s: float = 0.0) -> list[str]:
@@ -233,7 +282,12 @@ class ModelRegistry:
             if not self.autoload_store:
                 return new
             # Full models first: an adapter may name a full model published in the same scan.
-            for spec, mtime, is_adapter in await asyncio.to_thread(self._scan_with_mtimes):
+            scanned = await asyncio.to_thread(self._scan_with_mtimes)
+            if self.max_loaded_store_models:  # full models wait for their first request
+                self._unloaded = {s.name: s for s, m, adapter in scanned if not adapter
+                                  and not (s.name in self._failed and self._failed[s.name][0] == m)}
+                scanned = [x for x in scanned if x[2]]
+            for spec, mtime, is_adapter in scanned:
                 if spec.name in self._failed and self._failed[spec.name][0] == mtime:
                     continue
                 try:
@@ -319,6 +373,72 @@ class ModelRegistry:
                 closed.append(entry.name)
                 progress = True
         return closed
+
+    async def _load_on_demand(self, spec: ModelSpec) -> Entry:
+        """Load a store full model, first unloading least recently used idle ones past the limit."""
+        async with self._lock:
+            if spec.name in self._entries:
+                return self._entries[spec.name]
+            loaded = sorted((e for e in self._entries.values() if e.spec.source == "store" and not e.spec.is_adapter
+                             and not any(o.spec.base_model == e.name for o in self._entries.values())),
+                            key=lambda e: e.extra.get("used", 0.0))
+            while len(loaded) >= self.max_loaded_store_models:
+                victim = None
+                for e in loaded:
+                    del self._entries[e.name]
+                    if self.close_entry is None or await self.close_entry(e, idle_only=True):
+                        victim = e
+                        break
+                    self._entries[e.name] = e  # busy: try the next least recently used
+                if victim is None:
+                    raise ResourceExhausted(
+                        f"all {self.max_loaded_store_models} slots for fine-tuned models (--max-loaded-models) "
+                        "are serving requests; retry shortly")
+                loaded.remove(victim)
+                self._unloaded[victim.name] = victim.spec
+                log.info("unloaded %r (least recently used; at most %d store models loaded)", victim.name,
+                         self.max_loaded_store_models)
+            try:
+                entry = await self._load(spec)
+            except Exception as e:
+                self._failed[spec.name] = (_mtime(spec.path), str(e)[:300])
+                self._unloaded.pop(spec.name, None)
+                log.warning("model store entry %s not served: %s", spec.path, e)
+                return None
+            self._unloaded.pop(spec.name, None)
+            entry.extra["used"] = time.monotonic()
+            return entry
+
+    def store_spec(self, name: str, tenant=None) -> ModelSpec:
+        """The store entry ``name`` if ``tenant`` may delete it: NOT_FOUND for unknown and others'
+        models, FAILED_PRECONDITION for a configured one."""
+        check_name(name)
+        if any(s.name == name for s in self.specs):
+            raise FailedPrecondition(f"model {name!r} is configured (--models), not a fine-tuned model in the store; "
+                                     "only store models can be deleted")
+        path = self.store / name if self.store is not None and name else None
+        if path is None or name.startswith(".") or not _holds_model(path) or \
+                (tenant is not None and not tenant.owns(read_owner(path))):
+            raise NotFound(f"model {name!r} not found; served models: {self.names(tenant)}")
+        entry = self._entries.get(name)
+        return entry.spec if entry is not None else ModelSpec(name, path, source="store", owner=read_owner(path))
+
+    async def delete(self, spec: ModelSpec) -> bool:
+        """Take a store model out of the store and unload it (once no request uses it); True when it
+        was loaded and is now unloaded. The directory is renamed away first (no scan sees half a
+        deletion, no new request loads it), then removed."""
+        import secrets
+        import shutil
+
+        trash = spec.path.with_name(f".deleted-{secrets.token_hex(4)}")
+        await asyncio.to_thread(spec.path.rename, trash)
+        was_loaded = spec.name in self._entries
+        async with self._lock:
+            self._unloaded.pop(spec.name, None)
+            self._failed.pop(spec.name, None)
+            await self._close_removed()
+        await asyncio.to_thread(shutil.rmtree, trash, True)
+        return was_loaded and spec.name not in self._entries
 
     async def close(self) -> None:
         for entry in list(self._entries.values()):

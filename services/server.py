@@ -4,9 +4,13 @@
 
 1. ``ErrorBoundary`` (``services.errors``): exceptions become status codes, logged once, counted in
    ``lmstack_<component>_rpc_*`` metrics.
-2. ``ApiKeyAuth``: when ``settings.api_keys`` is non-empty, every RPC but health and reflection
-   needs ``authorization: Bearer <key>`` metadata, else ``UNAUTHENTICATED``.
+2. ``ApiKeyAuth``: when keys are configured (``--api-keys-file``, ``--api-keys``), every RPC but
+   health and reflection needs ``authorization: Bearer <key>`` metadata, else ``UNAUTHENTICATED``;
+   the RPC then runs as the key's tenant (``services.tenants.current()``).
 3. Your servicers, plus the ``grpc.health.v1`` health service and server reflection.
+
+TLS (``--tls-cert``/``--tls-key``, mTLS with ``--tls-client-ca``) and the exposure rule (a
+non-loopback address needs keys and TLS, or ``--insecure``) are ``services.tls``'s.
 
 Messages up to ``settings.max_message_bytes`` (64 MiB by default) are accepted and sent both ways.
 Server limits come from the settings too: ``max_concurrent_rpcs`` (past it, grpc answers
@@ -52,7 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hmac
+import inspect
 import logging
 import signal
 import types
@@ -63,10 +67,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from . import tenants
 from .config import ServiceSettings
 from .errors import ErrorBoundary, ErrorMap, Unauthenticated
 from .metrics import RpcMetrics
 from .ports import PortInUse, check_port_free
+from .tenants import KeyRing, Tenant
+from .tls import check_exposure, server_credentials
 
 log = logging.getLogger("lmstack.server")
 
@@ -93,48 +100,92 @@ def server_options(max_message_bytes: int, settings: ServiceSettings | None = No
 
 
 class ApiKeyAuth(grpc.aio.ServerInterceptor):
-    """Checks ``authorization: Bearer <key>`` against the configured keys (constant-time compare)."""
+    """Resolves ``authorization: Bearer <key>`` to a tenant (``services.tenants.KeyRing``: sha256,
+    constant-time compare) and runs the RPC as that tenant (``tenants.current()`` in handlers).
 
-    def __init__(self, api_keys: list[str]):
-        self.keys = [k.encode() for k in api_keys]
+    With no keys configured every RPC runs as ``tenants.ANONYMOUS``. An admin may send
+    ``lmstack-tenant: <name>`` metadata to act for that tenant. A missing or wrong key, or an
+    unknown tenant to act for, is ``UNAUTHENTICATED`` before the handler (or the first chunk of a
+    client stream) runs.
+    """
 
-    def allowed(self, metadata) -> bool:
-        value = next((v for k, v in (metadata or ()) if k == "authorization"), "")
-        value = value.decode() if isinstance(value, bytes) else value
-        scheme, _, token = value.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return False
-        token_b = token.strip().encode()
-        return any(hmac.compare_digest(token_b, k) for k in self.keys)
+    def __init__(self, keys: KeyRing | list[str]):
+        self.keys = keys if isinstance(keys, KeyRing) else KeyRing.from_settings(list(keys))
+
+    def resolve(self, metadata) -> tuple[Tenant | None, str]:
+        """(tenant, "") or (None, why not)."""
+        md = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in (metadata or ())}
+        if "authorization" not in md:
+            return None, "missing API key: send metadata 'authorization: Bearer <key>'"
+        scheme, _, token = md["authorization"].partition(" ")
+        tenant = self.keys.authenticate(token) if scheme.lower() == "bearer" and token.strip() else None
+        if tenant is None:
+            return None, "invalid API key"
+        acting = md.get(tenants.ACT_FOR_METADATA, "").strip()
+        if acting and acting != tenant.name:
+            target = self.keys.tenant(acting)
+            if not tenant.is_admin or target is None:  # a member learns nothing about other tenants
+                return None, (f"unknown tenant {acting!r} in '{tenants.ACT_FOR_METADATA}' metadata" if tenant.is_admin
+                              else f"only an admin key may send '{tenants.ACT_FOR_METADATA}' metadata")
+            tenant = target
+        return tenant, ""
 
     async def intercept_service(self, continuation, details):
-        if not self.keys or details.method.startswith(OPEN_METHOD_PREFIXES):
+        if details.method.startswith(OPEN_METHOD_PREFIXES):
             return await continuation(details)
-        if self.allowed(details.invocation_metadata):
-            return await continuation(details)
+        if not self.keys:
+            tenant, message = tenants.ANONYMOUS, ""
+        else:
+            tenant, message = self.resolve(details.invocation_metadata)
         handler = await continuation(details)
         if handler is None:
             return None
-        has_md = any(k == "authorization" for k, _ in (details.invocation_metadata or ()))
-        message = ("invalid API key" if has_md else
-                   "missing API key: send metadata 'authorization: Bearer <key>'")
-
-        async def deny(request, context):  # the error boundary turns this into UNAUTHENTICATED
-            raise Unauthenticated(message)
-
-        async def deny_stream(request, context):
-            raise Unauthenticated(message)
-            yield  # unreachable: makes this an async generator
-
         kw = dict(request_deserializer=handler.request_deserializer,
                   response_serializer=handler.response_serializer)
-        if handler.stream_unary:  # client-streaming (UploadDataset): refused before reading a chunk
-            return grpc.stream_unary_rpc_method_handler(deny, **kw)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(deny_stream, **kw)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(deny, **kw)
-        return None  # bidirectional streams: none in lmstack.v1 (reflection is open)
+        if tenant is None:
+            async def deny(request, context):  # the error boundary turns this into UNAUTHENTICATED
+                raise Unauthenticated(message)
+
+            async def deny_stream(request, context):
+                raise Unauthenticated(message)
+                yield  # unreachable: makes this an async generator
+
+            if handler.stream_unary:  # client-streaming (UploadDataset): refused before reading a chunk
+                return grpc.stream_unary_rpc_method_handler(deny, **kw)
+            if handler.unary_stream:
+                return grpc.unary_stream_rpc_method_handler(deny_stream, **kw)
+            if handler.unary_unary:
+                return grpc.unary_unary_rpc_method_handler(deny, **kw)
+            return None  # bidirectional streams: none in lmstack.v1 (reflection is open)
+        return _as_tenant(handler, tenant, kw)
+
+
+def _as_tenant(handler, tenant: Tenant, kw: dict):
+    """The same handler, run with ``tenants.current()`` = ``tenant`` (each RPC is its own task)."""
+    def unary(behavior):
+        async def run(request, context):
+            tenants.set_current(tenant)
+            return await behavior(request, context)
+        return run
+
+    def stream(behavior):
+        async def run(request, context):
+            tenants.set_current(tenant)
+            gen = behavior(request, context)
+            try:
+                async for item in gen:
+                    yield item
+            finally:
+                await gen.aclose()
+        return run
+
+    if handler.unary_unary and inspect.iscoroutinefunction(handler.unary_unary):
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kw)
+    if handler.stream_unary and inspect.iscoroutinefunction(handler.stream_unary):
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kw)
+    if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
+        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **kw)
+    return handler
 
 
 class HealthServicer(health.aio.HealthServicer):
@@ -168,8 +219,10 @@ class GrpcServer:
         self.metrics_registry = registry or CollectorRegistry()
         self.rpc_metrics = RpcMetrics(component, self.metrics_registry)
         self.errors = ErrorBoundary(self.rpc_metrics, error_map)
+        self.keys = KeyRing.from_settings(settings.api_keys, settings.api_keys_file)  # ValueError: bad file
+        self.credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
         self.server = grpc.aio.server(
-            interceptors=[self.errors, ApiKeyAuth(settings.api_keys)],
+            interceptors=[self.errors, ApiKeyAuth(self.keys)],
             options=server_options(settings.max_message_bytes, settings),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
@@ -214,6 +267,7 @@ class GrpcServer:
         """
         cfg = self.settings
         host = cfg.host
+        check_exposure(host, bool(self.keys), self.credentials is not None, cfg.insecure, f"{self.component} service")
         check_port_free("gRPC", host, cfg.port)
         for companion in self.companions:
             companion.check_port()
@@ -227,7 +281,10 @@ class GrpcServer:
                 raise
         try:
             try:
-                self.port = self.server.add_insecure_port(f"{host}:{cfg.port}")
+                if self.credentials is not None:
+                    self.port = self.server.add_secure_port(f"{host}:{cfg.port}", self.credentials)
+                else:
+                    self.port = self.server.add_insecure_port(f"{host}:{cfg.port}")
             except RuntimeError:  # grpc's "Failed to bind"
                 self.port = 0
             if self.port == 0:
@@ -249,8 +306,9 @@ class GrpcServer:
             await self.server.stop(0)
             self._stop_metrics()
             raise
-        log.info("lmstack %s listening on %s (metrics: %s)", self.component, self.address,
-                 cfg.metrics_port or "off")
+        log.info("lmstack %s listening on %s (%s, %s; metrics: %s)", self.component, self.address,
+                 "mTLS" if cfg.tls_client_ca else "TLS" if self.credentials else "plaintext",
+                 f"{len(self.keys.tenants)} tenant(s)" if self.keys else "no API keys", cfg.metrics_port or "off")
         return self.port
 
     def _method_names(self) -> list[str]:

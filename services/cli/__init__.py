@@ -6,6 +6,7 @@
     lmstack tokenize "TEXT"       ids and pieces               lmstack train ...  train a model from scratch
     lmstack inspect "TEXT"        tokens, next-token probabilities, attention (--png), logit lens
     lmstack finetune ...          upload|create|list|get|watch|cancel fine-tune jobs
+    lmstack keys create ...       a tenant's API key (printed once; its sha256 goes to the keys file)
 
 Modules are imported only for the subcommand that runs, so ``lmstack tokenize`` does not pay for
 torch or Redis imports it does not need. Every ``run`` returns an exit code; errors print one line.
@@ -28,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("services.cli.inspect:command", "look inside a model: next-token probabilities, attention, logit lens"),
     "train": ("services.cli.train", "train a tokenizer and a model from scratch on a text file"),
     "finetune": ("services.cli.finetune", "fine-tuning jobs: upload, create, list, get, watch, cancel"),
+    "keys": ("services.cli.keys", "API keys for tenants: create (printed once, hash stored), list"),
 }
 
 

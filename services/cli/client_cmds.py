@@ -35,6 +35,24 @@ def _connection_args(p, default_addr: str, what: str) -> None:
     p.add_argument("--application", default=os.environ.get("LMSTACK_APPLICATION") or None,
                    help="behind Ray Serve's gRPC proxy: the Serve application (lmstack in deploy/serve.yaml); "
                         "sets Ray's routing metadata from --model (default $LMSTACK_APPLICATION)")
+    tls_args(p)
+
+
+def tls_args(p, default=lambda value: value) -> None:
+    """--tls-ca, --tls-cert, --tls-key and --tenant (each also an ``LMSTACK_*`` variable)."""
+    env = os.environ.get
+    p.add_argument("--tls-ca", default=default(env("LMSTACK_TLS_CA", "")),
+                   help="CA (PEM) that signed the server's certificate: connect with TLS (default $LMSTACK_TLS_CA)")
+    p.add_argument("--tls-cert", default=default(env("LMSTACK_TLS_CLIENT_CERT", "")),
+                   help="client certificate (PEM) for a server that requires mTLS ($LMSTACK_TLS_CLIENT_CERT)")
+    p.add_argument("--tls-key", default=default(env("LMSTACK_TLS_CLIENT_KEY", "")),
+                   help="client private key (PEM) for mTLS ($LMSTACK_TLS_CLIENT_KEY)")
+    p.add_argument("--tenant", default=default(env("LMSTACK_TENANT", "")),
+                   help="with an admin key: act for this tenant ($LMSTACK_TENANT)")
+
+
+def tls_kwargs(args) -> dict:
+    return dict(tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, tenant=args.tenant)
 
 
 def _sampling_args(p, max_tokens: int = 64) -> None:
@@ -88,7 +106,8 @@ def _rpc(command: str, addr: str, fn: Callable[[], int]) -> int:
 def _client(args):
     from services.client import Client
 
-    return Client(args.addr, api_key=args.api_key, timeout=args.timeout, application=args.application)
+    return Client(args.addr, api_key=args.api_key, timeout=args.timeout, application=args.application,
+                  **tls_kwargs(args))
 
 
 # --- complete ----------------------------------------------------------------------------------------
@@ -263,11 +282,17 @@ def _models_args(p) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--wait", action="store_true",
                    help="while the service is still loading its models, wait (up to --timeout) instead of exiting 1")
+    p.add_argument("--delete", metavar="NAME", default=None,
+                   help="delete this fine-tuned model (yours; an admin: any): unloaded, removed from the store")
 
 
 def _models(args) -> int:
     def go() -> int:
         with _client(args) as c:
+            if args.delete:
+                done = c.delete_model(args.delete)
+                print(f"deleted {done.name}" + (" (unloaded)" if done.unloaded else ""))
+                return 0
             # A server that listens but has not loaded its models has nothing to list yet: say so.
             # (Ray's proxy has no grpc.health service: behind it, ListModels answers once the app is up.)
             if args.application:
@@ -292,7 +317,9 @@ def _models(args) -> int:
         print(f"{'name':<40} {'context':>7} {'vocab':>7} {'parameters':>12}  source")
         for m in models:
             star = "*" if m.is_default else " "
-            print(f"{star}{m.name:<39} {m.context_length:>7} {m.vocab_size:>7} {m.parameters:>12,}  {m.source}")
+            params = f"{m.parameters:>12,}" if m.parameters else f"{'(unloaded)':>12}"
+            owner = f" ({m.tenant})" if m.tenant else ""
+            print(f"{star}{m.name:<39} {m.context_length:>7} {m.vocab_size:>7} {params}  {m.source}{owner}")
         return 0
 
     return _rpc("models", args.addr, go)

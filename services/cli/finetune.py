@@ -24,6 +24,8 @@ import grpc
 
 from lmcore._io import atomic_write
 
+from .client_cmds import tls_args, tls_kwargs
+
 FINETUNE_ADDR = os.environ.get("LMSTACK_FINETUNE_ADDR", "127.0.0.1:50053")
 
 
@@ -43,6 +45,7 @@ def _connection_args(p, defaults: bool) -> None:
     p.add_argument("--application", default=default(os.environ.get("LMSTACK_APPLICATION") or None),
                    help="behind Ray Serve's gRPC proxy: the Serve application (lmstack in deploy/serve.yaml; "
                         "default $LMSTACK_APPLICATION)")
+    tls_args(p, default)
 
 
 def add_arguments(p) -> None:
@@ -106,7 +109,7 @@ def run(args) -> int:
 
     try:
         with FineTuneClient(args.addr, api_key=args.api_key, timeout=args.timeout,
-                            application=args.application) as client:
+                            application=args.application, **tls_kwargs(args)) as client:
             return ACTIONS[args.action](client, args)
     except grpc.RpcError as e:
         code, details = e.code(), e.details()

@@ -2,7 +2,8 @@
 
 Children (each the same command a container in ``docker-compose.yml`` runs):
 
-    redis-server            private, append-only, in <data-dir>/redis   (unless LMSTACK_REDIS_URL is set)
+    redis-server            private, append-only, in <data-dir>/redis   (unless LMSTACK_REDIS_URL is set);
+                            loopback only, protected mode, password generated into <data-dir>/redis.password
     python -m services.tokenizer
     python -m services.inference            gRPC, and the OpenAI-compatible HTTP API (--http-port)
     python -m services.finetune            fine-tuning API
@@ -14,6 +15,10 @@ everything and exits 1 (a crash loop is a bug to read about, not to hide). Ctrl-
 all children cleanly: SIGTERM (each service drains in-flight RPCs), then SIGKILL after the grace
 period. Children run in their own sessions, so a terminal's Ctrl-C reaches only the supervisor,
 which then stops them in order.
+
+Exposure is checked before anything starts (``services.tls.check_exposure``): a non-loopback
+``--host`` needs API keys (``--api-keys-file``, or ``<data-dir>/api-keys.yaml`` from ``lmstack
+keys create``) and TLS (``--tls-cert``/``--tls-key``), or an explicit ``--insecure``.
 
 Conflicts are loud, before anything starts: every port the platform will bind (gRPC, metrics,
 an explicit Redis port) is checked first, and a port in use fails with one line naming it and,
@@ -74,7 +79,22 @@ def add_arguments(p) -> None:
     p.add_argument("--speculative-tokens", type=int, default=None, help="most tokens proposed per step (1-16)")
     p.add_argument("--draft-model", action="append", default=[], metavar="TARGET=PATH",
                    help="a draft model directory for TARGET's 'draft' speculation (same tokenizer, smaller)")
-    p.add_argument("--api-key", action="append", default=[], help="require this API key (repeatable)")
+    p.add_argument("--api-key", action="append", default=[],
+                   help="require this API key (repeatable): shorthand for one admin tenant")
+    p.add_argument("--api-keys-file", default=os.environ.get("LMSTACK_API_KEYS_FILE", ""),
+                   help="tenants' keys file (sha256 -> tenant, role, quotas; `lmstack keys create`); default "
+                        "$LMSTACK_API_KEYS_FILE, else <data-dir>/api-keys.yaml when it exists")
+    p.add_argument("--tls-cert", default=os.environ.get("LMSTACK_TLS_CERT", ""),
+                   help="TLS certificate (PEM) for every gRPC server; it must also name localhost (the "
+                        "readiness check connects as localhost)")
+    p.add_argument("--tls-key", default=os.environ.get("LMSTACK_TLS_KEY", ""), help="TLS private key (PEM)")
+    p.add_argument("--tls-client-ca", default=os.environ.get("LMSTACK_TLS_CLIENT_CA", ""),
+                   help="require client certificates signed by this CA (mTLS); the readiness check presents "
+                        "--tls-cert, so it must chain to this CA too")
+    p.add_argument("--tls-ca", default=os.environ.get("LMSTACK_TLS_CA", ""),
+                   help="CA that signed --tls-cert, for the readiness check (default: --tls-cert itself)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without API keys or without TLS (a trusted network)")
 
 
 @dataclass
@@ -83,6 +103,7 @@ class Child:
     argv: list[str]
     env: dict[str, str]
     endpoint: str = ""  # host:port of its gRPC server, "" for processes without one
+    label: str = ""  # what the endpoint list shows for a process without a gRPC server
     metrics_port: int = 0
     http_url: str = ""  # its OpenAI-compatible API, "" for none
     proc: subprocess.Popen | None = None
@@ -249,6 +270,49 @@ def _draft_arg(item: str) -> str:
     return f"{target}={Path(path).expanduser().resolve()}"
 
 
+REDIS_PASSWORD_FILE = "redis.password"
+
+
+def redis_config(data: Path, port: int) -> Path:
+    """The private Redis's config: loopback only, protected mode, append-only, and a password
+    (``requirepass``) generated once into ``<data-dir>/redis.password`` (mode 0600). The password
+    goes into a config file, not onto the command line, where ``ps`` would show it."""
+    import secrets
+
+    (data / "redis").mkdir(exist_ok=True)
+    pw_file = data / REDIS_PASSWORD_FILE
+    if not pw_file.is_file() or not pw_file.read_text().strip():
+        fd = os.open(pw_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w") as f:
+            f.write(secrets.token_hex(24) + "\n")
+    password = pw_file.read_text().strip()
+    conf = data / "redis" / "redis.conf"
+    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w") as f:
+        f.write(f"port {port}\nbind 127.0.0.1\nprotected-mode yes\ndir {data / 'redis'}\nappendonly yes\n"
+                f'save ""\nrequirepass {password}\n')
+    return conf
+
+
+def keys_file_of(args, data: Path) -> str:
+    """--api-keys-file, else ``<data-dir>/api-keys.yaml`` when ``lmstack keys create`` made one there."""
+    if args.api_keys_file:
+        return str(Path(args.api_keys_file).expanduser().resolve())
+    default = data / "api-keys.yaml"
+    return str(default) if default.is_file() else ""
+
+
+def check_exposure(args, data: Path) -> None:
+    """The servers' own rule (``services.tls``), checked before anything starts."""
+    from services.tls import check_exposure as check
+
+    try:
+        check(args.host, bool(args.api_key or keys_file_of(args, data)), bool(args.tls_cert and args.tls_key),
+              args.insecure, "platform")
+    except ValueError as e:
+        raise SystemExit(f"lmstack serve: {e}") from None
+
+
 def finetune_available() -> bool:
     import importlib.util
 
@@ -267,6 +331,15 @@ def plan(args) -> tuple[list[Child], str | None]:
     common = {"LMSTACK_HOST": args.host, "LMSTACK_MODEL_STORE": str(store)}
     if args.api_key:
         common["LMSTACK_API_KEYS"] = ",".join(args.api_key)
+    keys_file = keys_file_of(args, data)
+    if keys_file:
+        common["LMSTACK_API_KEYS_FILE"] = keys_file
+    for flag, env in (("tls_cert", "LMSTACK_TLS_CERT"), ("tls_key", "LMSTACK_TLS_KEY"),
+                      ("tls_client_ca", "LMSTACK_TLS_CLIENT_CA")):
+        if getattr(args, flag):
+            common[env] = str(Path(getattr(args, flag)).expanduser().resolve())
+    if args.insecure:
+        common["LMSTACK_INSECURE"] = "true"
     models = _model_arg(args.model)
     children: list[Child] = []
     redis_url = None
@@ -279,11 +352,11 @@ def plan(args) -> tuple[list[Child], str | None]:
                     "redis-server (apt install redis-server / brew install redis), or pass --no-finetune."
                 )
             port = args.redis_port or _free_port()
-            (data / "redis").mkdir(exist_ok=True)
-            children.append(Child("redis", [
-                "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data / "redis"),
-                "--appendonly", "yes", "--save", "", "--protected-mode", "no"], {}, endpoint=""))
+            conf = redis_config(data, port)
+            children.append(Child("redis", ["redis-server", str(conf)], {}, endpoint="",
+                                  label=f"redis 127.0.0.1:{port} (password: {data / REDIS_PASSWORD_FILE})"))
             redis_url = f"redis://127.0.0.1:{port}/0"
+            common["LMSTACK_REDIS_PASSWORD_FILE"] = str(data / REDIS_PASSWORD_FILE)  # never in a URL or a log
         common["LMSTACK_REDIS_URL"] = redis_url
         common["LMSTACK_DATA_DIR"] = str(data)
     children.append(Child("tokenizer", [py, "-m", "services.tokenizer"], {
@@ -308,12 +381,24 @@ def plan(args) -> tuple[list[Child], str | None]:
     return children, redis_url
 
 
-def _serving(endpoint: str) -> bool:
+def _serving(endpoint: str, tls: dict | None = None) -> bool:
+    """Health SERVING at ``endpoint``; ``tls``: {ca, cert, key, client_ca} of the servers."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     try:
-        with grpc.insecure_channel(endpoint) as ch:
+        if tls and tls.get("cert"):
+            from services.tls import channel_credentials
+
+            mtls = bool(tls.get("client_ca"))  # present the servers' own certificate
+            creds = channel_credentials(tls.get("ca") or tls["cert"], tls["cert"] if mtls else "",
+                                        tls["key"] if mtls else "")
+            host, _, port = endpoint.rpartition(":")
+            target = f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
+            ch = grpc.secure_channel(target, creds, options=[("grpc.ssl_target_name_override", "localhost")])
+        else:
+            ch = grpc.insecure_channel(endpoint)
+        with ch:
             reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
             return reply.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:
@@ -321,7 +406,9 @@ def _serving(endpoint: str) -> bool:
 
 
 class Supervisor:
-    def __init__(self, children: list[Child], log_dir: Path, grace_s: float = 15.0, keep_fds: tuple[int, ...] = ()):
+    def __init__(self, children: list[Child], log_dir: Path, grace_s: float = 15.0, keep_fds: tuple[int, ...] = (),
+                 tls: dict | None = None):
+        self.tls = tls  # the servers' TLS files: the readiness check speaks TLS too
         self.children = children
         self.log_dir = log_dir
         self.grace_s = grace_s
@@ -353,7 +440,7 @@ class Supervisor:
                     print(f"lmstack: {child.name} exited with code {child.proc.returncode} while starting; "
                           f"see {self.log_dir / (child.name + '.log')}", file=sys.stderr)
                     return False
-                if _serving(child.endpoint):
+                if _serving(child.endpoint, self.tls):
                     pending.remove(child)
             if time.monotonic() > deadline:
                 names = ", ".join(c.name for c in pending)
@@ -366,7 +453,8 @@ class Supervisor:
     def _print_endpoints(self) -> None:
         print("lmstack is serving:", flush=True)
         for c in self.children:
-            where = f"grpc {c.endpoint}" if c.endpoint else ("redis " + c.argv[2] if c.name == "redis" else "-")
+            where = f"grpc {c.endpoint}" if c.endpoint else (c.label or "-")
+            where = f"http {c.url}" if c.url else where
             metrics = f"  metrics http://{c.endpoint.split(':')[0] or '127.0.0.1'}:{c.metrics_port}/metrics" \
                 if c.metrics_port else ""
             print(f"  {c.name:<10} {where}{metrics}  (pid {c.proc.pid})", flush=True)
@@ -419,10 +507,12 @@ def run(args) -> int:
         if not finetune_available():
             args.no_finetune = True
         check_quantize(args.quantize)
+        check_exposure(args, data)
         check_ports(args)
         children, _ = plan(args)
         log_dir = data / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        return Supervisor(children, log_dir, keep_fds=(lock.fd,)).run()
+        tls = {"cert": args.tls_cert, "key": args.tls_key, "ca": args.tls_ca, "client_ca": args.tls_client_ca}
+        return Supervisor(children, log_dir, keep_fds=(lock.fd,), tls=tls).run()
     finally:
         lock.release()

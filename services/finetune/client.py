@@ -58,8 +58,8 @@ class FineTuneClient(Client):
     fine-tuning stub; one channel reaches every service a server hosts."""
 
     def __init__(self, target: str, api_key: str | None = None, timeout: float = 60.0,
-                 application: str | None = None):
-        super().__init__(target, api_key=api_key, timeout=timeout, application=application)
+                 application: str | None = None, **tls_and_tenant):
+        super().__init__(target, api_key=api_key, timeout=timeout, application=application, **tls_and_tenant)
         self.stub = finetune_pb2_grpc.FineTuningServiceStub(self.channel)
 
     # --- datasets ------------------------------------------------------------------------------

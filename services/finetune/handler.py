@@ -4,6 +4,13 @@ Transport lives in ``servicer.py``; the Redis schema and the atomic transitions 
 training in ``worker.py``. This class validates everything a worker would trip over (the dataset,
 line by line, against the base model's tokenizer and context; every hyperparameter), so that a
 job that reaches the queue can only fail for reasons nobody could know in advance.
+
+Tenancy (``services.tenants``): every dataset and job records the tenant that created it; a
+member's GetDataset, CreateJob (its dataset), GetJob, WatchJob, CancelJob and ListCheckpoints on
+another tenant's id are ``NOT_FOUND`` with the message an unknown id gets, ListJobs reads the
+tenant's own index, and idempotency keys are per tenant. Admins see everything. The tenant's
+active_jobs, published_models and dataset_bytes quotas are checked inside the Redis scripts that
+create (``store.py``), so concurrent requests cannot overshoot them.
 """
 
 from __future__ import annotations
@@ -20,13 +27,16 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from lmcore.training import DatasetError
 from lmcore.training.data import check_record, parse_record
+from services import tenants
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, clip
 from services.gen.lmstack.v1 import finetune_pb2 as pb
+from services.models import owned_store_models
+from services.quotas import exhausted
 
 from .bases import BaseModels
 from .settings import FineTuneSettings
 from .spec import HyperparameterError, check_model_name, check_suffix, resolve_hyperparameters
-from .store import SCRIPTS, STATUSES, TERMINAL, Keys, ensure_group, now, redis_client
+from .store import SCRIPTS, STATUSES, TERMINAL, Keys, ensure_group, now, redacted, redis_client
 
 log = logging.getLogger("lmstack.finetune")
 
@@ -101,7 +111,7 @@ def job_to_pb(d: dict) -> pb.Job:
         trained_tokens=int(d.get("trained_tokens") or 0), step=int(d.get("step") or 0),
         total_steps=int(d.get("total_steps") or 0), attempt=int(d.get("attempt") or 0),
         worker=d.get("worker", ""), cancel_requested=d.get("cancel_requested") == "1",
-        idempotency_key=d.get("idempotency_key", ""),
+        idempotency_key=d.get("idempotency_key", ""), tenant=d.get("tenant", ""),
     )
     for field in ("created_at", "started_at", "finished_at"):
         ts = timestamp(d.get(field))
@@ -164,18 +174,18 @@ class FineTuneHandler:
         self._watches = 0
 
     async def connect(self) -> None:
-        self.r = redis_client(self.settings.redis_url, asyncio=True)
-        self.r_watch = redis_client(self.settings.redis_url, asyncio=True,
+        self.r = redis_client(self.settings.redis_url, asyncio=True, password=self.settings.redis_password())
+        self.r_watch = redis_client(self.settings.redis_url, asyncio=True, password=self.settings.redis_password(),
                                     max_connections=self.settings.max_watches)
         self.scripts = {name: self.r.register_script(src) for name, src in SCRIPTS.items()}
         try:
             await asyncio.to_thread(self._ensure_group_sync)
         except Exception as e:  # Redis down at start: serve anyway; RPCs answer UNAVAILABLE until it is back
             log.warning("Redis at %s not reachable yet (%s); RPCs return UNAVAILABLE until it is",
-                        self.settings.redis_url, e)
+                        redacted(self.settings.redis_url), e)
 
     def _ensure_group_sync(self) -> None:
-        r = redis_client(self.settings.redis_url)
+        r = redis_client(self.settings.redis_url, password=self.settings.redis_password())
         try:
             ensure_group(r, self.keys)
         finally:
@@ -189,7 +199,9 @@ class FineTuneHandler:
     # --- datasets ---------------------------------------------------------------------------------
     async def upload_dataset(self, requests) -> pb.Dataset:
         """Validate a streamed JSONL file line by line, then store it; nothing is stored on error."""
+        tenant = tenants.current()
         limit, max_line = self.settings.max_dataset_bytes, self.settings.max_line_bytes
+        quota = tenant.quotas.dataset_bytes
         parts: list[bytes] = []
         pending: list[bytes] = []  # the pieces of the line not yet complete (linear: never re-split)
         pending_len = 0
@@ -203,6 +215,8 @@ class FineTuneHandler:
             size += len(req.data)
             if size > limit:
                 raise InvalidArgument(f"dataset is larger than the server's limit of {limit} bytes")
+            if quota and size > quota:  # cannot fit even alone: stop reading now
+                raise exhausted(tenant, "dataset_bytes", quota, f"this upload alone is over {quota} bytes")
             parts.append(req.data)
             *lines, rest = req.data.split(b"\n")
             if lines:
@@ -228,34 +242,40 @@ class FineTuneHandler:
         ds_id = "ds-" + secrets.token_hex(6)
         created = now()
         meta = {"id": ds_id, "filename": filename[:255], "examples": examples, "tokens": tokens, "bytes": size,
-                "model": model, "block_size": block_size, "created_at": created}
-        pipe = self.r.pipeline(transaction=True)
-        pipe.set(self.keys.dataset_data(ds_id), b"".join(parts))
-        pipe.hset(self.keys.dataset(ds_id), mapping={k: str(v) for k, v in meta.items()})
-        await pipe.execute()
+                "model": model, "block_size": block_size, "created_at": created, "tenant": tenant.name}
+        k = self.keys
+        outcome, used = await self.scripts["store_dataset"](
+            keys=[k.dataset_data(ds_id), k.dataset(ds_id), k.tenant_datasets(tenant.name)],
+            args=[k.prefix, quota, size, b"".join(parts), *[x for kv in meta.items() for x in (kv[0], str(kv[1]))]])
+        if outcome == "quota":
+            raise exhausted(tenant, "dataset_bytes", quota, f"{used} bytes stored, this upload is {size}; "
+                                                            "delete a dataset first")
         log.info("dataset %s: %d records, %d tokens (%s)", ds_id, examples, tokens, clip(filename))
         return dataset_to_pb(meta)
 
+    async def _dataset(self, ds: str, hint: str = "") -> dict:
+        """The dataset's metadata if the caller may see it; NOT_FOUND otherwise (another tenant's too)."""
+        meta = await self.r.hgetall(self.keys.dataset(dataset_id(ds)))
+        if not meta or not tenants.current().owns_record(meta.get("tenant", "")):
+            raise NotFound(f"dataset {ds!r} not found{hint}")
+        return meta
+
     async def get_dataset(self, req: pb.GetDatasetRequest) -> pb.Dataset:
-        meta = await self.r.hgetall(self.keys.dataset(dataset_id(req.id)))
-        if not meta:
-            raise NotFound(f"dataset {req.id!r} not found")
-        return dataset_to_pb(meta)
+        return dataset_to_pb(await self._dataset(req.id))
 
     # --- jobs -------------------------------------------------------------------------------------
     async def create_job(self, req: pb.CreateJobRequest) -> pb.Job:
+        tenant = tenants.current()
         key = req.idempotency_key
         if len(key) > MAX_IDEMPOTENCY_KEY:
             raise InvalidArgument(f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} characters")
         if key:
-            existing = await self.r.get(self.keys.idempotency(key))
+            existing = await self.r.get(self.keys.idempotency(key, tenant.name))
             if existing:
                 return await self._job(existing)
         base = req.base_model or self.bases.default
         await asyncio.to_thread(self.bases.path, base)  # NotFound with the list of bases
-        meta = await self.r.hgetall(self.keys.dataset(dataset_id(req.dataset_id)))
-        if not meta:
-            raise NotFound(f"dataset {req.dataset_id!r} not found; upload it first (UploadDataset)")
+        meta = await self._dataset(req.dataset_id, "; upload it first (UploadDataset)")
         method = METHOD_NAMES.get(req.method)
         if method is None:
             raise InvalidArgument(f"unknown method {req.method}; use METHOD_FULL or METHOD_LORA")
@@ -274,7 +294,10 @@ class FineTuneHandler:
             except DatasetError as e:
                 raise InvalidArgument(f"dataset {req.dataset_id} does not fit base model {base!r}: {e}") from None
         k = self.keys
-        idem_key = k.idempotency(key) if key else k.idempotency("-")
+        idem_key = k.idempotency(key or "-", tenant.name)
+        quotas = tenant.quotas
+        published = (await asyncio.to_thread(owned_store_models, self.settings.model_store, tenant.name)
+                     if quotas.published_models else 0)
         for _ in range(5):  # a new id on the (2^-48) chance that this one is taken
             new_id = "ftjob-" + secrets.token_hex(6)
             created = time.time()
@@ -282,25 +305,34 @@ class FineTuneHandler:
                 "id": new_id, "base_model": base, "dataset_id": req.dataset_id, "method": method,
                 "hyperparameters": json.dumps(hp), "suffix": suffix, "created_at": f"{created:.6f}",
                 "total_steps": hp["total_steps"], "step": 0, "trained_tokens": 0, "attempt": 0,
-                "idempotency_key": key,
+                "idempotency_key": key, "tenant": tenant.name,
             }
-            outcome, found = await self.scripts["create"](
+            outcome, found, count = await self.scripts["create"](
                 keys=[k.job(new_id), k.jobs, k.queue, k.events(new_id), idem_key, k.dataset_jobs(req.dataset_id),
-                      k.prefix],
-                args=[new_id, int(created * 1e6), "1" if key else "0", now(),
-                      *[x for kv in fields.items() for x in (kv[0], str(kv[1]))]])
+                      k.prefix, k.tenant_jobs(tenant.name), k.tenant_active(tenant.name)],
+                args=[new_id, int(created * 1e6), "1" if key else "0", now(), quotas.active_jobs,
+                      quotas.published_models, published, *[x for kv in fields.items() for x in (kv[0], str(kv[1]))]])
             if outcome != "collision":
                 break
         if outcome == "exists":
             return await self._job(found)
+        if outcome == "quota":
+            limit = getattr(quotas, found)
+            why = (f"{count} jobs queued or running; wait for one to finish or cancel one" if found == "active_jobs"
+                   else f"{count} models published or being trained; delete one (DeleteModel) first")
+            raise exhausted(tenant, found, limit, why)
         log.info("job %s queued: %s %s on %s, %d steps", new_id, method, req.dataset_id, base, hp["total_steps"])
         return await self._job(new_id)
 
-    async def _job(self, job_id: str) -> pb.Job:
-        d = await self.r.hgetall(self.keys.job(job_id))
-        if not d:
-            raise NotFound(f"job {job_id!r} not found")
-        return job_to_pb(d)
+    async def _job_record(self, jid: str) -> dict:
+        """The job's hash if the caller may see it; NOT_FOUND otherwise (another tenant's too)."""
+        d = await self.r.hgetall(self.keys.job(job_id(jid)))
+        if not d or not tenants.current().owns_record(d.get("tenant", "")):
+            raise NotFound(f"job {jid!r} not found")
+        return d
+
+    async def _job(self, jid: str) -> pb.Job:
+        return job_to_pb(await self._job_record(jid))
 
     async def get_job(self, req: pb.GetJobRequest) -> pb.Job:
         return await self._job(job_id(req.id))
@@ -319,7 +351,8 @@ class FineTuneHandler:
         else:
             upper = "+inf"
         k = self.keys
-        indexes = [k.status_index(s) for s in wanted] or [k.jobs]
+        tenant = tenants.current()  # a member without a status filter reads its own index
+        indexes = [k.status_index(s) for s in wanted] or [k.jobs if tenant.is_admin else k.tenant_jobs(tenant.name)]
         page: list[tuple[dict, int]] = []
         while len(page) <= size:
             need = size + 1 - len(page)
@@ -334,13 +367,13 @@ class FineTuneHandler:
                 pipe.hgetall(k.job(jid))
             expired = []
             for (jid, score), d in zip(merged, await pipe.execute()):
-                if d:
-                    page.append((d, int(score)))
-                else:  # its records expired (finished_job_ttl_s): drop it from the indexes
+                if not d:  # its records expired (finished_job_ttl_s): drop it from the indexes
                     expired.append(jid)
+                elif tenant.owns_record(d.get("tenant", "")):
+                    page.append((d, int(score)))
             if expired:
                 pipe = self.r.pipeline(transaction=False)
-                for index in (k.jobs, *(k.status_index(s) for s in STATUSES)):
+                for index in (k.jobs, *(k.status_index(s) for s in STATUSES), *indexes):
                     pipe.zrem(index, *expired)
                 await pipe.execute()
             upper = f"({int(merged[-1][1])}"
@@ -350,6 +383,7 @@ class FineTuneHandler:
         return resp
 
     async def cancel_job(self, req: pb.CancelJobRequest) -> pb.Job:
+        await self._job_record(req.id)
         k = self.keys
         outcome, status = await self.scripts["cancel"](keys=[k.job(job_id(req.id)), k.events(req.id), k.prefix],
                                                        args=[now()])
@@ -361,8 +395,7 @@ class FineTuneHandler:
         return await self._job(req.id)
 
     async def list_checkpoints(self, req: pb.ListCheckpointsRequest) -> pb.ListCheckpointsResponse:
-        if not await self.r.exists(self.keys.job(job_id(req.job_id))):
-            raise NotFound(f"job {req.job_id!r} not found")
+        await self._job_record(req.job_id)
         entries = [json.loads(e) for e in await self.r.lrange(self.keys.checkpoints(req.job_id), 0, -1)]
         # Older checkpoints are rotated away by the worker: list those still on disk.
         entries = [e for e in entries if Path(e["path"]).is_dir()]
@@ -381,8 +414,7 @@ class FineTuneHandler:
                                     "retry shortly")
         self._watches += 1
         try:
-            if not await self.r.exists(self.keys.job(jid)):
-                raise NotFound(f"job {jid!r} not found")
+            await self._job_record(jid)
             stream = self.keys.events(jid)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.settings.watch_max_s
@@ -404,6 +436,7 @@ class FineTuneHandler:
     async def delete_dataset(self, req: pb.DeleteDatasetRequest) -> pb.DeleteDatasetResponse:
         """Delete a dataset's records and bytes; FAILED_PRECONDITION while a job on it is unfinished."""
         ds = dataset_id(req.id)
+        await self._dataset(ds)  # another tenant's: NOT_FOUND
         k = self.keys
         outcome, detail = await self.scripts["delete_dataset"](
             keys=[k.dataset(ds), k.dataset_data(ds), k.dataset_jobs(ds), k.prefix])
@@ -418,7 +451,8 @@ class FineTuneHandler:
 
 def dataset_to_pb(meta: dict) -> pb.Dataset:
     ds = pb.Dataset(id=meta["id"], filename=meta["filename"], examples=int(meta["examples"]),
-                    tokens=int(meta["tokens"]), bytes=int(meta["bytes"]), model=meta["model"])
+                    tokens=int(meta["tokens"]), bytes=int(meta["bytes"]), model=meta["model"],
+                    tenant=meta.get("tenant", ""))
     ts = timestamp(str(meta["created_at"]))
     if ts is not None:
         ds.created_at.CopyFrom(ts)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from services.config import ModelServiceSettings
@@ -14,6 +16,8 @@ class FineTuneSettings(ModelServiceSettings):
 
     port: int = Field(50053, ge=0, le=65535, description="gRPC port (0 picks a free one)")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the queue, jobs and events")
+    redis_password_file: str = Field("", description="file holding Redis's password (requirepass), so it "
+                                                     "stays out of URLs, environments and logs")
     redis_prefix: str = Field("lmstack:ft", description="prefix of every Redis key (several stacks, one Redis)")
     max_dataset_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest accepted dataset file")
     max_line_bytes: int = Field(4 * 1024 * 1024, gt=0, description="longest accepted dataset line (one record)")
@@ -31,6 +35,15 @@ class FineTuneSettings(ModelServiceSettings):
     reclaim_idle_s: float = Field(30.0, gt=0, description="a job whose worker sent no heartbeat for this "
                                                           "long is taken over by another worker (the API "
                                                           "counts such a worker as not alive)")
+
+    def redis_password(self) -> str | None:
+        """The password from ``redis_password_file`` (None: the URL's own, if any)."""
+        if not self.redis_password_file:
+            return None
+        try:
+            return Path(self.redis_password_file).expanduser().read_text().strip()
+        except OSError as e:
+            raise ValueError(f"--redis-password-file {self.redis_password_file}: cannot read it ({e.strerror})") from None
 
 
 class WorkerSettings(FineTuneSettings):

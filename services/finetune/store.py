@@ -8,10 +8,13 @@ Keys (``P`` is the prefix, ``lmstack:ft`` by default)::
     P:job:<id>               hash: the job record (status, hyperparameters, progress, result)
     P:job:<id>:events        stream: the job's events (WatchJob replays it, then blocks on it)
     P:job:<id>:checkpoints   list: one JSON entry per checkpoint saved
-    P:idem:<key>             string: the job an idempotency key created
-    P:ds:<id>, P:ds:<id>:data  hash + string: a dataset's metadata and its JSONL bytes
+    P:idem:<tenant>:<key>    string: the job an idempotency key created (keys are per tenant)
+    P:ds:<id>, P:ds:<id>:data  hash + string: a dataset's metadata (``tenant`` = its owner) and its JSONL
     P:workers                sorted set: worker id by the last time it polled or heartbeat (liveness)
     P:ds:<id>:jobs           set: the jobs created on the dataset (DeleteDataset refuses while one is unfinished)
+    P:tenant:<t>:jobs        sorted set: the tenant's jobs by creation time (a member's ListJobs)
+    P:tenant:<t>:active      set: the tenant's jobs that may still be queued or running (active_jobs quota)
+    P:tenant:<t>:datasets    set: the tenant's datasets (dataset_bytes quota)
 
 **Growth is bounded.** A job's event stream is trimmed (``XADD ... MAXLEN ~ max_events_per_job``:
 the oldest progress events go first); acknowledged queue entries are trimmed by the workers
@@ -19,6 +22,10 @@ the oldest progress events go first); acknowledged queue entries are trimmed by 
 so a queued job is never trimmed); a finished job's records expire after ``finished_job_ttl_s``
 and its checkpoints beyond ``checkpoints_kept_after_finish`` are deleted; datasets are deleted
 with ``DeleteDataset``.
+
+Jobs and datasets carry a ``tenant`` field (``services.tenants``); the handler answers ``NOT_FOUND``
+for another tenant's. Quotas are checked inside the scripts that create (``create``,
+``store_dataset``), so two concurrent requests cannot both take the last slot.
 
 **Why a stream with a consumer group.** ``XREADGROUP`` hands each queued job to exactly one
 worker and records it in the group's pending list (PEL) under that worker's name until it is
@@ -76,8 +83,17 @@ class Keys:
     def checkpoints(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:checkpoints"
 
-    def idempotency(self, key: str) -> str:
-        return f"{self.prefix}:idem:{key}"
+    def idempotency(self, key: str, tenant: str = "") -> str:
+        return f"{self.prefix}:idem:{tenant}:{key}" if tenant else f"{self.prefix}:idem:{key}"
+
+    def tenant_jobs(self, tenant: str) -> str:
+        return f"{self.prefix}:tenant:{tenant}:jobs"
+
+    def tenant_active(self, tenant: str) -> str:
+        return f"{self.prefix}:tenant:{tenant}:active"
+
+    def tenant_datasets(self, tenant: str) -> str:
+        return f"{self.prefix}:tenant:{tenant}:datasets"
 
     def dataset(self, dataset_id: str) -> str:
         return f"{self.prefix}:ds:{dataset_id}"
@@ -110,18 +126,33 @@ end
 # Every script returns a small array: {outcome, detail}. KEYS/ARGV are documented per script.
 SCRIPTS = {
     # KEYS: job, jobs zset, queue, events, idempotency key (may be a dummy when ARGV[3] == "0"),
-    # the dataset's job set, the key prefix
-    # ARGV: job id, created score (µs), has idempotency key "1"/"0", now, then field/value pairs
+    # the dataset's job set, the key prefix, the tenant's jobs zset, the tenant's active set
+    # ARGV: job id, created score (µs), has idempotency key "1"/"0", now, active_jobs limit (0: none),
+    #       published_models limit, models the tenant already published, then field/value pairs
+    # Quotas are checked here, in the same script that queues the job, so concurrent creates cannot
+    # overshoot: the active set is pruned of jobs that ended (any process may end a job) and counted.
     "create": _MOVE + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return {'collision', ARGV[1]} end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'collision', ARGV[1], ''} end
 if ARGV[3] == '1' then
   local existing = redis.call('GET', KEYS[5])
-  if existing then return {'exists', existing} end
+  if existing then return {'exists', existing, ''} end
 end
+local active = 0
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[9])) do
+  local st = redis.call('HGET', KEYS[7] .. ':job:' .. id, 'status')
+  if st == 'QUEUED' or st == 'RUNNING' then active = active + 1 else redis.call('SREM', KEYS[9], id) end
+end
+local limit = tonumber(ARGV[5])
+if limit > 0 and active >= limit then return {'quota', 'active_jobs', tostring(active)} end
+local published = tonumber(ARGV[7]) + active
+limit = tonumber(ARGV[6])
+if limit > 0 and published >= limit then return {'quota', 'published_models', tostring(published)} end
 local fields = {}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[8], ARGV[2], ARGV[1])
+redis.call('SADD', KEYS[9], ARGV[1])
 local msg = redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[1])
 redis.call('HSET', KEYS[1], 'queue_msg_id', msg, 'status', 'QUEUED')
 move(KEYS[7], ARGV[1], nil, 'QUEUED')
@@ -129,7 +160,25 @@ redis.call('SADD', KEYS[6], ARGV[1])
 redis.call('XADD', KEYS[4], '*', 'type', 'STATUS', 'status', 'QUEUED', 'time', ARGV[4],
            'message', 'job created and queued')
 if ARGV[3] == '1' then redis.call('SET', KEYS[5], ARGV[1]) end
-return {'created', ARGV[1]}
+return {'created', ARGV[1], ''}
+""",
+    # KEYS: dataset data, dataset hash, the tenant's dataset set.
+    # ARGV: key prefix, dataset_bytes limit (0: none), this dataset's bytes, the data, then field/value pairs.
+    # Sums the tenant's stored datasets (forgetting deleted ones) and stores this one only if it fits.
+    "store_dataset": """
+local used = 0
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  local b = redis.call('HGET', ARGV[1] .. ':ds:' .. id, 'bytes')
+  if b then used = used + tonumber(b) else redis.call('SREM', KEYS[3], id) end
+end
+local limit = tonumber(ARGV[2])
+if limit > 0 and used + tonumber(ARGV[3]) > limit then return {'quota', tostring(used)} end
+local fields = {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('SET', KEYS[1], ARGV[4])
+redis.call('HSET', KEYS[2], unpack(fields))
+redis.call('SADD', KEYS[3], redis.call('HGET', KEYS[2], 'id'))
+return {'stored', tostring(used)}
 """,
     # KEYS: job, events, queue, prefix.  ARGV: worker, queue msg id, group, now
     "start": _MOVE + """
@@ -227,15 +276,19 @@ return {'deleted', ''}
 }
 
 
-def redis_client(url: str, asyncio: bool = False, max_connections: int | None = None):
+def redis_client(url: str, asyncio: bool = False, max_connections: int | None = None,
+                 password: str | None = None):
     """A client that retries a command across a dropped connection (a Redis restart) for a while:
     exponential backoff from 50 ms, capped at 1 s, 8 retries (about 5 s in all), so a restart of a
     few seconds is invisible to callers. The asyncio client needs ``redis.asyncio.retry.Retry``:
-    given the synchronous ``Retry`` it never retries. ``max_connections`` bounds its pool."""
+    given the synchronous ``Retry`` it never retries. ``max_connections`` bounds its pool;
+    ``password`` (``--redis-password-file``) overrides the URL's."""
     errors = [redis.ConnectionError, redis.TimeoutError]
     kw = dict(retry_on_error=errors, health_check_interval=10, socket_keepalive=True)
     if max_connections is not None:
         kw["max_connections"] = max_connections
+    if password:
+        kw["password"] = password
     if asyncio:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry as AsyncRetry
@@ -246,6 +299,13 @@ def redis_client(url: str, asyncio: bool = False, max_connections: int | None = 
 
 def _backoff() -> ExponentialBackoff:
     return ExponentialBackoff(cap=1.0, base=0.05)
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password, for log lines."""
+    import re
+
+    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
 
 
 def now() -> str:

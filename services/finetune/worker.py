@@ -10,6 +10,9 @@ The life of a job on a worker (the Redis side of each step is in ``store.py``)::
     publish        write the model (or adapter) to <store>/.tmp-..., rename it to
                    <store>/ft:<base>:<suffix>:<id>, then finish SUCCEEDED (fenced)
 
+The published directory's ``finetune.json`` names the job's ``tenant``: the model belongs to it
+(``services.models`` reads the owner, the inference service scopes ListModels and requests by it).
+
 Crash safety: checkpoints are atomic (``lmcore.training.trainer``) and live in the shared model store
 (``<store>/.checkpoints/<job id>``), so whichever worker takes over resumes the same trajectory
 and, training being deterministic for a seed, ends with the same weights. SIGTERM/SIGINT stop the
@@ -43,7 +46,7 @@ from .bases import BaseModels
 from .metrics import WorkerMetrics
 from .settings import WorkerSettings
 from .spec import lora_config, model_name, train_config
-from .store import JobStore, Keys, redis_client
+from .store import JobStore, Keys, redacted, redis_client
 
 log = logging.getLogger("lmstack.finetune.worker")
 
@@ -61,7 +64,7 @@ class Worker:
                              "checkpoints go there")
         self.settings = settings
         self.id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
-        self.store = JobStore(redis_client(settings.redis_url), Keys(settings.redis_prefix),
+        self.store = JobStore(redis_client(settings.redis_url, password=settings.redis_password()), Keys(settings.redis_prefix),
                               settings.max_events_per_job)
         self.bases = BaseModels(settings.models, settings.model_store, settings.default_model)
         self.store_dir = Path(settings.model_store)
@@ -77,7 +80,7 @@ class Worker:
                 self.store.ensure_group()
                 break
             except redis.RedisError as e:
-                log.warning("waiting for Redis at %s: %s", self.settings.redis_url, e)
+                log.warning("waiting for Redis at %s: %s", redacted(self.settings.redis_url), e)
                 self.shutdown.wait(1.0)
         log.info("worker %s ready (reclaim after %.1fs idle, heartbeat every %.2fs)", self.id,
                  self.settings.reclaim_idle_s, self.heartbeat_s)
@@ -335,7 +338,7 @@ class JobRun:
         info = {"job_id": self.job_id, "base_model": job["base_model"], "method": job["method"],
                 "dataset_id": job["dataset_id"], "hyperparameters": hp, "steps": result.steps,
                 "train_loss": result.train_loss, "eval_loss": result.eval_loss,
-                "trained_tokens": result.trained_tokens}
+                "trained_tokens": result.trained_tokens, "tenant": job.get("tenant", "")}
         if lora and not hp.get("merge_lora"):
             save_adapter(model, tmp, base_model=job["base_model"], extra={"job_id": self.job_id})
         else:

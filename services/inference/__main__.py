@@ -10,6 +10,7 @@ import sys
 
 from services.config import InferenceSettings
 from services.metrics import InferenceMetrics
+from services.quotas import RequestQuotas, TenantMetrics
 from services.server import GrpcServer, run_service
 
 from .handler import InferenceHandler, inference_registry
@@ -24,7 +25,8 @@ async def setup(server: GrpcServer):
     registry = inference_registry(server.settings, metrics)
     metrics.watch(registry)
     server.state.registry = registry
-    handler = server.state.handler = InferenceHandler(registry, metrics, server.settings)
+    quotas = RequestQuotas(TenantMetrics(server.metrics_registry))
+    handler = server.state.handler = InferenceHandler(registry, metrics, server.settings, quotas)
     add_to_server(server, handler)
     if server.settings.http_port:  # the OpenAI-compatible API beside gRPC, on the same handler
         from services.http import http_server

@@ -20,17 +20,26 @@ fields and stop strings are checked by ``lmcore.SamplingParams`` (a pydantic ``V
 message naming both numbers; a structured-output constraint is compiled there, so a bad schema,
 regex or grammar is named before anything is queued), prompt styles by ``FewShotPrompt``. The handler checks only what is
 about the request's form: an empty prompt, both prompt forms at once, Score's choices.
+
+Tenants (``services.tenants``): a fine-tuned model in the store belongs to the tenant whose job
+published it. ListModels shows the configured models plus the caller's own; naming another
+tenant's model is ``NOT_FOUND`` with the message an unknown name gets (its list: the caller's
+models only). Every generation request is admitted by ``services.quotas.RequestQuotas``
+(concurrent_requests, tokens_per_minute) and charged its tokens when it ends. DeleteModel unloads
+one of the caller's fine-tuned models and removes it from the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from services import tenants
 from services.config import InferenceSettings
 from services.errors import InvalidArgument
 from services.gen.lmstack.v1 import common_pb2
@@ -38,8 +47,11 @@ from services.gen.lmstack.v1 import inference_pb2 as pb
 from services.limits import BoundedExecutor, offload
 from services.metrics import InferenceMetrics
 from services.models import Entry, ModelRegistry, ModelSpec, parse_model_specs, resolve_base
+from services.quotas import RequestQuotas
 
 from . import inspection
+
+log = logging.getLogger("lmstack.inference")
 
 if TYPE_CHECKING:  # lmcore is imported when a model loads, not when the service module does
     from lmcore import GPT, AsyncEngine, Engine, SamplingParams, Tokenizer, TokenLogprob
@@ -173,7 +185,8 @@ def inference_registry(settings: InferenceSettings, metrics: InferenceMetrics | 
     """The models to serve; ``autoload_store=False`` for a replica that loads fine-tunes on demand."""
     return ModelRegistry(parse_model_specs(settings.models), make_loader(settings), settings.default_model,
                          settings.model_store, start_entry=make_starter(settings, metrics), close_entry=stop_engine,
-                         refresh_interval_s=settings.store_refresh_interval_s, autoload_store=autoload_store)
+                         refresh_interval_s=settings.store_refresh_interval_s, autoload_store=autoload_store,
+                         max_loaded_store_models=settings.max_loaded_models)
 
 
 # --- protobuf <-> lmcore ---------------------------------------------------------------------------
@@ -251,7 +264,20 @@ def model_info(entry: Entry) -> pb.ModelInfo:
     return pb.ModelInfo(name=entry.name, context_length=cfg.block_size, vocab_size=cfg.vocab_size,
                         parameters=served.parameters or served.model.num_parameters(), n_layer=cfg.n_layer, n_head=cfg.n_head,
                         n_embd=cfg.n_embd, is_default=entry.is_default, source=entry.spec.source,
-                        base_model=entry.spec.base_model)
+                        base_model=entry.spec.base_model, tenant=entry.spec.owner)
+
+
+def unloaded_model_info(spec: ModelSpec) -> pb.ModelInfo | None:
+    """A store model not loaded yet (it loads on first use), from its config; None if unreadable."""
+    from lmcore import GPTConfig
+
+    try:
+        cfg = GPTConfig.from_json_file(spec.path / "config.json")
+    except (OSError, ValueError, TypeError):
+        return None
+    return pb.ModelInfo(name=spec.name, context_length=cfg.block_size, vocab_size=cfg.vocab_size,
+                        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, source=spec.source,
+                        tenant=spec.owner)
 
 
 # --- the handler -----------------------------------------------------------------------------------
@@ -263,8 +289,9 @@ class InferenceHandler:
     """
 
     def __init__(self, registry: ModelRegistry, metrics: InferenceMetrics | None = None,
-                 settings: InferenceSettings | None = None):
+                 settings: InferenceSettings | None = None, quotas: RequestQuotas | None = None):
         self.registry = registry
+        self.quotas = quotas if quotas is not None else RequestQuotas()  # per tenant (services.quotas)
         self.metrics = metrics
         self.limits = settings if settings is not None else InferenceSettings()
         self.max_message_bytes = self.limits.max_message_bytes
@@ -278,7 +305,11 @@ class InferenceHandler:
             self._score_pool.shutdown()
 
     async def _served(self, model: str) -> tuple[str, ServedModel]:
-        entry = self.registry.lookup(model) or await self.registry.get(model)
+        """The model the caller names, if its tenant may use it (another's is NOT_FOUND)."""
+        tenant = tenants.current()
+        entry = self.registry.lookup(model)
+        if entry is None or not tenant.owns(entry.spec.owner):
+            entry = await self.registry.get(model, tenant)
         return entry.name, entry.obj
 
     @staticmethod
@@ -310,6 +341,7 @@ class InferenceHandler:
     async def _generate(self, name: str, served: ServedModel, ids: list[int], params) -> AsyncIterator:
         """The engine's outputs for one request, with metrics; closing it early aborts the request."""
         start, first, n, finished = time.perf_counter(), None, 0, False
+        ticket = self.quotas.admit(tenants.current(), len(ids))
         try:
             async with aclosing(served.async_engine.stream(ids, params, adapter=served.adapter)) as outputs:
                 async for out in outputs:
@@ -319,6 +351,7 @@ class InferenceHandler:
                     finished = out.finished
                     yield out
         finally:
+            ticket.release(n)
             self._record(name, start, first, len(ids), n, finished)
 
     async def complete_stream(self, req: pb.CompleteRequest) -> AsyncIterator[pb.CompleteChunk]:
@@ -333,6 +366,7 @@ class InferenceHandler:
         n_prompt = len(ids)
         chunk_type = pb.CompleteChunk
         start, first, completion, finished = time.perf_counter(), None, 0, False
+        ticket = self.quotas.admit(tenants.current(), n_prompt)
         try:
             async with aclosing(served.async_engine.stream(ids, params, adapter=served.adapter)) as outputs:
                 async for out in outputs:
@@ -356,6 +390,7 @@ class InferenceHandler:
                         usage.total_tokens = n_prompt + completion
                     yield chunk
         finally:
+            ticket.release(completion)
             self._record(name, start, first, n_prompt, completion, finished)
 
     async def complete(self, req: pb.CompleteRequest) -> pb.CompleteResponse:
@@ -433,8 +468,14 @@ class InferenceHandler:
             threads = self.limits.torch_threads
             self._score_pool = BoundedExecutor(self.limits.score_threads, self.limits.score_max_waiting, "score",
                                                initializer=lambda: _set_torch_threads(threads))
-        results, continuations = await self._score_pool.run(self._score, served, req.context, choices,
-                                                            self.limits.score_batch_tokens)
+        ticket = self.quotas.admit(tenants.current())
+        tokens = 0
+        try:
+            results, continuations = await self._score_pool.run(self._score, served, req.context, choices,
+                                                                self.limits.score_batch_tokens)
+            tokens = sum(map(len, continuations))
+        finally:
+            ticket.release(tokens)
         out = pb.ScoreResponse(model=name)
         for text, ids, r in zip(choices, continuations, results):
             out.choices.append(pb.ChoiceScore(text=text, logprob=float(r.logprob),
@@ -463,11 +504,30 @@ class InferenceHandler:
     async def inspect(self, req: pb.InspectRequest) -> pb.InspectResponse:
         """Tokens, next-token probabilities, attention and the logit lens of one text (no generation)."""
         name, served = await self._served(req.model)
-        return await inspection.inspect(req, name, served, self.inspector, self.max_message_bytes)
+        ticket = self.quotas.admit(tenants.current())
+        resp = None
+        try:
+            resp = await inspection.inspect(req, name, served, self.inspector, self.max_message_bytes)
+            return resp
+        finally:
+            ticket.release(len(resp.tokens) if resp is not None else 0)
 
     async def list_models(self, req: pb.ListModelsRequest) -> pb.ListModelsResponse:
+        """The configured models and the caller's own fine-tuned ones (an admin: every model)."""
         await self.registry.refresh()
-        return pb.ListModelsResponse(models=[model_info(e) for e in self.registry.entries()])
+        tenant = tenants.current()
+        models = [model_info(e) for e in self.registry.entries() if tenant.owns(e.spec.owner)]
+        models += [m for m in await asyncio.to_thread(lambda: [unloaded_model_info(s) for s in
+                                                               self.registry.unloaded(tenant)]) if m is not None]
+        return pb.ListModelsResponse(models=models)
+
+    async def delete_model(self, req: pb.DeleteModelRequest) -> pb.DeleteModelResponse:
+        """Unload a fine-tuned model and remove it from the store (the caller's own; an admin's: any)."""
+        tenant = tenants.current()
+        spec = self.registry.store_spec(req.name, tenant)  # NotFound for unknown, others' and configured ones
+        unloaded = await self.registry.delete(spec)
+        log.info("model %s deleted by tenant %s (%s)", spec.name, tenant.name, "unloaded" if unloaded else "not loaded")
+        return pb.DeleteModelResponse(name=spec.name, unloaded=unloaded)
 
     # --- what the OpenAI HTTP front end (services.http) needs beyond the RPCs -------------------
     async def tokenize(self, model: str, text: str, allow_special: bool = False) -> tuple[str, list[int], int]:

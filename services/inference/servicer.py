@@ -47,6 +47,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def ListModels(self, request, context):
         return await self.handler.list_models(request)
 
+    async def DeleteModel(self, request, context):
+        return await self.handler.delete_model(request)
+
 
 def add_to_server(server, handler: InferenceHandler) -> None:
     """Register the inference service and its error mapping on a ``services.server.GrpcServer``."""

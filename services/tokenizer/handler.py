@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmcore._io import has_tokenizer_files
+from services import tenants
 from services.config import TokenizerSettings
 from services.errors import InvalidArgument
 from services.gen.lmstack.v1 import tokenizer_pb2 as pb
@@ -64,7 +65,10 @@ class TokenizerHandler:
         self.metrics = metrics
 
     async def _tokenizer(self, model: str):
-        entry = self.registry.lookup(model) or await self.registry.get(model)
+        tenant = tenants.current()  # another tenant's fine-tuned model is NOT_FOUND here too
+        entry = self.registry.lookup(model)
+        if entry is None or not tenant.owns(entry.spec.owner):
+            entry = await self.registry.get(model, tenant)
         return entry.name, entry.obj
 
     def _count(self, model: str, method: str, tokens: int, texts) -> None:

@@ -201,9 +201,6 @@ def test_unserved_base_and_merged_models_keep_their_own_engines(client, server, 
     names = {m.name for m in client.list_models()}
     assert {other, full} <= names
     tiny = served(server, "tiny")
-    for name in (other, full):
-        s = served(server, name)
-        assert s.engine is not tiny.engine and s.adapter is None and s.async_engine is not tiny.async_engine
     prompt = PROMPTS[2]
     ids = tiny.tokenizer.encode(prompt)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -211,6 +208,8 @@ def test_unserved_base_and_merged_models_keep_their_own_engines(client, server, 
                         (full, load_model(store / full))):
         got = client.complete(prompt, model=name, max_tokens=12, temperature=0, ignore_eos=True)
         assert list(got.token_ids) == list(generate(model, [ids], params, tokenizer=tiny.tokenizer)[0].token_ids)
+        s = served(server, name)  # (a full store model loads on its first request)
+        assert s.engine is not tiny.engine and s.adapter is None and s.async_engine is not tiny.async_engine
 
 
 def test_bad_adapter_is_skipped_and_the_base_keeps_serving(client, server, store, tiny_models):

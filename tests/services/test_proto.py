@@ -20,7 +20,7 @@ def test_contract_names():
     assert {m.name for m in tok.methods} == {"Encode", "EncodeBatch", "Decode", "CountTokens"}
     inf = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
     assert {m.name for m in inf.methods} == {"Complete", "CompleteStream", "FewShot", "Score", "ListModels",
-                                             "Inspect"}
+                                             "Inspect", "DeleteModel"}
     assert inf.methods_by_name["CompleteStream"].server_streaming
     fields = lambda name: set(inference_pb2.DESCRIPTOR.message_types_by_name[name].fields_by_name)  # noqa: E731
     assert {"model", "prompt", "sampling"} <= fields("CompleteRequest")
