@@ -112,31 +112,10 @@ class ApiKeyAuth(grpc.aio.ServerInterceptor):
     def __init__(self, keys: KeyRing | list[str]):
         self.keys = keys if isinstance(keys, KeyRing) else KeyRing.from_settings(list(keys))
 
-    def resolve(self, metadata) -> tuple[Tenant | None, str]:
-        """(tenant, "") or (None, why not)."""
-        md = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in (metadata or ())}
-        if "authorization" not in md:
-            return None, "missing API key: send metadata 'authorization: Bearer <key>'"
-        scheme, _, token = md["authorization"].partition(" ")
-        tenant = self.keys.authenticate(token) if scheme.lower() == "bearer" and token.strip() else None
-        if tenant is None:
-            return None, "invalid API key"
-        acting = md.get(tenants.ACT_FOR_METADATA, "").strip()
-        if acting and acting != tenant.name:
-            target = self.keys.tenant(acting)
-            if not tenant.is_admin or target is None:  # a member learns nothing about other tenants
-                return None, (f"unknown tenant {acting!r} in '{tenants.ACT_FOR_METADATA}' metadata" if tenant.is_admin
-                              else f"only an admin key may send '{tenants.ACT_FOR_METADATA}' metadata")
-            tenant = target
-        return tenant, ""
-
     async def intercept_service(self, continuation, details):
         if details.method.startswith(OPEN_METHOD_PREFIXES):
             return await continuation(details)
-        if not self.keys:
-            tenant, message = tenants.ANONYMOUS, ""
-        else:
-            tenant, message = self.resolve(details.invocation_metadata)
+        tenant, message = self.keys.resolve(details.invocation_metadata)
         handler = await continuation(details)
         if handler is None:
             return None

@@ -168,6 +168,29 @@ class KeyRing:
     def tenant(self, name: str) -> Tenant | None:
         return self.tenants.get(name)
 
+    def resolve(self, metadata) -> tuple[Tenant | None, str]:
+        """The caller of a request from its metadata (gRPC ``(key, value)`` pairs, or HTTP headers
+        lower-cased): ``(tenant, "")``, or ``(None, why not)`` to answer UNAUTHENTICATED (401).
+        Without keys every caller is ``ANONYMOUS``. Every transport calls this one rule."""
+        if not self:
+            return ANONYMOUS, ""
+        md = {str(k).lower(): (v.decode() if isinstance(v, bytes) else str(v)) for k, v in (metadata or ())}
+        if "authorization" not in md:
+            return None, "missing API key: send metadata 'authorization: Bearer <key>'"
+        scheme, _, token = md["authorization"].partition(" ")
+        tenant = self.authenticate(token) if scheme.lower() == "bearer" and token.strip() else None
+        if tenant is None:
+            return None, "invalid API key"
+        acting = md.get(ACT_FOR_METADATA, "").strip()
+        if acting and acting != tenant.name:
+            target = self.tenant(acting)
+            if not tenant.is_admin:  # a member learns nothing about other tenants
+                return None, f"only an admin key may send '{ACT_FOR_METADATA}' metadata"
+            if target is None:
+                return None, f"unknown tenant {acting!r} in '{ACT_FOR_METADATA}' metadata"
+            tenant = target
+        return tenant, ""
+
 
 def load_keys_file(path: str | Path) -> dict[str, Tenant]:
     """Parse a keys file (see the module docstring); a clear ``ValueError`` for every mistake."""
