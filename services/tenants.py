@@ -91,9 +91,14 @@ class Tenant:
         return self.role == "admin"
 
     def owns(self, owner: str) -> bool:
-        """May this tenant see a thing owned by ``owner``? Admins see all; ``""`` is the platform's
-        (configured base models, records from before tenants): everyone sees those."""
+        """May this tenant use a model owned by ``owner``? Admins use all; ``""`` is the platform's
+        (configured base models, a model copied into the store by hand): everyone uses those."""
         return self.is_admin or owner == self.name or owner == ""
+
+    def owns_record(self, owner: str) -> bool:
+        """May this tenant see a dataset or job owned by ``owner``? Its own; an admin's: all (records
+        from before tenants, with no owner, are the admins' alone)."""
+        return self.is_admin or owner == self.name
 
 
 ANONYMOUS = Tenant("default", "admin")  # no keys configured: one trusted tenant (loopback only)
