@@ -11,9 +11,16 @@ from __future__ import annotations
 
 
 def http_server(handler, settings):
-    """An ``HttpServer`` for ``handler`` on ``settings.host:settings.http_port`` with its API keys."""
+    """An ``HttpServer`` for ``handler`` on ``settings.host:settings.http_port`` with the settings'
+    tenants (``--api-keys-file``, ``--api-keys``), TLS (``--tls-cert``/``--tls-key``, mTLS with
+    ``--tls-client-ca``) and exposure rule (``services.tls.check_exposure``), as the gRPC server's."""
+    from services.tenants import KeyRing
+
     from .app import create_app
     from .server import HttpServer
 
-    return HttpServer(create_app(handler, settings.api_keys), settings.host, settings.http_port,
-                      log_level="warning" if settings.log_level.upper() == "INFO" else settings.log_level)
+    keys = KeyRing.from_settings(settings.api_keys, settings.api_keys_file)
+    return HttpServer(create_app(handler, keys), settings.host, settings.http_port,
+                      log_level="warning" if settings.log_level.upper() == "INFO" else settings.log_level,
+                      tls_cert=settings.tls_cert, tls_key=settings.tls_key, tls_client_ca=settings.tls_client_ca,
+                      has_keys=bool(keys), insecure=settings.insecure)

@@ -16,7 +16,9 @@ own module and list it there):
   :mod:`services.http.inspect`.
 
 Every route but ``/health`` needs ``Authorization: Bearer <key>`` when the server has API keys
-(the same keys as gRPC, checked by the same ``ApiKeyAuth``). Every error, a body that is not
+(the same keys as gRPC, resolved to a tenant by the same ``services.tenants.KeyRing.resolve``:
+``/v1/models`` shows the configured models plus the tenant's own fine-tuned ones, another tenant's
+model is a 404 ``model_not_found``, a quota is a 429). Every error, a body that is not
 valid JSON or breaks the schema included, is a 4xx/5xx in OpenAI's shape
 (:mod:`services.http.errors`), never a traceback; an unexpected one is a 500 with the details in
 the log, and the server keeps serving.
@@ -32,9 +34,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services import tenants
 from services.errors import NotFound, ServiceError, Unauthenticated, Unavailable, clip
 from services.gen.lmstack.v1 import inference_pb2 as pb
-from services.server import ApiKeyAuth
+from services.tenants import KeyRing
 
 from . import openai
 from .errors import HttpError, body, from_exception, from_validation
@@ -58,14 +61,16 @@ def state(request: Request) -> types.SimpleNamespace:
 
 
 async def require_key(request: Request) -> None:
-    """The same check as gRPC's ``ApiKeyAuth``, on the ``Authorization`` header; and no work while
-    the models load or the server drains (503)."""
+    """The same rule as gRPC's (``services.tenants.KeyRing.resolve``) on the ``Authorization``
+    header (and an admin's ``LMSTACK-Tenant``): the request then runs as that tenant, so
+    ``/v1/models`` lists and completions use only its models; and no work while the models load
+    or the server drains (503)."""
     st = state(request)
-    if st.auth.keys:
-        header = request.headers.get("authorization")
-        if not st.auth.allowed([("authorization", header or "")]):
-            raise Unauthenticated("invalid API key" if header else
-                                  "missing API key: send the header 'Authorization: Bearer <key>'")
+    tenant, why = st.keys.resolve(request.headers.items())
+    if tenant is None:
+        raise Unauthenticated(why if request.headers.get("authorization") else
+                              "missing API key: send the header 'Authorization: Bearer <key>'")
+    tenants.set_current(tenant)  # this request's task (a streamed body's tasks inherit it)
     if not st.serving:
         raise Unavailable("the server is " + ("shutting down" if st.draining else "still loading its models")
                           + "; retry shortly")
@@ -128,7 +133,7 @@ async def _render_chat(handler, model: str, messages, add_generation_prompt: boo
 
 
 def model_object(m: pb.ModelInfo) -> dict:
-    return {"id": m.name, "object": "model", "created": 0, "owned_by": "lmstack",
+    return {"id": m.name, "object": "model", "created": 0, "owned_by": m.tenant or "lmstack",
             "parent": m.base_model or None, "max_model_len": m.context_length,
             "source": m.source, "is_default": m.is_default}
 
@@ -170,12 +175,13 @@ async def detokenize(body_: DetokenizeRequest, request: Request):
 ROUTERS = [open_routes, api]  # a feature's own router goes here (e.g. services.http.inspect's)
 
 
-def create_app(handler, api_keys: list[str] = ()) -> FastAPI:
+def create_app(handler, api_keys: KeyRing | list[str] = ()) -> FastAPI:
     """The app over ``handler`` (an ``InferenceHandler``); ``app.state.lmstack.serving`` gates it
-    (``services.http.server.HttpServer.set_serving`` flips it)."""
+    (``services.http.server.HttpServer.set_serving`` flips it). ``api_keys``: the tenants' key ring
+    (or plain keys: one admin tenant)."""
     app = FastAPI(title="lmstack OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.lmstack = types.SimpleNamespace(handler=handler, auth=ApiKeyAuth(list(api_keys)),
-                                              serving=False, draining=False)
+    keys = api_keys if isinstance(api_keys, KeyRing) else KeyRing.from_settings(list(api_keys))
+    app.state.lmstack = types.SimpleNamespace(handler=handler, keys=keys, serving=False, draining=False)
     from . import inspect
 
     for router in [*ROUTERS, *inspect.routers(require_key, state)]:

@@ -35,24 +35,38 @@ class _Uvicorn(uvicorn.Server):
 class HttpServer:
     """The app on ``host:port``; ``start`` / ``set_serving`` / ``stop`` as ``GrpcServer``'s."""
 
-    def __init__(self, app, host: str, port: int, log_level: str = "warning"):
+    def __init__(self, app, host: str, port: int, log_level: str = "warning", tls_cert: str = "", tls_key: str = "",
+                 tls_client_ca: str = "", has_keys: bool = False, insecure: bool = False):
+        import ssl
+
+        from services.tls import server_credentials
+
+        server_credentials(tls_cert, tls_key, tls_client_ca)  # the same checks of the TLS options as gRPC's
         self.app = app
         self.host, self.port = host, port
+        self.tls = bool(tls_cert)
+        self.exposure = (has_keys, insecure)
+        tls = dict(ssl_certfile=tls_cert, ssl_keyfile=tls_key) if tls_cert else {}
+        if tls_client_ca:
+            tls |= dict(ssl_ca_certs=tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
         self.config = uvicorn.Config(app, host=host, port=port, lifespan="off", access_log=False,
-                                     log_level=log_level.lower(), timeout_keep_alive=30)
+                                     log_level=log_level.lower(), timeout_keep_alive=30, **tls)
         self.server = _Uvicorn(self.config)
         self._task: asyncio.Task | None = None
         self._sock: socket.socket | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}/v1"
 
     def check_port(self) -> None:
         """PortInUse (naming the holder) before anything of the service binds."""
         check_port_free("HTTP", self.host, self.port, hint="stop that process or choose another --http-port")
 
     async def start(self) -> int:
+        from services.tls import check_exposure
+
+        check_exposure(self.host, self.exposure[0], self.tls, self.exposure[1], "HTTP API")
         self.check_port()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)

@@ -248,9 +248,10 @@ def inference(tmp_path, tiny_models, keys):
     publish(store, MODEL_A, "team-a", 11)
     publish(store, MODEL_B, "team-b", 12)
     settings = InferenceSettings(models=[f"tiny={tiny_models['tiny']}"], model_store=str(store),
-                                 api_keys_file=str(keys[0]), max_loaded_models=1, port=0)
+                                 api_keys_file=str(keys[0]), max_loaded_models=1, port=0, http_port=free_port())
     s = ServerThread(settings, "inference", setup).start()
     s.store = store
+    s.http = f"http://127.0.0.1:{settings.http_port}/v1"
     s.clients = {t: Client(s.target, api_key=k, timeout=60) for t, k in keys[1].items()}
     yield s
     for c in s.clients.values():
@@ -293,6 +294,40 @@ def test_inference_isolation_and_admin_sees_all(inference, tiny_models, keys):
             assert code_of(lambda: ta.encode("hi", model=MODEL_B))[0] == grpc.StatusCode.NOT_FOUND
     finally:
         t.stop()
+
+
+def test_http_api_applies_the_same_tenants_and_quotas(inference, keys):
+    """The OpenAI-compatible API (the real ``openai`` client) on the same handler: the same keys,
+    ownership and quotas as gRPC; another tenant's model is a 404, a quota a 429."""
+    openai = pytest.importorskip("openai")
+
+    def client(tenant, **kw):
+        return openai.OpenAI(base_url=inference.http, api_key=keys[1][tenant], max_retries=0, timeout=60, **kw)
+
+    a, b, ops, q = client("team-a"), client("team-b"), client("ops"), client("team-q")
+    assert [m.id for m in a.models.list().data] == ["tiny", MODEL_A]
+    assert [m.id for m in b.models.list().data] == ["tiny", MODEL_B]
+    assert {m.id: m.owned_by for m in ops.models.list().data} == {"tiny": "lmstack", MODEL_A: "team-a",
+                                                                  MODEL_B: "team-b"}
+    assert a.completions.create(model=MODEL_A, prompt="Hello", max_tokens=2).usage.completion_tokens == 2
+    for call in (lambda: a.completions.create(model=MODEL_B, prompt="Hello", max_tokens=2),
+                 lambda: a.models.retrieve(MODEL_B)):
+        with pytest.raises(openai.NotFoundError) as e:
+            call()
+        assert MODEL_B not in str(e.value.body).split("served models")[-1] or "served models" not in str(e.value.body)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=inference.http, api_key="lmsk-wrong", max_retries=0).models.list()
+    acting = openai.OpenAI(base_url=inference.http, api_key=keys[1]["ops"], max_retries=0,
+                           default_headers={"LMSTACK-Tenant": "team-b"})
+    assert [m.id for m in acting.models.list().data] == ["tiny", MODEL_B]
+    # team-q's one concurrent request is in flight over gRPC: HTTP shares the quota, 429
+    with Client(inference.target, api_key=keys[1]["team-q"]) as grpc_q:
+        stream = grpc_q.complete_stream("Once upon a time", max_tokens=120, ignore_eos=True)
+        assert next(stream).token_ids
+        with pytest.raises(openai.RateLimitError) as e:
+            q.completions.create(model="tiny", prompt="Hi", max_tokens=1)
+        assert "quota concurrent_requests of tenant 'team-q' reached (limit 1)" in str(e.value)
+        stream.cancel()
 
 
 def test_request_quotas_reached_reported_and_recovered(inference):
@@ -413,6 +448,37 @@ def test_mtls_requires_a_client_certificate(pki, keys):
         with Client(s.target, tls_ca=str(pki.ca), tls_cert=str(pki.client_cert), tls_key=str(pki.client_key),
                     timeout=10) as no_key:  # a certificate is not an API key
             assert code_of(lambda: no_key.count_tokens("hello"))[0] == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        s.stop()
+
+
+def test_https_for_the_http_api(pki, keys, tiny_models):
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from services.inference.__main__ import setup
+
+    port = free_port()
+    settings = InferenceSettings(models=[f"tiny={tiny_models['tiny']}"], port=0, http_port=port,
+                                 tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), api_keys_file=str(keys[0]))
+    s = ServerThread(settings, "inference", setup).start()
+
+    def get(scheme: str, cafile=None):
+        req = urllib.request.Request(f"{scheme}://127.0.0.1:{port}/v1/models",
+                                     headers={"Authorization": f"Bearer {keys[1]['team-a']}"})
+        context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
+        with urllib.request.urlopen(req, timeout=30, context=context) as r:
+            return json.loads(r.read())
+
+    try:
+        assert [m["id"] for m in get("https", pki.ca)["data"]] == ["tiny"]
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            get("http")  # plaintext HTTP to the TLS port: no answer
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            get("https", pki.other_ca)
+        with Client(s.target, api_key=keys[1]["team-a"], tls_ca=str(pki.ca)) as c:  # gRPC on the same TLS files
+            assert [m.name for m in c.list_models()] == ["tiny"]
     finally:
         s.stop()
 
