@@ -371,7 +371,7 @@ def plan(args) -> tuple[list[Child], str | None]:
         **({"LMSTACK_SPECULATIVE_TOKENS": str(args.speculative_tokens)} if args.speculative_tokens else {}),
         **({"LMSTACK_DRAFT_MODELS": ",".join(_draft_arg(d) for d in args.draft_model)} if args.draft_model else {})},
         f"{args.host}:{args.inference_port}", metrics(0),
-        http_url=f"http://{args.host}:{args.http_port}/v1" if args.http_port else ""))
+        http_url=f"{'https' if args.tls_cert else 'http'}://{args.host}:{args.http_port}/v1" if args.http_port else ""))
     if not args.no_finetune:
         children.append(Child("finetune", [py, "-m", "services.finetune"], {
             **common, "LMSTACK_PORT": str(args.finetune_port), "LMSTACK_METRICS_PORT": str(metrics(2)),
