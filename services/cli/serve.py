@@ -454,7 +454,6 @@ class Supervisor:
         print("lmstack is serving:", flush=True)
         for c in self.children:
             where = f"grpc {c.endpoint}" if c.endpoint else (c.label or "-")
-            where = f"http {c.url}" if c.url else where
             metrics = f"  metrics http://{c.endpoint.split(':')[0] or '127.0.0.1'}:{c.metrics_port}/metrics" \
                 if c.metrics_port else ""
             print(f"  {c.name:<10} {where}{metrics}  (pid {c.proc.pid})", flush=True)

@@ -249,7 +249,7 @@ def inference(tmp_path, tiny_models, keys):
     publish(store, MODEL_B, "team-b", 12)
     settings = InferenceSettings(models=[f"tiny={tiny_models['tiny']}"], model_store=str(store),
                                  api_keys_file=str(keys[0]), max_loaded_models=1, port=0, http_port=free_port())
-    s = ServerThread(settings, "inference", setup).start()
+    s = ServerThread(settings, "inference", setup).start(timeout=300)  # a loaded CI machine is slow to load
     s.store = store
     s.http = f"http://127.0.0.1:{settings.http_port}/v1"
     s.clients = {t: Client(s.target, api_key=k, timeout=60) for t, k in keys[1].items()}
