@@ -299,7 +299,7 @@ def test_inference_isolation_and_admin_sees_all(inference, tiny_models, keys):
 def test_http_api_applies_the_same_tenants_and_quotas(inference, keys):
     """The OpenAI-compatible API (the real ``openai`` client) on the same handler: the same keys,
     ownership and quotas as gRPC; another tenant's model is a 404, a quota a 429."""
-    openai = pytest.importorskip("openai")
+    import openai  # the dev extra: the real client
 
     def client(tenant, **kw):
         return openai.OpenAI(base_url=inference.http, api_key=keys[1][tenant], max_retries=0, timeout=60, **kw)
@@ -408,7 +408,6 @@ def test_lru_unload_alternates_two_tenants_models_and_frees_memory(inference):
 # --- TLS and exposure --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    pytest.importorskip("cryptography", reason="the TLS tests make certificates with `cryptography` (dev extra)")
     from tests.helpers.tls import make_pki
 
     return make_pki(tmp_path_factory.mktemp("pki"))
