@@ -142,6 +142,8 @@ class InferenceSettings(ModelServiceSettings):
                                                     "beside the engines)")
     score_max_waiting: int = Field(16, ge=0, description="Score requests queued beyond those running "
                                                          "before RESOURCE_EXHAUSTED")
+    inspect_max_waiting: int = Field(16, ge=0, description="Inspect requests queued behind the one running "
+                                                           "before RESOURCE_EXHAUSTED")
     score_batch_tokens: int = Field(2048, ge=1, description="tokens per Score forward pass (memory is "
                                                             "O(tokens), never O(tokens x vocabulary))")
     quantize: Annotated[list[str], NoDecode] = Field(

@@ -295,7 +295,8 @@ class InferenceHandler:
         self.metrics = metrics
         self.limits = settings if settings is not None else InferenceSettings()
         self.max_message_bytes = self.limits.max_message_bytes
-        self.inspector = inspection.InspectRunner(self.limits.torch_threads)
+        self.inspector = inspection.InspectRunner(self.limits.torch_threads,
+                                                    self.limits.inspect_max_waiting)
         self._score_pool: BoundedExecutor | None = None  # made on the first Score (its threads start then)
         self._chat_templates: dict = {}  # model name -> lmcore ChatTemplate or None (chat_template)
 

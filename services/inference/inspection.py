@@ -20,12 +20,11 @@ of CPU one forward pass takes while it runs.
 
 from __future__ import annotations
 
-import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from services.errors import InvalidArgument
 from services.gen.lmstack.v1 import inference_pb2 as pb
+from services.limits import BoundedExecutor
 
 if TYPE_CHECKING:
     from lmcore.model.inspection import Inspection
@@ -125,11 +124,14 @@ def unpack_attention(layer: pb.LayerAttention):
 
 
 class InspectRunner:
-    """Runs inspections one at a time on a worker thread with its own torch thread count."""
+    """Runs inspections one at a time on a worker thread with its own torch thread count; at most
+    ``max_waiting`` more wait for it, beyond that RESOURCE_EXHAUSTED (services.limits.BoundedExecutor,
+    the bound Score has), so a burst of Inspect calls cannot queue without limit."""
 
-    def __init__(self, torch_threads: int = 1):
+    def __init__(self, torch_threads: int = 1, max_waiting: int = 16):
         self.torch_threads = torch_threads
-        self._pool: ThreadPoolExecutor | None = None
+        self.max_waiting = max_waiting
+        self._pool: BoundedExecutor | None = None  # made on the first call (its thread starts then)
 
     def _init_thread(self) -> None:
         import torch
@@ -141,18 +143,18 @@ class InspectRunner:
         from lmcore.model.inspection import inspect_tokens
 
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="lmstack-inspect", initializer=self._init_thread)
+            self._pool = BoundedExecutor(1, self.max_waiting, "lmstack-inspect", initializer=self._init_thread)
 
         def work():
             # This thread only: the adapter's routing (or the base alone); the engine's batches are unaffected.
             with served.engine.use_adapter(served.adapter):
                 return inspect_tokens(served.model, ids, top_k, layers, heads, attention, logit_lens)
 
-        return await asyncio.get_running_loop().run_in_executor(self._pool, work)
+        return await self._pool.run(work)
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=False)
+            self._pool.shutdown()
             self._pool = None
 
 

@@ -205,6 +205,43 @@ def test_inspect_in_flight_does_not_hold_up_or_corrupt_decoding_streams(client, 
     assert len(resp.attention) == 2 and len(resp.logit_lens) == 3
 
 
+def test_inspect_calls_queue_to_a_bound_then_resource_exhausted(tiny_models, store):
+    """One inspection runs (paused mid-forward) and ``inspect_max_waiting`` = 1 waits: of two more
+    calls sent together, one waits and the other is refused with RESOURCE_EXHAUSTED at once (before
+    the pause ends); after it, the waiting ones answer and the server serves again."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    settings = InferenceSettings(models=[f"tiny={tiny_models['tiny']}"], model_store=str(store), port=0,
+                                 inspect_max_waiting=1)
+    srv = ServerThread(settings, "inference", setup).start()
+    model = served(srv, "tiny").model
+    entered, release = threading.Event(), threading.Event()
+
+    def pause(module, args, output):
+        if not entered.is_set():
+            entered.set()
+            release.wait(120)
+
+    handle = model.transformer.ln_f.register_forward_hook(pause)
+    try:
+        with Client(srv.target, timeout=120) as c, ThreadPoolExecutor(3) as pool:
+            running = pool.submit(c.inspect, TEXT)
+            assert entered.wait(60), "the first inspection never started its forward pass"
+            calls = [pool.submit(c.inspect, TEXT) for _ in range(2)]
+            done, pending = wait(calls, timeout=60, return_when=FIRST_COMPLETED)
+            assert len(done) == 1 and len(pending) == 1 and not running.done()
+            error = done.pop().exception()
+            assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "inspect" in error.details()
+            release.set()
+            assert len(running.result(60).tokens) == len(pending.pop().result(60).tokens) > 0
+            assert len(c.inspect(TEXT).tokens) > 0  # the queue drained: served again
+    finally:
+        release.set()
+        handle.remove()
+        srv.stop()
+
+
 # --- lmstack inspect ---------------------------------------------------------------------------------
 def lmstack(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True,
