@@ -361,7 +361,7 @@ def plan(args) -> tuple[list[Child], str | None]:
         common["LMSTACK_DATA_DIR"] = str(data)
     children.append(Child("tokenizer", [py, "-m", "services.tokenizer"], {
         **common, "LMSTACK_PORT": str(args.tokenizer_port), "LMSTACK_METRICS_PORT": str(metrics(1)),
-        "LMSTACK_MODELS": models}, f"{args.host}:{args.tokenizer_port}", metrics(1)))
+        "LMSTACK_MODELS": models}, f"{args.host}:{args.tokenizer_port}", metrics_port=metrics(1)))
     children.append(Child("inference", [py, "-m", "services.inference"], {
         **common, "LMSTACK_PORT": str(args.inference_port), "LMSTACK_METRICS_PORT": str(metrics(0)),
         "LMSTACK_MODELS": models, "LMSTACK_MAX_BATCH_SIZE": str(args.max_batch_size),
@@ -370,14 +370,14 @@ def plan(args) -> tuple[list[Child], str | None]:
         **({"LMSTACK_SPECULATION": args.speculation} if args.speculation else {}),
         **({"LMSTACK_SPECULATIVE_TOKENS": str(args.speculative_tokens)} if args.speculative_tokens else {}),
         **({"LMSTACK_DRAFT_MODELS": ",".join(_draft_arg(d) for d in args.draft_model)} if args.draft_model else {})},
-        f"{args.host}:{args.inference_port}", metrics(0),
+        f"{args.host}:{args.inference_port}", metrics_port=metrics(0),
         http_url=f"{'https' if args.tls_cert else 'http'}://{args.host}:{args.http_port}/v1" if args.http_port else ""))
     if not args.no_finetune:
         children.append(Child("finetune", [py, "-m", "services.finetune"], {
             **common, "LMSTACK_PORT": str(args.finetune_port), "LMSTACK_METRICS_PORT": str(metrics(2)),
-            "LMSTACK_MODELS": models}, f"{args.host}:{args.finetune_port}", metrics(2)))
+            "LMSTACK_MODELS": models}, f"{args.host}:{args.finetune_port}", metrics_port=metrics(2)))
         children.append(Child("worker", [py, "-m", "services.finetune.worker"], {
-            **common, "LMSTACK_METRICS_PORT": str(metrics(3)), "LMSTACK_MODELS": models}, "", metrics(3)))
+            **common, "LMSTACK_METRICS_PORT": str(metrics(3)), "LMSTACK_MODELS": models}, "", metrics_port=metrics(3)))
     return children, redis_url
 
 

@@ -22,7 +22,7 @@ async def setup(server: GrpcServer):
     handler = FineTuneHandler(settings)
     server.state.handler = handler
     register_job_store_metrics(server.metrics_registry, settings.redis_url, Keys(settings.redis_prefix),
-                               settings.reclaim_idle_s)
+                               settings.reclaim_idle_s, password=settings.redis_password())
     add_to_server(server, handler)
     return handler.connect, handler.close
 

@@ -148,7 +148,12 @@ class JobStoreCollector:
         return [jobs, age, alive, *running.values()]
 
 
-def register_job_store_metrics(registry: CollectorRegistry, redis_url: str, keys: Keys, alive_window_s: float) -> None:
-    """Export :class:`JobStoreCollector` on ``registry`` (the fine-tuning API's)."""
-    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0)
+def register_job_store_metrics(registry: CollectorRegistry, redis_url: str, keys: Keys, alive_window_s: float,
+                               password: str | None = None) -> None:
+    """Export :class:`JobStoreCollector` on ``registry`` (the fine-tuning API's). ``password``
+    (``--redis-password-file``) overrides the URL's, as for the API's own clients. No retries: a
+    scrape reports the store down at once rather than waiting out a restart."""
+    kw = {"password": password} if password else {}
+    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0,
+                                  **kw)
     registry.register(JobStoreCollector(client, keys, alive_window_s))

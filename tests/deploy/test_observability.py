@@ -106,7 +106,7 @@ def stack(tmp_path_factory):
     proc = subprocess.Popen(
         [*LMSTACK, "serve", "--data-dir", str(data), "--metrics-port", str(metrics_base_port()),
          "--inference-port", str(ports["inference"]), "--tokenizer-port", str(ports["tokenizer"]),
-         "--finetune-port", str(ports["finetune"])],
+         "--finetune-port", str(ports["finetune"]), "--http-port", str(free_port())],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
         env={**os.environ, "LMSTACK_RECLAIM_IDLE_S": str(RECLAIM_IDLE_S)})
     lines = []
@@ -118,34 +118,39 @@ def stack(tmp_path_factory):
         proc.kill()
         logs = "".join((data / "logs" / f).read_text()[-2000:] for f in os.listdir(data / "logs"))
         pytest.fail("lmstack serve did not come up:\n" + "".join(lines) + logs)
+    prom = None
     children = {}
-    for line in lines:
-        m = BANNER.match(line)
-        if m:
-            children[m.group(1)] = SimpleNamespace(metrics_port=int(m.group(2) or 0), pid=int(m.group(3)))
-    # Prometheus scrapes the jobs deploy/prometheus/prometheus.yml defines; each target's host is
-    # the compose service, i.e. the name of serve's child with the same command.
-    deploy = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
-    jobs = {job["job_name"]: [f"127.0.0.1:{children[t.split(':')[0]].metrics_port}"
-                              for cfg in job["static_configs"] for t in cfg["targets"]]
-            for job in deploy["scrape_configs"]}
-    prom = PrometheusServer(tmp, jobs, [write_rules_copy(tmp)]).start()
-    # Every target scraped once before any traffic: a counter first seen already moved shows no rate.
-    prom.wait_for(f'count(up{{job=~"lmstack-.*"}} == 1) == {len(jobs)}')
-    s = SimpleNamespace(addrs={k: f"127.0.0.1:{p}" for k, p in ports.items()}, children=children, prom=prom,
-                        data=data, started=time.time())
-    yield s
-    try:
-        os.kill(children["worker"].pid, signal.SIGCONT)  # never leave it frozen
-    except ProcessLookupError:
-        pass
-    prom.stop()
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    try:  # a failed setup still stops serve (a leaked one would hold default ports for later tests)
+        for line in lines:
+            m = BANNER.match(line)
+            if m:
+                children[m.group(1)] = SimpleNamespace(metrics_port=int(m.group(2) or 0), pid=int(m.group(3)))
+        # Prometheus scrapes the jobs deploy/prometheus/prometheus.yml defines; each target's host is
+        # the compose service, i.e. the name of serve's child with the same command.
+        deploy = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+        jobs = {job["job_name"]: [f"127.0.0.1:{children[t.split(':')[0]].metrics_port}"
+                                  for cfg in job["static_configs"] for t in cfg["targets"]]
+                for job in deploy["scrape_configs"]}
+        prom = PrometheusServer(tmp, jobs, [write_rules_copy(tmp)]).start()
+        # Every target scraped once before any traffic: a counter first seen already moved shows no rate.
+        prom.wait_for(f'count(up{{job=~"lmstack-.*"}} == 1) == {len(jobs)}')
+        s = SimpleNamespace(addrs={k: f"127.0.0.1:{p}" for k, p in ports.items()}, children=children, prom=prom,
+                            data=data, started=time.time())
+        yield s
+    finally:
+        if "worker" in children:
+            try:
+                os.kill(children["worker"].pid, signal.SIGCONT)  # never leave it frozen
+            except ProcessLookupError:
+                pass
+        if prom is not None:
+            prom.stop()
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def records(n: int = 20) -> bytes:
