@@ -152,11 +152,6 @@ class InferenceSettings(ModelServiceSettings):
                     "(comma-separated; CPU only, see lmcore.model.quantize); default fp32",
     )
 
-    @field_validator("quantize", mode="before")
-    @classmethod
-    def _split_quantize(cls, v):
-        return _split_list(v)
-
     speculation: str = Field("auto", description="speculative decoding default (lmcore.engine.speculative): "
                                                  "auto (prompt lookup for greedy requests), off, prompt_lookup, draft")
     speculative_tokens: int = Field(4, ge=1, le=16, description="most tokens proposed per step")
@@ -166,9 +161,9 @@ class InferenceSettings(ModelServiceSettings):
                     "target's tokenizer; comma-separated)",
     )
 
-    @field_validator("draft_models", mode="before")
+    @field_validator("quantize", "draft_models", mode="before")
     @classmethod
-    def _split_drafts(cls, v):
+    def _split_lists(cls, v):  # comma-separated in the environment, a list from flags
         return _split_list(v)
 
     @field_validator("speculation")
