@@ -29,8 +29,9 @@ class FineTuneSettings(ModelServiceSettings):
                                                              "trimmed)")
     finished_job_ttl_s: float = Field(30 * 86400.0, ge=0, description="a finished job's records expire after "
                                                                       "this long (0: never)")
-    checkpoints_kept_after_finish: int = Field(1, ge=0, description="checkpoints a finished job keeps on disk "
-                                                                    "(the final model is always kept)")
+    checkpoints_kept_after_finish: int = Field(0, ge=0, description="checkpoints a finished job keeps on disk "
+                                                                    "(0: only its final weights, which are "
+                                                                    "always kept)")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads (workers: the training loop's)")
     reclaim_idle_s: float = Field(30.0, gt=0, description="a job whose worker sent no heartbeat for this "
                                                           "long is taken over by another worker (the API "

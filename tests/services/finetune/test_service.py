@@ -69,9 +69,9 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def worker(self, reclaim_idle_s: float = 30.0, metrics_port: int = 0) -> subprocess.Popen:
+    def worker(self, reclaim_idle_s: float = 30.0, metrics_port: int = 0, **env) -> subprocess.Popen:
         return self.spawn("worker", ["services.finetune.worker"], LMSTACK_RECLAIM_IDLE_S=str(reclaim_idle_s),
-                          LMSTACK_METRICS_PORT=str(metrics_port))
+                          LMSTACK_METRICS_PORT=str(metrics_port), **env)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.tmp.glob("*.log")))
@@ -168,7 +168,8 @@ def test_upload_train_watch_and_serve_the_result(stack):
     assert name == f"ft:tiny:sums:{lora.id.removeprefix('ftjob-')}" and events[-1].fine_tuned_model == name
     assert job.trained_tokens > 0 and job.HasField("finished_at") and job.HasField("eval_loss")
     assert job.hyperparameters.lora_target_modules == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
-    assert [c.step for c in ft.list_checkpoints(lora.id)] == [40]  # checkpoints_kept_after_finish: 1
+    # By default a finished job leaves only its final weights (checkpoints_kept_after_finish: 0).
+    assert list(ft.list_checkpoints(lora.id)) == [] and not (stack.store / ".checkpoints" / lora.id).exists()
     import redis as redis_py
 
     assert redis_py.Redis.from_url(stack.redis_url).ttl(f"lmstack:ft:job:{lora.id}") > 0  # finished_job_ttl_s
@@ -415,7 +416,7 @@ def test_lmstack_finetune_cli(stack, tmp_path, capsys):
     addr = ["finetune", "--addr", f"127.0.0.1:{stack.port}"]
     data = tmp_path / "train.jsonl"
     data.write_bytes(jsonl(arithmetic_records(12)))
-    stack.worker()
+    stack.worker(LMSTACK_CHECKPOINTS_KEPT_AFTER_FINISH="1")  # keep the newest checkpoint to list it below
     code = main([*addr, "create", "--model", "tiny", "--dataset", str(data), "--max-steps", "4", "--suffix", "cli",
                  "--lora-targets", "c_attn,mlp", "--watch"])
     out = capsys.readouterr().out
@@ -423,7 +424,8 @@ def test_lmstack_finetune_cli(stack, tmp_path, capsys):
     assert "uploaded" in out and "succeeded: ft:tiny:cli:" in out and "fine-tuned model: ft:tiny:cli:" in out
     job_id = next(w for w in out.split() if w.startswith("ftjob-"))
     assert main([*addr, "list", "--status", "succeeded"]) == 0 and job_id in capsys.readouterr().out
-    assert main([*addr, "checkpoints", job_id]) == 0 and "step" in capsys.readouterr().out
+    out = (main([*addr, "checkpoints", job_id]), capsys.readouterr().out)
+    assert out[0] == 0 and len([line for line in out[1].splitlines() if "step" in line]) == 1, out
     assert (stack.store / f"ft:tiny:cli:{job_id.removeprefix('ftjob-')}" / "adapter_config.json").is_file()
     code = main([*addr, "create", "--model", "tiny", "--dataset", str(data), "--max-steps", "2", "--suffix", "merged",
                  "--merge", "--watch"])
