@@ -16,6 +16,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import weakref
 from pathlib import Path
 
@@ -317,6 +319,22 @@ def test_http_api_applies_the_same_tenants_and_quotas(inference, keys):
         assert MODEL_B not in str(e.value.body).split("served models")[-1] or "served models" not in str(e.value.body)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=inference.http, api_key="lmsk-wrong", max_retries=0).models.list()
+    # The /inspect page's API (POST /v1/inspect, what the page calls with the key typed into it).
+    def inspect(tenant, model):
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {keys[1][tenant]}"}
+                                                          if tenant else {})
+        req = urllib.request.Request(f"{inference.http}/inspect", method="POST", headers=headers,
+                                     data=json.dumps({"model": model, "text": "Hello there"}).encode())
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    status, body = inspect("team-a", MODEL_A)
+    assert status == 200 and len(body["tokens"]) > 1
+    assert inspect("team-a", MODEL_B)[0] == 404 and inspect("team-b", MODEL_A)[0] == 404
+    assert inspect(None, MODEL_A)[0] == 401 and inspect("ops", MODEL_B)[0] == 200
     acting = openai.OpenAI(base_url=inference.http, api_key=keys[1]["ops"], max_retries=0,
                            default_headers={"LMSTACK-Tenant": "team-b"})
     assert [m.id for m in acting.models.list().data] == ["tiny", MODEL_B]
