@@ -385,6 +385,8 @@ class Engine:
 
     def _append(self, seq: Sequence, tok: int, lp) -> StepOutput:
         gen = self._gens[seq.request_id]
+        if seq.max_tokens == 0:  # it only scores its prompt: the token its prefill gave is not kept
+            return self._finish_scored(seq, gen)
         grammar_ended = False
         if gen.params.constrained:  # advance its matcher; a token it refuses fails the request alone
             try:
@@ -419,6 +421,17 @@ class Engine:
         prompt_lp = self._prompt_lp.take(seq.request_id) if len(seq.output_ids) == 1 else None
         return StepOutput(seq.request_id, [tok], delta, reason is not None, reason, lp,
                           seq.prompt_len, len(seq.output_ids), prompt_logprobs=prompt_lp)
+
+    def _finish_scored(self, seq: Sequence, gen) -> StepOutput:
+        """End a ``max_tokens=0`` request after its prefill: its prompt figures, no tokens, "length"
+        (so a prompt may fill the whole context: nothing after it is ever fed)."""
+        self.scheduler.finish(seq)
+        self.constraints.remove(seq.request_id)
+        del self._gens[seq.request_id]
+        self._stats["requests_finished"] += 1
+        self._request_finished(gen, "length")
+        return StepOutput(seq.request_id, [], "", True, "length", None, seq.prompt_len, 0,
+                          prompt_logprobs=self._prompt_lp.take(seq.request_id))
 
     def _fail(self, request_id: str, error: Exception) -> StepOutput:
         """End one request with ``error`` (finish_reason "error"); the rest of the batch goes on."""

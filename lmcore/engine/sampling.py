@@ -44,7 +44,8 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    max_tokens: int = Field(16, ge=1, description="most tokens to generate")
+    max_tokens: int = Field(16, ge=0, description="most tokens to generate; 0 only with prompt_logprobs "
+                                                  "(score the prompt, generate nothing)")
     temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE,
                                description=f"0 = greedy (argmax), else in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]")
     top_k: int = Field(0, ge=0, description="keep only the k most likely tokens; 0 = off")
@@ -140,6 +141,14 @@ class SamplingParams(BaseModel):
         if longest > MAX_CHOICE_CHARS:
             raise ValueError(f"choices are at most {MAX_CHOICE_CHARS} characters, got one of {longest}")
         return v
+
+    @model_validator(mode="after")
+    def _zero_tokens_only_scores(self):
+        # 0 tokens is a request that only scores its prompt (echo in OpenAI's API): without
+        # prompt_logprobs it would produce nothing at all.
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            raise ValueError("max_tokens must be at least 1 (0 only with prompt_logprobs, to score the prompt)")
+        return self
 
     @model_validator(mode="after")
     def _one_constraint(self):

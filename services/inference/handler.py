@@ -244,18 +244,11 @@ def prompt_logprobs_pb(items: list, prompt_ids: list[int], tokenizer: Tokenizer)
     return [first, *logprobs_pb(items[1:], tokenizer)]
 
 
-def complete_params(req: pb.CompleteRequest) -> tuple[SamplingParams, bool]:
-    """A CompleteRequest's ``lmcore.SamplingParams`` and whether it only scores its prompt:
-    ``max_tokens`` 0 is allowed with ``prompt_logprobs`` (the engine still samples the token the
-    prefill gives for free, and it is dropped)."""
-    sp = req.sampling
+def complete_params(req: pb.CompleteRequest) -> SamplingParams:
+    """A CompleteRequest's ``lmcore.SamplingParams``; ``max_tokens`` 0 with ``prompt_logprobs``
+    only scores the prompt (lmcore's rule)."""
     has_plp = req.HasField("prompt_logprobs")
-    score_only = has_plp and sp.HasField("max_tokens") and sp.max_tokens == 0
-    if score_only:
-        sp = common_pb2.SamplingParams()
-        sp.CopyFrom(req.sampling)
-        sp.max_tokens = 1
-    return sampling_params(sp, prompt_logprobs=req.prompt_logprobs if has_plp else None), score_only
+    return sampling_params(req.sampling, prompt_logprobs=req.prompt_logprobs if has_plp else None)
 
 
 def model_info(entry: Entry) -> pb.ModelInfo:
@@ -362,7 +355,7 @@ class InferenceHandler:
         The per-output path is kept lean (profiled: it runs once per token per stream at full
         speed): the engine stream is consumed directly, without the generic ``_generate`` layer."""
         name, served = await self._served(req.model)
-        params, score_only = complete_params(req)
+        params = complete_params(req)
         ids = await check_request(served, await self._prompt_ids(req, served, params), params)  # vocabulary, context
         n_prompt = len(ids)
         chunk_type = pb.CompleteChunk
@@ -374,18 +367,15 @@ class InferenceHandler:
                     new = out.new_token_ids
                     if first is None and new:
                         first = time.perf_counter()
-                    if score_only:  # the prompt's figures only: the prefill's free token is dropped
-                        chunk = chunk_type()
-                    else:
-                        completion += len(new)
-                        chunk = chunk_type(text=out.text, token_ids=new)
-                        if out.logprobs:
-                            chunk.logprobs.extend(logprobs_pb(out.logprobs, served.tokenizer))
+                    completion += len(new)
+                    chunk = chunk_type(text=out.text, token_ids=new)
+                    if out.logprobs:
+                        chunk.logprobs.extend(logprobs_pb(out.logprobs, served.tokenizer))
                     if out.prompt_logprobs is not None:
                         chunk.prompt_logprobs.extend(prompt_logprobs_pb(out.prompt_logprobs, ids, served.tokenizer))
                     if out.finished:
                         finished = True
-                        chunk.finish_reason = "length" if score_only else out.finish_reason or ""
+                        chunk.finish_reason = out.finish_reason or ""
                         usage = chunk.usage
                         usage.prompt_tokens, usage.completion_tokens = n_prompt, completion
                         usage.total_tokens = n_prompt + completion

@@ -188,6 +188,16 @@ def test_echo_with_max_tokens_0_returns_the_prompt_logprobs(client, grpc_client,
     assert both.choices[0].text.startswith(context + rest)
     assert both.choices[0].logprobs.token_logprobs[1:len(ids)] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
     assert len(both.choices[0].logprobs.tokens) == len(ids) + 3
+    # Scoring generates nothing, so a prompt (token ids, as lm-eval sends) may fill the whole context;
+    # generating even one token after it may not.
+    n_ctx = client.models.retrieve("plain").model_extra["max_model_len"]
+    assert n_ctx > 0
+    full = (ids * n_ctx)[:n_ctx]
+    got = client.completions.create(model="plain", prompt=full, max_tokens=0, echo=True, logprobs=1)
+    assert got.usage.prompt_tokens == n_ctx and len(got.choices[0].logprobs.tokens) == n_ctx
+    assert got.usage.completion_tokens == 0 and got.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="exceeds the context"):
+        client.completions.create(model="plain", prompt=full, max_tokens=1, echo=True, logprobs=1)
 
 
 def test_stop_strings(client):

@@ -66,3 +66,25 @@ def test_prompt_logprobs_bounds():
         SamplingParams(prompt_logprobs=21)
     with pytest.raises(ValueError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=-1)
+
+
+def test_max_tokens_0_scores_a_prompt_that_fills_the_context():
+    """``max_tokens=0`` with prompt_logprobs only scores: nothing is generated, so the prompt may
+    take every position of the context (one more token than a generating request may)."""
+    model = random_model(seed=5)
+    block = model.config.block_size
+    [prompt] = random_prompts(model.config.vocab_size, [block], seed=2)
+    engine = Engine(model, max_batch_size=2)
+    [out] = run(engine, [prompt], [SamplingParams(max_tokens=0, prompt_logprobs=2)])
+    assert out.finished and out.finish_reason == "length" and out.new_token_ids == []
+    assert out.completion_tokens == 0 and len(out.prompt_logprobs) == block
+    with torch.inference_mode():
+        full = torch.log_softmax(model(torch.tensor([prompt]))[0].float(), dim=-1)
+    got = torch.tensor([e.logprob for e in out.prompt_logprobs[1:]])
+    want = full[:-1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert not engine.has_unfinished()
+    with pytest.raises(ValueError, match="exceeds the context"):  # generating one token needs one more position
+        engine.add_request(prompt, SamplingParams(max_tokens=1, prompt_logprobs=2))
+    with pytest.raises(ValueError, match="0 only with prompt_logprobs"):
+        SamplingParams(max_tokens=0)
