@@ -84,14 +84,36 @@ def _metrics_export(registry):
     return RayMetricsExport(registry, METRICS_INTERVAL_S).start()
 
 
+def _job_store_export(settings):
+    """The job-store gauges (jobs by status, oldest queued job, workers alive, store up), read from
+    Redis at every export as ``python -m services.finetune`` reads them at every scrape. Their
+    running-job series (label ``job_id``) stay off Ray (``deploy/ray_metrics.py``): the workers
+    export the job each of them runs instead."""
+    from prometheus_client import CollectorRegistry
+
+    from services.finetune.metrics import register_job_store_metrics
+    from services.finetune.store import Keys
+
+    registry = CollectorRegistry()
+    register_job_store_metrics(registry, settings.redis_url, Keys(settings.redis_prefix), settings.reclaim_idle_s,
+                               password=settings.redis_password())
+    return _metrics_export(registry)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 class Tokenizer:
     async def __init__(self, args: dict):
+        from prometheus_client import CollectorRegistry
+
+        from services.metrics import TokenizerMetrics
         from services.tokenizer.handler import TokenizerHandler, tokenizer_registry
 
-        self.registry = tokenizer_registry(service_settings(args)["tokenizer"])
+        self.metrics_registry = CollectorRegistry()
+        metrics = TokenizerMetrics(self.metrics_registry)
+        self.registry = tokenizer_registry(service_settings(args)["tokenizer"], metrics)
         await self.registry.load_all()
-        self.handler = TokenizerHandler(self.registry)
+        self.handler = TokenizerHandler(self.registry, metrics=metrics)
+        self._export = _metrics_export(self.metrics_registry)
 
     async def encode(self, request):
         return await _answer(self.handler.encode, request)
@@ -254,8 +276,10 @@ class FineTuning:
         from services.finetune.servicer import ERRORS
 
         self.errors = ERRORS
-        self.handler = FineTuneHandler(service_settings(args)["finetune"])
+        settings = service_settings(args)["finetune"]
+        self.handler = FineTuneHandler(settings)
         await self.handler.connect()
+        self._export = _job_store_export(settings)
 
     async def upload_dataset(self, chunks: list):
         async def stream():

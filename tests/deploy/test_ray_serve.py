@@ -476,3 +476,90 @@ def test_prometheus_scrape_config_for_ray_is_valid():
     assert out.returncode == 0, out.stdout + out.stderr
     (job,) = yaml.safe_load((ROOT / "deploy" / "prometheus" / "ray.yml").read_text())["scrape_configs"]
     assert job["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
+
+
+# --- the Ray dashboards on a real Prometheus scraping the cluster ---------------------------------------
+def tokenizer_calls(c: Client) -> None:
+    c.count_tokens(PROMPT)
+    c.decode(c.encode(PROMPT))
+
+
+def test_ray_dashboards_show_data_from_prometheus_scraping_the_cluster(stack, tmp_path):
+    """deploy/prometheus/ray.yml's job pointed at the nodes' metrics export ports (this cluster runs no
+    dashboard, so no service-discovery file), some traffic and a fine-tuning job, then every panel
+    query of both Ray dashboards returns data. The job-store gauges equal the store's own counts; a
+    worker's current-job gauges carry its job's real losses, turn NaN when the job ends, and no
+    job_id series reaches Ray's export."""
+    import math
+
+    from services.finetune.client import FineTuneClient
+    from services.gen.lmstack.v1 import finetune_pb2 as pb
+    from tests.helpers.prometheus import PrometheusServer, dashboard_targets, substitute
+
+    (job,) = yaml.safe_load((ROOT / "deploy" / "prometheus" / "ray.yml").read_text())["scrape_configs"]
+    nodes = [f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in ray.nodes() if n["Alive"]]
+    prom = PrometheusServer(tmp_path, {job["job_name"]: nodes}).start()
+    started = time.time()
+    try:
+        prom.wait_for(f'count(up{{job="{job["job_name"]}"}} == 1) == {len(nodes)}')
+        # Scraped once before the traffic: a counter first seen already moved shows no rate.
+        prom.wait_for("ray_lmstack_inference_generation_tokens_total")
+        with ray_client(stack.addr) as c:
+            shared = "the dashboards' shared prefix: " + " ".join(f"w{i}" for i in range(40))
+            for suffix in (" one", " two"):  # the second reuses the first's cached prefix blocks
+                c.complete(shared + suffix, max_tokens=4)
+            list(c.complete_stream(PROMPT, max_tokens=8))
+            stream = c.complete_stream(PROMPT, max_tokens=500, ignore_eos=True)
+            next(stream)
+            stream.cancel()
+            rpc_error(lambda: c.complete("hi", temperature=-1))
+            tokenizer_calls(c)
+
+        records = [{"prompt": f"Q: {a} times {b}?\nA:", "completion": f" {a * b}"} for a, b in
+                   ((i % 6 + 2, i % 4 + 3) for i in range(24))]
+        with FineTuneClient(stack.addr, application=APP, timeout=120) as ft:
+            ds = ft.upload_dataset(("\n".join(json.dumps(r) for r in records) + "\n").encode())
+            running = ft.create_job("tiny", ds.id, method="LORA", suffix="dash", max_steps=5000, batch_size=4,
+                                    lora_rank=4, eval_interval=2, log_interval=1, learning_rate=1e-3)
+            # The worker's current-job gauges, scraped while the job runs (NaN is not > -Inf).
+            prom.wait_for("ray_lmstack_finetune_worker_job_eval_loss > -Inf", timeout=180)
+            prom.wait_for("ray_lmstack_finetune_worker_job_step > 4", timeout=120)
+            ft.cancel_job(running.id)
+            assert ft.wait(running.id, timeout=300).status == pb.JOB_STATUS_CANCELLED
+            events = list(ft.watch_job(running.id, timeout=60))
+            statuses = [pb.JobStatus.Name(j.status).removeprefix("JOB_STATUS_").lower()
+                        for j in ft.list_jobs(page_size=100).jobs]
+        ended = time.time()
+        with ray_client(stack.addr) as c:  # again: a series first seen at its first call has no rate yet
+            tokenizer_calls(c)
+
+        for path in sorted((ROOT / "deploy" / "grafana" / "dashboards" / "ray").glob("*.json")):
+            dash = json.loads(path.read_text())
+            span = f"{int(time.time() - started) + 60}s"
+            pending = [(p["title"], t["refId"], substitute(t["expr"], dash, "20s", span))
+                       for p, t in dashboard_targets(dash)]
+            deadline = time.monotonic() + 90
+            while pending and time.monotonic() < deadline:
+                pending = [(title, ref, expr) for title, ref, expr in pending
+                           if not any(math.isfinite(float(v)) for s in prom.query_range(expr, started, time.time())
+                                      for _, v in s["values"])]
+                if pending:
+                    time.sleep(1)
+            assert not pending, f"{path.name}: queries without data:\n" + "\n".join(map(repr, pending))
+
+        # Jobs by status: every FineTuning replica exports the store's own counts.
+        want = {s: statuses.count(s) for s in set(statuses)}
+        wait_until(lambda: {s["metric"]["status"]: int(float(s["value"][1]))
+                            for s in prom.query("max by (status) (ray_lmstack_finetune_jobs)")
+                            if float(s["value"][1])} == want, 60, f"jobs by status to equal the store's {want}")
+        # The running job's losses as its worker reported them, and a gap (NaN) once it ended.
+        losses = {e.metrics.loss for e in events if e.type == pb.JOB_EVENT_TYPE_METRICS}
+        seen = {float(v) for s in prom.query_range("ray_lmstack_finetune_worker_job_train_loss", started, ended)
+                for _, v in s["values"] if math.isfinite(float(v))}
+        assert seen and all(any(math.isclose(v, r, rel_tol=1e-6) for r in losses) for v in seen), (seen, losses)
+        wait_until(lambda: all(math.isnan(float(s["value"][1]))
+                               for s in prom.query("ray_lmstack_finetune_worker_job_step")), 60,
+                   "the current-job gauges to turn NaN after the job")
+        assert not prom.query('{__name__=~"ray_lmstack_.+", job_id!=""}')  # no per-job series on Ray
+    finally:
+        prom.stop()
