@@ -6,6 +6,8 @@
 * ``Gateway`` (the ingress): Ray's gRPC proxy routes every lmstack RPC to it by method name
   (``Complete``, ``Encode``, ``CreateJob``, ...); each method forwards the request message through a
   ``DeploymentHandle`` to the deployment that owns it and turns what comes back into a gRPC status.
+  Ray's HTTP proxy routes the application's ``route_prefix`` to it too: the OpenAI-compatible API
+  of ``services.http``, over the same handles (``deploy/ray_http.py``).
 * ``Tokenizer``, ``Inference`` (multiplexed fine-tunes, autoscaled) and ``FineTuning`` (the job API
   over Redis) in ``deploy/ray_services.py``, calling the ``TokenizerHandler``, ``InferenceHandler``
   and ``FineTuneHandler`` that ``python -m services.*`` call: one body of logic, every error the same.
@@ -22,23 +24,30 @@ and its servicer's ``ERRORS`` (as the gRPC servers do) into an ``RpcFailed`` tha
 actors; the gateway sets that code and message on Ray's gRPC context. Router back-pressure
 (``max_queued_requests``) is ``RESOURCE_EXHAUSTED`` like a full engine queue.
 
+Tenants: the gateway authenticates every call with the standalone servers' keys (``api_keys`` /
+``api_keys_file`` in the args; ``services.tenants.KeyRing.resolve``, gRPC metadata or the HTTP
+``Authorization`` header): no valid key is ``UNAUTHENTICATED`` (HTTP 401). It passes the resolved
+``Tenant`` to the downstream deployment as the call's first argument, which runs the handler as
+that tenant: scoping, NOT_FOUND for another tenant's models/jobs/datasets, and quotas are the
+handlers' (request quotas count per ``Inference`` replica, as per inference process).
+
 Routing of fine-tunes: a request whose ``model`` is not a configured base model goes to
 ``Inference`` with ``multiplexed_model_id=<model>``, so Serve's router prefers replicas that already
 hold that fine-tune (``services.client.Client(application="lmstack")`` also sends it as metadata).
 
 Run it: ``serve run deploy/serve.yaml`` (clients connect to the proxy's gRPC port, 9000, with
-metadata ``application: lmstack``), or from Python ``run_config(yaml.safe_load(...))``, which is
-what ``serve run`` does with a config file.
+metadata ``application: lmstack``; OpenAI clients to ``http://HOST:8000/v1``), or from Python
+``run_config(yaml.safe_load(...))``, which is what ``serve run`` does with a config file.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import grpc
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deploy.ray_http import HandleInference, inference_for
 from deploy.ray_services import (
     FineTuneWorker,
     FineTuning,
@@ -46,6 +55,7 @@ from deploy.ray_services import (
     RpcFailed,
     Tokenizer,
     base_model_names,
+    rpc_status,
     service_settings,
 )
 
@@ -57,24 +67,6 @@ GRPC_SERVICER_FUNCTIONS = [
 ]
 
 
-def rpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status for what a downstream deployment call raised."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-    from services.errors import status_for
-
-    cause = exc.cause if isinstance(exc, RayTaskError) else exc
-    if isinstance(cause, RpcFailed):
-        return grpc.StatusCode[cause.code], cause.message
-    if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)):
-        return grpc.StatusCode.UNAVAILABLE, ("the replica serving this call was lost; retry (Ray Serve is "
-                                             f"replacing it): {type(exc).__name__}")
-    if isinstance(exc, BackPressureError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded, retry later: {exc.message}"
-    return status_for(cause)
-
-
 def _set_status(grpc_context, exc: BaseException) -> None:
     if grpc_context is not None:
         code, message = rpc_status(exc)
@@ -83,31 +75,51 @@ def _set_status(grpc_context, exc: BaseException) -> None:
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1000)
+@serve.ingress()  # HTTP: the app of __serve_build_asgi_app__, built on each replica
 class Gateway:
-    """The ingress: one method per lmstack RPC, each forwarding to the deployment that owns it."""
+    """The ingress: one method per lmstack RPC, each forwarding to the deployment that owns it, and
+    the OpenAI-compatible HTTP API (``deploy/ray_http.py``)."""
 
     def __init__(self, tokenizer: DeploymentHandle, inference: DeploymentHandle, finetuning: DeploymentHandle,
-                 workers: DeploymentHandle | None, base_models: list[str], max_dataset_bytes: int):
+                 workers: DeploymentHandle | None, base_models: list[str], max_dataset_bytes: int, keys):
         self.tokenizer, self.inference, self.finetuning = tokenizer, inference, finetuning
         self.workers = workers  # bound so the workers deploy with the application; never called
         self.base_models = set(base_models)
         self.max_dataset_bytes = max_dataset_bytes
+        self.keys = keys  # services.tenants.KeyRing: the standalone servers' keys and rule
+
+    async def __serve_build_asgi_app__(self):
+        from services.http.app import create_app
+
+        default = await self.inference.default_model.remote()
+        app = create_app(HandleInference(self.inference, self.base_models, default), self.keys)
+        app.state.lmstack.serving = True  # Serve routes HTTP here only once the replica is up
+        return app
+
+    def _caller(self, grpc_context):
+        """The tenant of this RPC, from its metadata by ``KeyRing.resolve`` (every transport's one
+        rule); UNAUTHENTICATED without a valid key. Downstream deployments get it as an argument."""
+        tenant, why = self.keys.resolve(grpc_context.invocation_metadata() if grpc_context is not None else ())
+        if tenant is None:
+            raise RpcFailed("UNAUTHENTICATED", why)
+        return tenant
 
     def _inference_for(self, model: str) -> DeploymentHandle:
-        """Fine-tunes are multiplexed over the replicas: route by the model's name."""
-        if model and model not in self.base_models:
-            return self.inference.options(multiplexed_model_id=model)
-        return self.inference
+        return inference_for(self.inference, self.base_models, model)
 
     async def _unary(self, call, request, grpc_context):
         try:
-            return await call.remote(request)
+            return await call.remote(self._caller(grpc_context), request)
         except Exception as exc:
             _set_status(grpc_context, exc)
             raise
 
     async def _stream(self, handle: DeploymentHandle, method: str, request, grpc_context):
-        responses = getattr(handle.options(stream=True), method).remote(request)
+        try:
+            responses = getattr(handle.options(stream=True), method).remote(self._caller(grpc_context), request)
+        except Exception as exc:
+            _set_status(grpc_context, exc)
+            raise
         try:
             async for message in responses:
                 yield message
@@ -157,6 +169,7 @@ class Gateway:
         # (the handler owns the limit and says so); the handler validates them as it would a stream.
         chunks, size = [], 0
         try:
+            tenant = self._caller(grpc_context)  # before reading a byte
             async for chunk in request_iterator:
                 chunks.append(chunk)
                 size += len(chunk.data)
@@ -165,7 +178,11 @@ class Gateway:
         except Exception as exc:
             _set_status(grpc_context, exc)
             raise
-        return await self._unary(self.finetuning.upload_dataset, chunks, grpc_context)
+        try:
+            return await self.finetuning.upload_dataset.remote(tenant, chunks)
+        except Exception as exc:
+            _set_status(grpc_context, exc)
+            raise
 
     async def GetDataset(self, request, grpc_context=None):
         return await self._unary(self.finetuning.get_dataset, request, grpc_context)
@@ -205,10 +222,13 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     router queue (``max_queued_requests``) the waiting queue, so Serve's back-pressure and the
     engine's agree.
     """
+    from services.tenants import KeyRing
+
     args = dict(args)
     num_workers = int(args.pop("num_workers", 1))
     settings = service_settings(args)  # validates every field
     inference = settings["inference"]
+    keys = KeyRing.from_settings(inference.api_keys, inference.api_keys_file)  # a bad keys file fails here
     capacity = inference.max_batch_size + inference.max_waiting
     workers = FineTuneWorker.options(num_replicas=num_workers).bind(args) if num_workers else None
     return Gateway.bind(
@@ -218,6 +238,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         workers,
         base_model_names(inference),
         settings["finetune"].max_dataset_bytes,
+        keys,
     )
 
 

@@ -6,6 +6,12 @@ its methods take and return the protobuf messages. A handler's exception becomes
 (code name + message, picklable) through ``services.errors.status_for`` and the servicer's own
 ``ERRORS``, exactly the status the gRPC server would send.
 
+Tenants: every method takes the caller's ``services.tenants.Tenant`` as its first argument, resolved
+by the ``Gateway`` from the request's API key (``KeyRing.resolve``, the standalone servers' rule), and
+runs the handler under ``tenants.use(tenant)``: the handlers then scope, hide (NOT_FOUND) and count
+quotas exactly as behind ``python -m services.*``. Nothing a client sends is read here: only the
+gateway can call these deployments, and it passes the tenant it authenticated.
+
 * ``Tokenizer``: ``TokenizerHandler`` over a tokenizer registry (store entries load on refresh).
 * ``Inference``: ``InferenceHandler`` over the configured base models, loaded in ``__init__`` (a
   replica is RUNNING, and receives traffic, once its engines run), plus fine-tunes from the model
@@ -28,22 +34,28 @@ from collections import Counter
 from contextlib import aclosing
 from typing import Any
 
+import grpc
 from ray import serve
+
+from services import tenants
+from services.errors import ServiceError
 
 log = logging.getLogger("lmstack.ray")
 
 METRICS_INTERVAL_S = 5.0
 
 
-class RpcFailed(Exception):
-    """A handler's error as the gRPC status it maps to; crosses actor boundaries intact."""
+class RpcFailed(ServiceError):
+    """A handler's error as the gRPC status it maps to; crosses actor boundaries intact (pickled as
+    its code's name and message). A ``ServiceError``, so ``services.errors.status_for`` (the HTTP
+    API's error mapping included) answers with that same status."""
 
     def __init__(self, code: str, message: str):
         super().__init__(code, message)
-        self.code, self.message = code, message
+        self.code, self.message = grpc.StatusCode[code], message
 
     def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
+        return self.message
 
 
 def failure(exc: BaseException, errors=None) -> RpcFailed:
@@ -52,6 +64,32 @@ def failure(exc: BaseException, errors=None) -> RpcFailed:
     code, message = status_for(exc, errors)
     if code.name == "INTERNAL":  # a bug: the traceback goes to the replica's log
         logging.getLogger("ray.serve").error("internal error", exc_info=exc)
+    return RpcFailed(code.name, message)
+
+
+def rpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status for what a call through a ``DeploymentHandle`` raised: the handler's own
+    status, ``UNAVAILABLE`` for a lost replica (fail fast; Serve replaces it), ``RESOURCE_EXHAUSTED``
+    for the router's back-pressure."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    from services.errors import status_for
+
+    cause = exc.cause if isinstance(exc, RayTaskError) else exc
+    if isinstance(cause, RpcFailed):
+        return cause.code, cause.message
+    if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)):
+        return grpc.StatusCode.UNAVAILABLE, ("the replica serving this call was lost; retry (Ray Serve is "
+                                             f"replacing it): {type(exc).__name__}")
+    if isinstance(exc, BackPressureError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded, retry later: {exc.message}"
+    return status_for(cause)
+
+
+def replica_error(exc: BaseException) -> RpcFailed:
+    """What a handle call raised, as the ``RpcFailed`` of its status (see :func:`rpc_status`)."""
+    code, message = rpc_status(exc)
     return RpcFailed(code.name, message)
 
 
@@ -71,9 +109,23 @@ def base_model_names(settings) -> list[str]:
     return [s.name for s in parse_model_specs(settings.models)]
 
 
-async def _answer(method, request, errors=None):
+async def _answer(method, tenant, *args, errors=None):
+    """``method(*args)`` run as ``tenant``; its exception as the ``RpcFailed`` of its status."""
     try:
-        return await method(request)
+        with tenants.use(tenant):
+            return await method(*args)
+    except Exception as exc:
+        raise failure(exc, errors) from None
+
+
+async def _stream(gen_method, tenant, request, errors=None):
+    """The items of ``gen_method(request)`` run as ``tenant``; closed early, the handler's stream is
+    closed at once (its engine request aborted)."""
+    try:
+        with tenants.use(tenant):
+            async with aclosing(gen_method(request)) as items:
+                async for item in items:
+                    yield item
     except Exception as exc:
         raise failure(exc, errors) from None
 
@@ -115,17 +167,17 @@ class Tokenizer:
         self.handler = TokenizerHandler(self.registry, metrics=metrics)
         self._export = _metrics_export(self.metrics_registry)
 
-    async def encode(self, request):
-        return await _answer(self.handler.encode, request)
+    async def encode(self, tenant, request):
+        return await _answer(self.handler.encode, tenant, request)
 
-    async def encode_batch(self, request):
-        return await _answer(self.handler.encode_batch, request)
+    async def encode_batch(self, tenant, request):
+        return await _answer(self.handler.encode_batch, tenant, request)
 
-    async def decode(self, request):
-        return await _answer(self.handler.decode, request)
+    async def decode(self, tenant, request):
+        return await _answer(self.handler.decode, tenant, request)
 
-    async def count_tokens(self, request):
-        return await _answer(self.handler.count_tokens, request)
+    async def count_tokens(self, tenant, request):
+        return await _answer(self.handler.count_tokens, tenant, request)
 
 
 class HeldModel:
@@ -192,66 +244,86 @@ class Inference:
             await asyncio.sleep(0.2)
         self._unloading.pop(name, None)
 
-    async def _use(self, model: str) -> str:
+    async def _use(self, model: str, tenant) -> str:
         """Make ``model`` servable here (a fine-tune loads through the multiplexing cache); the
-        caller counts the request in ``_in_use`` until it ends, which holds off an unload."""
+        caller counts the request in ``_in_use`` until it ends, which holds off an unload. Another
+        tenant's fine-tune is never loaded for this caller: it is NOT_FOUND as an unknown name is."""
         name = model or self.registry.default
         if name not in self.base_models:
+            self.registry.check_store_model(name, tenant)
             await self.fine_tune(name)
         self._in_use[name] += 1
         return name
 
-    async def _call(self, method, request):
+    async def _call(self, method, tenant, model: str, *args):
         try:
-            name = await self._use(request.model)
+            name = await self._use(model, tenant)
         except Exception as exc:
             raise failure(exc, self.errors) from None
         try:
-            return await _answer(method, request, self.errors)
+            return await _answer(method, tenant, *args, errors=self.errors)
         finally:
             self._in_use[name] -= 1
 
     # --- lmstack.v1.InferenceService -------------------------------------------------------------
-    async def complete(self, request):
-        return await self._call(self.handler.complete, request)
+    async def complete(self, tenant, request):
+        return await self._call(self.handler.complete, tenant, request.model, request)
 
-    async def complete_stream(self, request):
+    async def complete_stream(self, tenant, request):
         try:
-            name = await self._use(request.model)
+            name = await self._use(request.model, tenant)
         except Exception as exc:
             raise failure(exc, self.errors) from None
         try:
-            async with aclosing(self.handler.complete_stream(request)) as chunks:
+            async with aclosing(_stream(self.handler.complete_stream, tenant, request, self.errors)) as chunks:
                 async for chunk in chunks:
                     yield chunk
-        except Exception as exc:
-            raise failure(exc, self.errors) from None
         finally:
             self._in_use[name] -= 1
 
-    async def few_shot(self, request):
-        return await self._call(self.handler.few_shot, request)
+    async def few_shot(self, tenant, request):
+        return await self._call(self.handler.few_shot, tenant, request.model, request)
 
-    async def score(self, request):
-        return await self._call(self.handler.score, request)
+    async def score(self, tenant, request):
+        return await self._call(self.handler.score, tenant, request.model, request)
 
-    async def inspect(self, request):
-        return await self._call(self.handler.inspect, request)
+    async def inspect(self, tenant, request):
+        return await self._call(self.handler.inspect, tenant, request.model, request)
 
-    async def list_models(self, request):
+    async def list_models(self, tenant, request):
         """The models this replica serves, then the store's fine-tunes it has not loaded (any
-        replica loads them on first use; their details show once loaded)."""
+        replica loads them on first use; their details show once loaded): the caller's own only."""
         from services.gen.lmstack.v1 import inference_pb2 as pb
         from services.models import read_adapter_base
 
-        resp = await _answer(self.handler.list_models, request, self.errors)
+        resp = await _answer(self.handler.list_models, tenant, request, errors=self.errors)
         for spec in self.registry.scan_store():
+            if not tenant.owns(spec.owner):
+                continue
             try:
                 base = read_adapter_base(spec.path) if spec.is_adapter else ""
             except ValueError:
                 continue
-            resp.models.append(pb.ModelInfo(name=spec.name, source="store", base_model=base))
+            resp.models.append(pb.ModelInfo(name=spec.name, source="store", base_model=base, tenant=spec.owner))
         return resp
+
+    # --- what the OpenAI-compatible HTTP API needs beyond the RPCs (deploy/ray_http.py) --------
+    async def tokenize(self, tenant, model: str, text: str, allow_special: bool):
+        return await self._call(self.handler.tokenize, tenant, model, model, text, allow_special)
+
+    async def detokenize(self, tenant, model: str, token_ids: list[int]):
+        return await self._call(self.handler.detokenize, tenant, model, model, token_ids)
+
+    async def chat_template(self, tenant, model: str):
+        return await self._call(self.handler.chat_template, tenant, model, model)
+
+    def default_model(self) -> str:
+        return self.registry.default
+
+    # --- for operators and tests -------------------------------------------------------------------
+    def engine_stats(self) -> dict[str, dict]:
+        """``Engine.stats()`` of each engine this replica runs, by model (running, waiting, aborted...)."""
+        return {e.name: e.obj.engine_stats() for e in self.registry.entries() if e.obj.owns_engine}
 
     def loaded_models(self) -> list[str]:
         """The models this replica holds now (bases and fine-tunes), for operators and tests."""
@@ -281,41 +353,38 @@ class FineTuning:
         await self.handler.connect()
         self._export = _job_store_export(settings)
 
-    async def upload_dataset(self, chunks: list):
+    async def upload_dataset(self, tenant, chunks: list):
         async def stream():
             for chunk in chunks:
                 yield chunk
 
-        return await _answer(self.handler.upload_dataset, stream(), self.errors)
+        return await _answer(self.handler.upload_dataset, tenant, stream(), errors=self.errors)
 
-    async def get_dataset(self, request):
-        return await _answer(self.handler.get_dataset, request, self.errors)
+    async def get_dataset(self, tenant, request):
+        return await _answer(self.handler.get_dataset, tenant, request, errors=self.errors)
 
-    async def create_job(self, request):
-        return await _answer(self.handler.create_job, request, self.errors)
+    async def create_job(self, tenant, request):
+        return await _answer(self.handler.create_job, tenant, request, errors=self.errors)
 
-    async def get_job(self, request):
-        return await _answer(self.handler.get_job, request, self.errors)
+    async def get_job(self, tenant, request):
+        return await _answer(self.handler.get_job, tenant, request, errors=self.errors)
 
-    async def list_jobs(self, request):
-        return await _answer(self.handler.list_jobs, request, self.errors)
+    async def list_jobs(self, tenant, request):
+        return await _answer(self.handler.list_jobs, tenant, request, errors=self.errors)
 
-    async def cancel_job(self, request):
-        return await _answer(self.handler.cancel_job, request, self.errors)
+    async def cancel_job(self, tenant, request):
+        return await _answer(self.handler.cancel_job, tenant, request, errors=self.errors)
 
-    async def list_checkpoints(self, request):
-        return await _answer(self.handler.list_checkpoints, request, self.errors)
+    async def list_checkpoints(self, tenant, request):
+        return await _answer(self.handler.list_checkpoints, tenant, request, errors=self.errors)
 
-    async def delete_dataset(self, request):
-        return await _answer(self.handler.delete_dataset, request, self.errors)
+    async def delete_dataset(self, tenant, request):
+        return await _answer(self.handler.delete_dataset, tenant, request, errors=self.errors)
 
-    async def watch_job(self, request):
-        try:
-            async with aclosing(self.handler.watch_job(request)) as events:
-                async for event in events:
-                    yield event
-        except Exception as exc:
-            raise failure(exc, self.errors) from None
+    async def watch_job(self, tenant, request):
+        async with aclosing(_stream(self.handler.watch_job, tenant, request, self.errors)) as events:
+            async for event in events:
+                yield event
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=1)

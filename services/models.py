@@ -312,17 +312,11 @@ class ModelRegistry:
         entry = self._entries.get(name)
         if entry is not None:
             return entry
-        check_name(name)
-        if not self.loaded:
-            raise Unavailable("models are still loading; retry shortly (health turns SERVING when ready)")
-        path = self.store / name if self.store is not None and name and "/" not in name else None
-        if path is None or name.startswith(".") or not _holds_model(path):
-            raise NotFound(f"model {name!r} not found; served models: {[s.name for s in self.specs]}"
-                           + (f", or a fine-tune in the model store {self.store}" if self.store else ""))
+        path = self.check_store_model(name)
         async with self._lock:
             if name in self._entries:
                 return self._entries[name]
-            spec = ModelSpec(name, path, source="store")
+            spec = ModelSpec(name, path, source="store", owner=read_owner(path))
             try:
                 if spec.is_adapter:
                     spec.base_model = read_adapter_base(path)
@@ -331,6 +325,20 @@ class ModelRegistry:
                 log.warning("model store entry %s not served: %s", path, e)
                 raise NotFound(f"model {name!r} is in the model store but could not be loaded ({str(e)[:300]})"
                                ) from None
+
+    def check_store_model(self, name: str, tenant=None) -> Path:
+        """The store directory of the model ``name``, which ``tenant`` (None: anyone) may use; else
+        ``NotFound``, with the same message for another tenant's model as for a missing one (existence
+        is not leaked). For a registry that loads store entries only when asked (``autoload_store=False``)."""
+        check_name(name)
+        if not self.loaded:
+            raise Unavailable("models are still loading; retry shortly (health turns SERVING when ready)")
+        path = self.store / name if self.store is not None and name and "/" not in name else None
+        if path is None or name.startswith(".") or not _holds_model(path) or \
+                (tenant is not None and not tenant.owns(read_owner(path))):
+            raise NotFound(f"model {name!r} not found; served models: {[s.name for s in self.specs]}"
+                           + (f", or a fine-tune in the model store {self.store}" if self.store else ""))
+        return path
 
     async def unload(self, name: str) -> bool:
         """Close and forget the store entry ``name``; False (still served) while the close hook finds

@@ -53,6 +53,9 @@ class ChatTemplate:
         except jinja2.exceptions.TemplateError as e:
             raise ValueError(f"the model's chat template does not compile: {e}") from None
 
+    def __reduce__(self):  # pickled as its source (a compiled jinja2 template is not picklable)
+        return type(self), (self.source, self.special_tokens)
+
     @classmethod
     def from_dir(cls, directory: str | Path) -> ChatTemplate | None:
         """The template of a model directory's ``tokenizer_config.json``, or None when it has none."""

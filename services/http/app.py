@@ -95,7 +95,7 @@ async def _respond(handler, shape, body_, prompts: list, texts: list):
     if not body_.stream:
         return await openai.run_unary(handler, shape, body_.model, choices)
     opened = await openai.open_streams(handler, choices)
-    model = body_.model or handler.registry.default
+    model = body_.model or handler.default_model
     include_usage = bool(body_.stream_options and body_.stream_options.include_usage)
     return SSEResponse(openai.sse_events(shape, model, choices, opened, include_usage),
                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -293,6 +293,10 @@ class InferenceHandler:
         self._score_pool: BoundedExecutor | None = None  # made on the first Score (its threads start then)
         self._chat_templates: dict = {}  # model name -> lmcore ChatTemplate or None (chat_template)
 
+    @property
+    def default_model(self) -> str:
+        return self.registry.default
+
     def close(self) -> None:
         self.inspector.close()
         if self._score_pool is not None:

@@ -4,7 +4,9 @@ this machine), through Ray Serve's real gRPC proxy, against the standalone serve
 One module-scoped cluster runs the application from ``deploy/serve.yaml`` itself (loaded by Ray's
 ``ServeDeploySchema``, deployed as ``serve run`` does), with a test overlay: tiny models, a real
 redis-server, short autoscaling delays, one proxy (two proxies on one machine would share a port),
-and custom resources that put ``Inference`` and ``FineTuneWorker`` on the second node.
+and custom resources that put ``Inference`` and ``FineTuneWorker`` on the second node. The
+application has a keys file (an admin, two members; ``ray_client`` speaks as the admin) and serves
+the OpenAI-compatible API on Ray's HTTP proxy beside gRPC.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,6 +28,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 from services.client import Client  # noqa: E402
+from services.tenants import hash_key  # noqa: E402
 from tests.helpers import ROOT, free_port, gpt2_tokenizer  # noqa: E402
 from tests.helpers.models import save_tiny_model  # noqa: E402
 
@@ -34,7 +38,12 @@ pytestmark = pytest.mark.timeout(900)
 
 APP = "lmstack"
 SQL, POEM, FULL = "ft:tiny:sql:aaa111", "ft:tiny:poem:bbb222", "ft:tiny:full:ccc333"
+MODEL_A, MODEL_B = "ft:tiny:a:aaaaaa", "ft:tiny:b:bbbbbb"  # adapters owned by team-a and team-b
 PROMPT = "The quick brown fox"
+KEYS = {"ops": "lmsk-ray-test-ops", "team-a": "lmsk-ray-test-team-a", "team-b": "lmsk-ray-test-team-b"}
+ROLES = {"ops": "admin", "team-a": "member", "team-b": "member"}
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 def serve_yaml() -> dict:
@@ -105,6 +114,14 @@ def stack(tmp_path_factory):
     publish_adapter(store, SQL, base, "tiny", seed=1, rank=4, targets=("attn.c_attn",))
     publish_adapter(store, POEM, base, "tiny", seed=2, rank=2, targets=("attn.c_attn", "mlp.c_fc"))
     save_tiny_model(store / FULL, 3, tok)
+    for name, tenant, seed in ((MODEL_A, "team-a", 4), (MODEL_B, "team-b", 5)):
+        publish_adapter(store, name, base, "tiny", seed=seed, rank=2, targets=("attn.c_attn",))
+        (store / name / "finetune.json").write_text(json.dumps({"tenant": tenant}))
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
+    keys_file = root / "api-keys.yaml"
+    keys_file.write_text(yaml.safe_dump({"keys": {hash_key(k): {"tenant": t, "role": ROLES[t]}
+                                                  for t, k in KEYS.items()}}))
     (root / "redis").mkdir()
     redis = RedisServer(root / "redis")
     redis.start()
@@ -117,14 +134,15 @@ def stack(tmp_path_factory):
     os.environ.update(env)  # the raylets (and so every Ray process) inherit this environment
     cluster = start_two_nodes()
     ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
-    port = free_port()
+    port, http_port = free_port(), free_port()
     args = {"models": f"tiny={base}", "model_store": str(store), "redis_url": redis.url, "max_models_per_replica": 2,
-            "reclaim_idle_s": 1.5, "max_batch_size": 8, "max_waiting": 16}
+            "reclaim_idle_s": 1.5, "max_batch_size": 8, "max_waiting": 16, "api_keys_file": str(keys_file)}
     try:
-        run_config(overlay_config(port, free_port(), args), timeout_s=300)
+        run_config(overlay_config(port, http_port, args), timeout_s=300)
         s = type("Stack", (), {})()
         s.addr, s.base, s.store, s.tok, s.redis, s.cluster, s.args = f"127.0.0.1:{port}", base, store, tok, redis, \
             cluster, args
+        s.http = f"http://127.0.0.1:{http_port}"
         wait_for_app(s.addr)
         yield s
     finally:
@@ -139,8 +157,21 @@ def stack(tmp_path_factory):
                 os.environ[k] = v
 
 
-def ray_client(addr: str, **kw) -> Client:
-    return Client(addr, application=APP, timeout=120, **kw)
+def ray_client(addr: str, tenant: str = "ops", **kw) -> Client:
+    return Client(addr, application=APP, timeout=120, api_key=KEYS[tenant], **kw)
+
+
+def ray_finetune_client(addr: str, tenant: str = "ops", **kw):
+    from services.finetune.client import FineTuneClient
+
+    return FineTuneClient(addr, application=APP, api_key=KEYS[tenant], **kw)
+
+
+def openai_client(stack, tenant: str = "ops", **kw):
+    import openai
+
+    return openai.OpenAI(base_url=stack.http + "/v1", api_key=kw.pop("api_key", KEYS[tenant]), max_retries=0,
+                         timeout=120, **kw)
 
 
 def wait_for_app(addr: str, timeout: float = 120.0) -> None:
@@ -256,7 +287,6 @@ BAD_CALLS = {
 
 def test_status_codes_equal_the_standalone_servers(stack):
     from services.config import InferenceSettings, TokenizerSettings
-    from services.finetune.client import FineTuneClient
     from services.inference.__main__ import setup as inference_setup
     from services.tokenizer.__main__ import setup as tokenizer_setup
     from tests.helpers.servers import ServerThread
@@ -277,7 +307,7 @@ def test_status_codes_equal_the_standalone_servers(stack):
     finally:
         inference.stop()
         tokenizer.stop()
-    with FineTuneClient(stack.addr, application=APP) as ft:
+    with ray_finetune_client(stack.addr) as ft:
         code, details = rpc_error(ft.get_job, "ftjob-000000000000")
         assert code == grpc.StatusCode.NOT_FOUND and "ftjob-000000000000" in details
         code, details = rpc_error(ft.get_job, "nope")
@@ -328,6 +358,71 @@ def test_fine_tunes_are_multiplexed_with_an_lru_per_replica(stack):
         assert held[0] == "tiny" and SQL in held and FULL in held and POEM not in held, held
 
 
+# --- the OpenAI-compatible API through Ray's HTTP proxy ---------------------------------------------
+def test_openai_api_through_rays_http_proxy_answers_like_grpc(stack):
+    """The real ``openai`` client against Serve's HTTP proxy: the same handler calls as gRPC, so the
+    same text, the same errors (in OpenAI's shape), and a stream a client leaves is aborted."""
+    import openai
+
+    from lmcore import SamplingParams, generate, load_model
+    from lmcore.tokenizer.chat_template import ChatTemplate
+
+    client = openai_client(stack)
+    assert {"tiny", SQL, POEM, FULL, MODEL_A, MODEL_B} <= {m.id for m in client.models.list().data}
+    assert client.models.retrieve("tiny").max_model_len == 1024
+
+    expected = generate(load_model(stack.base), [stack.tok.encode(PROMPT)],
+                        SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    greedy = dict(max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    with ray_client(stack.addr) as c:
+        grpc_text = c.complete(PROMPT, max_tokens=12, temperature=0, ignore_eos=True).text
+        tuned_text = c.complete(PROMPT, model=SQL, max_tokens=12, temperature=0, ignore_eos=True).text
+        bad_grpc = rpc_error(lambda: c.complete("hi", max_tokens=100_000))
+        unknown_grpc = rpc_error(lambda: c.complete("hi", model="nope"))
+    assert grpc_text == stack.tok.decode(expected.token_ids)
+    r = client.completions.create(model="tiny", prompt=PROMPT, **greedy)
+    assert r.choices[0].text == grpc_text and r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, stream=True, **greedy))
+    assert len(chunks) > 2 and "".join(ch.choices[0].text for ch in chunks if ch.choices) == grpc_text
+    assert client.completions.create(model=SQL, prompt=PROMPT, **greedy).choices[0].text == tuned_text  # multiplexed
+
+    # chat: the model directory's template, rendered in the gateway, crossed from the replica
+    messages = [{"role": "user", "content": "Say hi"}]
+    rendered = ChatTemplate.from_dir(stack.base).render(messages, True)
+    chat = client.chat.completions.create(model="tiny", messages=messages, **greedy)
+    assert chat.choices[0].message.content == client.completions.create(model="tiny", prompt=rendered,
+                                                                        **greedy).choices[0].text
+
+    # errors: in the gateway (the request's shape) and in the replica (the handler's), same messages as gRPC
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="nope", prompt="hi", max_tokens=2)
+    assert e.value.body["message"] == unknown_grpc[1] and unknown_grpc[0] == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="hi", max_tokens=100_000)
+    assert e.value.body["message"] == bad_grpc[1] and bad_grpc[0] == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2, top_p=2.0, stream=True)
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2, best_of=3)
+
+    # A client that goes away mid-stream: the replica's engine aborts its request.
+    inference = serve.get_deployment_handle("Inference", app_name=APP)
+
+    def stats() -> dict:
+        return inference.engine_stats.remote().result(timeout_s=60)["tiny"]
+
+    aborted = stats()["requests_aborted"]
+    stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1000, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    it = iter(stream)
+    next(it), next(it)
+    stream.close()
+    final = wait_until(lambda: (lambda st: st if st["running"] == 0 and st["requests_aborted"] == aborted + 1
+                                else None)(stats()), 60, "the engine to abort the stream of a client that left")
+    assert final["waiting"] == 0
+    assert client.completions.create(model="tiny", prompt=PROMPT, **greedy).choices[0].text == grpc_text
+
+
 # --- fine-tuning on Ray --------------------------------------------------------------------------------
 def test_fine_tuning_on_ray_survives_a_killed_worker_and_is_served(stack):
     import torch
@@ -335,14 +430,13 @@ def test_fine_tuning_on_ray_survives_a_killed_worker_and_is_served(stack):
 
     from lmcore import SamplingParams, generate, load_model
     from lmcore.lora import load_adapter_model
-    from services.finetune.client import FineTuneClient
     from services.gen.lmstack.v1 import finetune_pb2 as pb
 
     records = [{"prompt": f"Q: {a} plus {b}?\nA:", "completion": f" {a + b}"} for a, b in
                ((i % 7 + 1, i % 5 + 2) for i in range(32))]
     hp = dict(max_steps=24, learning_rate=1e-2, batch_size=4, lora_rank=4, checkpoint_interval=4, log_interval=1,
               lora_dropout=0.1, seed=7)
-    with FineTuneClient(stack.addr, application=APP, timeout=120) as ft:
+    with ray_finetune_client(stack.addr, timeout=120) as ft:
         ds = ft.upload_dataset(("\n".join(json.dumps(r) for r in records) + "\n").encode(), chunk_bytes=200)
         assert ds.examples == 32
         job = ft.create_job("tiny", ds.id, method="LORA", suffix="crash", **hp)
@@ -377,6 +471,80 @@ def test_fine_tuning_on_ray_survives_a_killed_worker_and_is_served(stack):
     with ray_client(stack.addr) as c:
         got = c.complete(prompt, model=done.fine_tuned_model, max_tokens=6, temperature=0, ignore_eos=True)
         assert list(got.token_ids) == list(expected.token_ids)
+
+
+# --- tenants: the standalone servers' keys and rules, on Ray ---------------------------------------
+def test_tenants_on_ray_authenticate_scope_and_hide(stack):
+    """The keys file of the application args: no valid key is UNAUTHENTICATED (HTTP 401); members see
+    the shared models plus their own, another tenant's model, job or dataset is NOT_FOUND with the
+    message an unknown one gets; the admin sees everything. gRPC and HTTP alike."""
+    import openai
+
+    from services.gen.lmstack.v1 import finetune_pb2 as pb
+
+    for key in (None, "lmsk-not-a-key"):
+        with Client(stack.addr, application=APP, api_key=key, timeout=60) as anon:
+            for call in (anon.list_models, lambda: anon.complete("hi", max_tokens=2), lambda: anon.encode("hi"),  # noqa: B023
+                         lambda: list(anon.complete_stream("hi", max_tokens=2))):  # noqa: B023
+                assert rpc_error(call)[0] == grpc.StatusCode.UNAUTHENTICATED
+        with ray_finetune_client(stack.addr, timeout=60) as ft:
+            ft_anon = type(ft)(stack.addr, application=APP, api_key=key, timeout=60)
+        with ft_anon:
+            assert rpc_error(ft_anon.list_jobs)[0] == grpc.StatusCode.UNAUTHENTICATED
+            assert rpc_error(lambda: ft_anon.upload_dataset(b'{"prompt": "a", "completion": "b"}\n'))[0] \
+                == grpc.StatusCode.UNAUTHENTICATED  # noqa: B023
+    with pytest.raises(openai.AuthenticationError):
+        openai_client(stack, api_key="lmsk-not-a-key").models.list()
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(stack.http + "/v1/models", timeout=60)
+    assert e.value.code == 401 and json.loads(e.value.read())["error"]["code"] == "invalid_api_key"
+
+    shared = {"tiny", SQL, POEM, FULL}
+    clients = {t: ray_client(stack.addr, t) for t in KEYS}
+    try:
+        a, b, ops = clients["team-a"], clients["team-b"], clients["ops"]
+        assert {m.name for m in a.list_models()} == shared | {MODEL_A}
+        assert {m.name for m in b.list_models()} == shared | {MODEL_B}
+        owners = {m.name: m.tenant for m in ops.list_models()}
+        assert owners[MODEL_A] == "team-a" and owners[MODEL_B] == "team-b"
+        unknown = rpc_error(lambda: a.complete("hi", model="ft:tiny:x:nope00", max_tokens=2))
+        for me, mine, theirs in ((a, MODEL_A, MODEL_B), (b, MODEL_B, MODEL_A)):
+            for call in (lambda m: me.complete("hi", model=m, max_tokens=2),  # noqa: B023
+                         lambda m: list(me.complete_stream("hi", model=m, max_tokens=2)),  # noqa: B023
+                         lambda m: me.score("The sky is", [" blue"], model=m)):  # noqa: B023
+                code, details = rpc_error(call, theirs)
+                assert (code, details) == (unknown[0], unknown[1].replace("ft:tiny:x:nope00", theirs))
+            assert me.complete("hi", model=mine, max_tokens=2).usage.completion_tokens == 2
+            assert me.encode("hi", model=mine) == stack.tok.encode("hi")
+            assert rpc_error(lambda: me.encode("hi", model=theirs))[0] == grpc.StatusCode.NOT_FOUND  # noqa: B023
+        for m in (MODEL_A, MODEL_B):
+            assert ops.complete("hi", model=m, max_tokens=2).usage.completion_tokens == 2
+    finally:
+        for c in clients.values():
+            c.close()
+
+    # HTTP: /v1/models per key; another tenant's model is a 404
+    assert {m.id for m in openai_client(stack, "team-a").models.list().data} == shared | {MODEL_A}
+    assert {m.owned_by for m in openai_client(stack, "ops").models.list().data if m.id == MODEL_B} == {"team-b"}
+    with pytest.raises(openai.NotFoundError):
+        openai_client(stack, "team-b").completions.create(model=MODEL_A, prompt="hi", max_tokens=2)
+    assert openai_client(stack, "team-b").completions.create(model=MODEL_B, prompt="hi", max_tokens=2).choices
+
+    # Fine-tuning: datasets and jobs are their owner's (and the admin's)
+    data = "".join(json.dumps({"prompt": f"Q{i}:", "completion": f" {i}"}) + "\n" for i in range(8)).encode()
+    with ray_finetune_client(stack.addr, "team-a", timeout=60) as fa, \
+            ray_finetune_client(stack.addr, "team-b", timeout=60) as fb, ray_finetune_client(stack.addr, timeout=60) as fo:
+        ds = fa.upload_dataset(data)
+        job = fa.create_job("tiny", ds.id, method="LORA", suffix="mine", max_steps=2, batch_size=2, lora_rank=2)
+        fa.cancel_job(job.id)
+        assert fa.get_job(job.id).id == job.id and job.id in {j.id for j in fa.list_jobs()}
+        assert job.id not in {j.id for j in fb.list_jobs()} and job.id in {j.id for j in fo.list_jobs()}
+        missing = rpc_error(fb.get_job, "ftjob-000000000000")
+        assert rpc_error(fb.get_job, job.id) == (missing[0], missing[1].replace("ftjob-000000000000", job.id))
+        assert rpc_error(fb.get_dataset, ds.id)[0] == grpc.StatusCode.NOT_FOUND
+        assert rpc_error(fb.cancel_job, job.id)[0] == grpc.StatusCode.NOT_FOUND
+        assert fo.get_dataset(ds.id).id == ds.id
+        assert fa.wait(job.id, timeout=120).status == pb.JOB_STATUS_CANCELLED
 
 
 # --- autoscaling and replica loss ---------------------------------------------------------------------

@@ -52,6 +52,40 @@ def test_registry_loads_and_unloads_store_entries_only_when_asked(tiny_models, s
     asyncio.run(main())
 
 
+def test_store_entries_on_demand_belong_to_their_tenant(tiny_models, store):
+    """What a Ray replica checks before loading a fine-tune for a caller: another tenant's model is
+    NOT_FOUND with the message a missing one gets; a loaded entry carries its owner."""
+    import json
+    import shutil
+
+    from services.tenants import Tenant
+
+    owned = store / "ft:tiny:owned:ccc"
+    shutil.copytree(store / SQL, owned)
+    (owned / "finetune.json").write_text(json.dumps({"tenant": "team-a"}))
+
+    async def main():
+        settings = InferenceSettings(models=[f"tiny={tiny_models['tiny']}"], model_store=str(store))
+        registry = inference_registry(settings, autoload_store=False)
+        await registry.load_all()
+        try:
+            a, b, admin = Tenant("team-a"), Tenant("team-b"), Tenant("ops", "admin")
+            assert registry.check_store_model(owned.name, a) == owned == registry.check_store_model(owned.name, admin)
+            assert registry.check_store_model(SQL, b) == store / SQL  # no owner: everyone's
+            with pytest.raises(NotFound) as theirs:
+                registry.check_store_model(owned.name, b)
+            with pytest.raises(NotFound) as missing:
+                registry.check_store_model("ft:tiny:nope:1", b)
+            assert str(theirs.value) == str(missing.value).replace("ft:tiny:nope:1", owned.name)
+            entry = await registry.load_store_entry(owned.name)
+            assert entry.spec.owner == "team-a" and registry.names(b) == ["tiny"]
+        finally:
+            await registry.close()
+            shutil.rmtree(owned)
+
+    asyncio.run(main())
+
+
 def test_inference_replica_health_fails_when_an_engine_thread_dies(tiny_models, store):
     pytest.importorskip("ray.serve")
     from deploy.ray_services import Inference
