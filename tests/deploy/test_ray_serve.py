@@ -663,7 +663,6 @@ def test_ray_dashboards_show_data_from_prometheus_scraping_the_cluster(stack, tm
     job_id series reaches Ray's export."""
     import math
 
-    from services.finetune.client import FineTuneClient
     from services.gen.lmstack.v1 import finetune_pb2 as pb
     from tests.helpers.prometheus import PrometheusServer, dashboard_targets, substitute
 
@@ -688,7 +687,7 @@ def test_ray_dashboards_show_data_from_prometheus_scraping_the_cluster(stack, tm
 
         records = [{"prompt": f"Q: {a} times {b}?\nA:", "completion": f" {a * b}"} for a, b in
                    ((i % 6 + 2, i % 4 + 3) for i in range(24))]
-        with FineTuneClient(stack.addr, application=APP, timeout=120) as ft:
+        with ray_finetune_client(stack.addr, timeout=120) as ft:
             ds = ft.upload_dataset(("\n".join(json.dumps(r) for r in records) + "\n").encode())
             running = ft.create_job("tiny", ds.id, method="LORA", suffix="dash", max_steps=5000, batch_size=4,
                                     lora_rank=4, eval_interval=2, log_interval=1, learning_rate=1e-3)
