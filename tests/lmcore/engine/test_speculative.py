@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmcore import Engine, SamplingParams, generate
-from lmcore.engine.speculative import prompt_lookup, verify
+from lmcore.engine.speculative import DraftModel, prompt_lookup, verify
 from tests.helpers.models import SHAPES, gpt2_vocab_model, greedy_without_cache, random_model, random_prompts
 
 
@@ -82,6 +82,26 @@ def test_draft_model_speculation_is_exact_and_a_perfect_draft_is_always_accepted
         Engine(model).add_request([1], greedy)
     with pytest.raises(ValueError, match="vocabulary"):
         Engine(model, draft_model=random_model(1, **SHAPES["one-head"]))
+
+
+def test_draft_model_kv_cache_proposes_what_the_uncached_draft_would():
+    """The draft's own KV cache: after partial acceptance (rollback), a full one, a new request in
+    the slot sharing only part of the prompt, and at the end of its context, every greedy proposal
+    equals the argmax loop that re-runs the whole sequence."""
+    draft = random_model(23, **(SHAPES["tiny"] | dict(block_size=32)))
+    d = DraftModel(draft, 512, n_slots=2, max_seq_len=32)
+    greedy = SamplingParams(temperature=0.0)
+    seq = random_prompts(512, [7], seed=24)[0]
+    other = seq[:3] + random_prompts(512, [6], seed=25)[0]  # shares a 3-token prefix with seq
+    for slot, tokens, kept in ((0, seq, 1), (0, None, 4), (0, None, 0), (1, other, 2), (0, other, 4)):
+        tokens = tokens if tokens is not None else seq
+        proposal, probs = d.propose(slot, tokens, 4, greedy, random.Random(0))
+        assert proposal == greedy_without_cache(draft, tokens, 4) and probs is None
+        if tokens is seq:  # the verify step kept `kept` proposed tokens and one of its own
+            seq = seq + proposal[:kept] + [(proposal[kept] + 1) % 512 if kept < 4 else 5]
+    long = random_prompts(512, [30], seed=26)[0]
+    assert d.propose(1, long, 4, greedy, random.Random(0))[0] == greedy_without_cache(draft, long, 3)  # 32 - 30 + 1
+    assert d.propose(1, long + [1, 2, 3], 4, greedy, random.Random(0)) == ([], None)
 
 
 def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
