@@ -53,6 +53,7 @@ from lmcore.model.kv_cache import CacheBatch, KVCache, PrefillSegment
 
 from .sampling import SamplingParams, logits_to_probs, sample_from_probs, top_logprobs
 from .scheduler import SchedulerOutput, VerifyChunk
+from .weight_layout import DecodeWeights
 
 SPECULATION_MODES = ("auto", "off", "prompt_lookup", "draft")
 MAX_SPECULATIVE_TOKENS = 16
@@ -141,12 +142,17 @@ class DraftModel:
             raise ValueError(f"the draft model's vocabulary ({model.config.vocab_size}) differs from the "
                              f"target's ({vocab_size}): a draft must share the target's tokenizer")
         self.model = model.eval()
-        cfg = model.config
-        self.max_seq_len = min(cfg.block_size, max_seq_len)  # a longer sequence gets no proposal
-        self.cache = KVCache(cfg.n_layer, n_slots, cfg.n_head, self.max_seq_len, cfg.head_dim, model.device,
-                             model.dtype)
+        cfg, dev = model.config, model.device
+        self.max_seq_len = T = min(cfg.block_size, max_seq_len)  # a longer sequence gets no proposal
+        self.cache = KVCache(cfg.n_layer, n_slots, cfg.n_head, T, cfg.head_dim, dev, model.dtype)
         self.k_layers, self.v_layers = list(self.cache.k), list(self.cache.v)
-        self.layers = model.decode_layers()
+        # A draft is small, so its steps are per-call overhead: the engine's addmm layouts, and every
+        # index tensor a step needs is a view or one addition (row of position 0 per slot and head,
+        # in a layer's buffer viewed as (n_slots * nh * T, hs); a position adds to it).
+        weights = DecodeWeights(model, dev, model.dtype, max_rows=1)
+        self.layers, self.head = weights.layers(1), weights.head(1)
+        self.row_base = (torch.arange(n_slots * cfg.n_head, device=dev) * T).view(n_slots, cfg.n_head)
+        self.positions = torch.arange(T, device=dev)
         self.cached: list[list[int]] = [[] for _ in range(n_slots)]
 
     @torch.inference_mode()
@@ -165,7 +171,7 @@ class DraftModel:
         for _ in range(k):
             logits = self._step(slot, feed, start)  # (1, V): after the last fed token
             if params.greedy:
-                tok = int(logits.argmax(-1))
+                tok = int(logits.max(-1)[1])  # first maximum on ties, as argmax (and the runner)
             else:
                 q = _probs(logits, params)[0]
                 tok = _draw(q, rng)
@@ -179,18 +185,20 @@ class DraftModel:
     def _step(self, slot: int, feed: list[int], start: int) -> torch.Tensor:
         """Feed ``feed`` at positions ``start..`` of ``slot`` (keys and values written to the
         draft's cache); the logits ``(1, V)`` after its last token."""
-        dev, nh, T = self.model.device, self.cache.k.size(2), self.max_seq_len
         n = len(feed)
-        positions = torch.arange(start, start + n, device=dev)
-        write = ((slot * nh + torch.arange(nh, device=dev)[None, :]) * T + positions[:, None]).reshape(-1)
-        mask = None  # a segment from position 0 is plainly causal; a later one also sees the past
-        if start > 0:
-            mask = torch.arange(start + n, device=dev)[None, :] <= positions[:, None]
-        batch = CacheBatch(slots=torch.full((n,), slot, device=dev), positions=positions, write_index=write,
-                           num_decode=0, prefill=(PrefillSegment(0, n, slot, start, mask),))
-        idx = torch.tensor(feed, device=dev)
+        positions = self.positions[start:start + n]
+        write = (self.row_base[slot][None, :] + positions[:, None]).view(-1)  # (n * nh,)
+        slots = self.row_base.new_full((n,), slot)
+        if n == 1:  # one token: the decode path, attending to every cached position up to its own
+            batch = CacheBatch(slots=slots, positions=positions, write_index=write, num_decode=1, decode_lo=slot,
+                               decode_hi=slot + 1, decode_len=start + 1)
+        else:  # a segment from position 0 is plainly causal; a later one also sees the past
+            mask = None if start == 0 else self.positions[:start + n][None, :] <= positions[:, None]
+            batch = CacheBatch(slots=slots, positions=positions, write_index=write, num_decode=0,
+                               prefill=(PrefillSegment(0, n, slot, start, mask),))
+        idx = torch.tensor(feed, device=self.positions.device)
         hidden = self.model.forward_cached(idx, batch, self.k_layers, self.v_layers, self.layers)
-        return self.model.lm_head(hidden[-1:]).float()
+        return self.head(hidden[-1:]).float()
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

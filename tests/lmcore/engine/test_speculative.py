@@ -66,6 +66,29 @@ def test_greedy_speculation_on_the_shipped_model_with_code_prompts():
     assert [c.text for c in on] == [c.text for c in off]
 
 
+def test_the_shipped_draft_on_the_shipped_model_is_exact_and_accepted():
+    """models/pycode-draft shares pycode's tokenizer file for file, and drafting for pycode on code
+    prompts gives plain greedy decoding's tokens, most proposals accepted."""
+    from bench.pycode_data import PYCODE_DIR
+    from lmcore import load_model
+
+    draft_dir = PYCODE_DIR.parent / "pycode-draft"
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        assert (draft_dir / name).read_bytes() == (PYCODE_DIR / name).read_bytes(), name
+    model, draft = load_model(PYCODE_DIR), load_model(draft_dir)
+    tok = model.tokenizer
+    texts = ["    def __init__(self, data):\n        self.data = data\n\n    def __len__(self):\n        return len(self.",
+             "import os\nimport sys\n\ndef main(argv):\n    parser = argparse.ArgumentParser()\n", "class Stack:\n"]
+    prompts = [tok.encode(t) for t in texts]
+    params = [SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, speculation=m)
+              for m in ("draft", "off", "draft")]
+    e = Engine(model, max_batch_size=3, draft_model=draft, speculative_tokens=4)
+    got, _ = run(e, prompts, params)
+    assert got == [greedy_without_cache(model, p, 32) for p in prompts]
+    s = e.stats()
+    assert s["spec_accepted_tokens"] > s["spec_proposed_tokens"] / 3
+
+
 def test_draft_model_speculation_is_exact_and_a_perfect_draft_is_always_accepted():
     model = random_model(21)
     prompts = random_prompts(512, [5, 9, 14], seed=22)
