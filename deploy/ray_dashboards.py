@@ -8,14 +8,14 @@ the standalone dashboards rewritten by three rules, plus a row of Serve's own me
 1. every lmstack metric gains Ray's ``ray_`` prefix (``lmstack_inference_generation_tokens_total``
    -> ``ray_lmstack_inference_generation_tokens_total``); the series are per replica, and the
    panels already aggregate (``sum by (model)``), so most queries change in nothing else;
-2. the job-store gauges (``lmstack_finetune_jobs``, ...) are exported by every ``FineTuning``
-   replica, each reading the same Redis, so their ``sum`` becomes ``max``;
+2. the job-store gauges (``lmstack_finetune_jobs``, ..., and each running job's
+   ``lmstack_finetune_job_*{job_id}``) are exported by every ``FineTuning`` replica, each reading
+   the same Redis, so their ``sum`` becomes ``max`` and a running job's series is its
+   ``max by (job_id)``;
 3. the panels built on what Ray replaces are rewritten (``RAY_PANELS``, by title): the
    ``lmstack_<component>_rpc_*`` RPC metrics become Serve's gRPC proxy metrics
    (``ray_serve_num_grpc_requests_total{method,status_code}``, ``ray_serve_grpc_request_latency_ms``),
-   ``up`` of a service becomes Serve's replica health, and the running-job gauges (``job_id``
-   series that must end with their job, which Ray's metrics API cannot do) become the worker's
-   current-job gauges, one series per fine-tuning worker replica.
+   and ``up`` of a service becomes Serve's replica health.
 
 ``python -m deploy.ray_dashboards`` rewrites the Ray variants; ``--check`` exits 1 when the
 committed files differ from what the standalone dashboards generate (``tests/deploy`` runs it), so
@@ -35,18 +35,25 @@ RAY_DIR = DASHBOARDS / "ray"
 SOURCES = ("lmstack.json", "lmstack-training.json")  # each -> ray/<stem>-ray.json, uid <uid>-ray
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
 
-# Gauges read from the job store: every FineTuning replica exports the same values.
+# Gauges read from the job store (services/finetune/metrics.py): every FineTuning replica exports the
+# same values. The store-wide ones are aggregated in the standalone panels; the running-job ones
+# (label job_id) are charted bare there.
 JOB_STORE_GAUGES = ("lmstack_finetune_jobs", "lmstack_finetune_oldest_queued_job_age_seconds",
                     "lmstack_finetune_workers_alive", "lmstack_finetune_job_store_up")
+RUNNING_JOB_GAUGES = ("lmstack_finetune_job_step", "lmstack_finetune_job_total_steps",
+                      "lmstack_finetune_job_train_loss", "lmstack_finetune_job_eval_loss",
+                      "lmstack_finetune_job_learning_rate", "lmstack_finetune_job_tokens_per_second")
 
 _LMSTACK_NAME = re.compile(r"(?<![A-Za-z0-9_:])lmstack_")
 _SUM_OF_STORE_GAUGE = re.compile(r"\bsum(\s+by\s*\([^)]*\))?(\s*)\((ray_(?:" + "|".join(JOB_STORE_GAUGES) + r")\b)")
+_RUNNING_JOB_GAUGE = re.compile(r"\b(ray_(?:" + "|".join(RUNNING_JOB_GAUGES) + r")\b(?:\{[^}]*\})?)")
 
 
 def ray_expr(expr: str) -> str:
     """Rules 1 and 2: a standalone query as it reads on Ray."""
     expr = _LMSTACK_NAME.sub("ray_lmstack_", expr)
-    return _SUM_OF_STORE_GAUGE.sub(lambda m: f"max{m.group(1) or ''}{m.group(2)}({m.group(3)}", expr)
+    expr = _SUM_OF_STORE_GAUGE.sub(lambda m: f"max{m.group(1) or ''}{m.group(2)}({m.group(3)}", expr)
+    return _RUNNING_JOB_GAUGE.sub(r"max by (job_id) (\1)", expr)
 
 
 # --- rule 3: the panels Ray changes ---------------------------------------------------------------
@@ -68,9 +75,6 @@ def _p(quantile: float, bucket: str, by: str, selector: str = "", scale: str = "
     return (f"histogram_quantile({quantile}, sum by (le, {by}) (rate({bucket}{{{selector}}}[$__rate_interval])))"
             f"{scale}")
 
-
-RUNNING_JOB_NOTE = (" On Ray: one series per fine-tuning worker replica (a worker trains one job at a time; "
-                    "lmstack finetune get shows a job's worker), empty while the worker is idle.")
 
 RAY_PANELS = {
     # lmstack serving
@@ -108,31 +112,11 @@ RAY_PANELS = {
         targets=[('max(ray_lmstack_finetune_jobs{status="queued"})', "queued jobs"),
                  ("max(ray_lmstack_finetune_workers_alive)", "workers alive (queue)"),
                  ('sum(ray_serve_deployment_replica_healthy{deployment="FineTuneWorker"})', "worker replicas healthy")]),
-    "Training loss per job": dict(
-        title="Training loss per worker (its running job)",
-        description="Latest training loss of the job each worker is running." + RUNNING_JOB_NOTE,
-        targets=[("ray_lmstack_finetune_worker_job_train_loss", "{{worker}}")]),
-    "Held-out loss per job": dict(
-        title="Held-out loss per worker (its running job)",
-        description="Latest held-out (eval) loss of the job each worker is running. Rising while the training "
-                    "loss falls: overfitting." + RUNNING_JOB_NOTE,
-        targets=[("ray_lmstack_finetune_worker_job_eval_loss", "{{worker}}")]),
-    "Progress per job": dict(
-        title="Progress per worker (its running job)",
-        description="Optimizer steps done out of the running job's total." + RUNNING_JOB_NOTE,
-        targets=[("ray_lmstack_finetune_worker_job_step / ray_lmstack_finetune_worker_job_total_steps",
-                  "{{worker}}")]),
-    "Learning rate per job": dict(
-        title="Learning rate per worker (its running job)",
-        description="Current learning rate of the running job (warmup, then cosine decay)." + RUNNING_JOB_NOTE,
-        targets=[("ray_lmstack_finetune_worker_job_learning_rate", "{{worker}}")]),
-    "Training tokens / s": dict(
-        description="Per worker for the job it runs, and in total from the workers' trained-token counters.",
-        targets=[("ray_lmstack_finetune_worker_job_tokens_per_second", "{{worker}}"),
-                 ("sum(rate(ray_lmstack_finetune_worker_trained_tokens_total[$__rate_interval]))", "all workers")]),
 }
 
-# The row of Serve's own metrics appended to the serving dashboard: (title, unit, description, targets).
+# The row of Serve's own metrics appended to the serving dashboard: (title, unit, description, targets);
+# a target is (expr, legend) or (expr, legend, RIGHT_AXIS_SECONDS) for a latency beside request rates.
+RIGHT_AXIS_SECONDS = [{"id": "unit", "value": "s"}, {"id": "custom.axisPlacement", "value": "right"}]
 APP = 'application=~"$application"'
 SERVE_ROW = ("Ray Serve", [
     ("Serve requests / s by deployment", "reqps",
@@ -165,7 +149,8 @@ SERVE_ROW = ("Ray Serve", [
      "Every RPC through Serve's gRPC proxy per second, and the proxy's p99 latency per call (right axis, "
      "seconds): the end-to-end view a client has.",
      [(f"sum(rate(ray_serve_num_grpc_requests_total{{{APP}}}[$__rate_interval]))", "requests / s"),
-      (_p(0.99, "ray_serve_grpc_request_latency_ms_bucket", "application", APP, " / 1000"), "p99 latency (s)")]),
+      (_p(0.99, "ray_serve_grpc_request_latency_ms_bucket", "application", APP, " / 1000"), "p99 latency (s)",
+       RIGHT_AXIS_SECONDS)]),
 ])
 
 APPLICATION_VARIABLE = {
@@ -179,7 +164,7 @@ APPLICATION_VARIABLE = {
 
 def _targets(pairs) -> list[dict]:
     return [{"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": expr, "legendFormat": legend}
-            for i, (expr, legend) in enumerate(pairs)]
+            for i, (expr, legend, *_) in enumerate(pairs)]
 
 
 def ray_panel(panel: dict) -> dict:
@@ -202,10 +187,12 @@ def serve_row(first_id: int, y: int) -> list[dict]:
     out = [{"id": first_id, "type": "row", "title": title, "collapsed": False,
             "gridPos": {"x": 0, "y": y, "w": 24, "h": 1}, "panels": []}]
     for i, (name, unit, description, targets) in enumerate(panels):
+        overrides = [{"matcher": {"id": "byFrameRefID", "options": chr(ord("A") + j)}, "properties": target[2]}
+                     for j, target in enumerate(targets) if len(target) > 2]
         out.append({"id": first_id + 1 + i, "type": "timeseries", "title": name, "description": description,
                     "datasource": DATASOURCE,
                     "gridPos": {"x": 12 * (i % 2), "y": y + 1 + 8 * (i // 2), "w": 12, "h": 8},
-                    "fieldConfig": {"defaults": {"unit": unit}, "overrides": []}, "targets": _targets(targets)})
+                    "fieldConfig": {"defaults": {"unit": unit}, "overrides": overrides}, "targets": _targets(targets)})
     return out
 
 

@@ -15,14 +15,14 @@ registry's own (counters stay cumulative, so ``rate()`` and ``histogram_quantile
 standalone servers); only the prefix differs. The registry is collected on a thread, as a
 standalone server's ``/metrics`` is, so a collector that reads Redis never blocks the replica.
 
-Ray cannot drop a series: a tag set a process once recorded is exported with its last value for as
-long as the process lives (measured on Ray 2.60; a dead process's series age out). Two rules follow:
-
-* a series that leaves the registry (a worker's current-job gauges once its job ends, the job-store
-  gauges while Redis is down) is set to NaN, which Grafana draws as a gap and PromQL comparisons
-  drop, instead of repeating its last value;
-* a family labelled with an unbounded label (``UNBOUNDED_LABELS``: a job id) is not mirrored at all,
-  because each value would stay in the export for the life of the replica.
+A series also leaves Ray's export when it leaves the registry, as it leaves a standalone
+``/metrics`` (a job's ``job_id`` gauges when the job stops running, the job-store gauges while Redis
+is down, an unloaded model's series). Ray's metrics API has no call to remove a tag set; what it
+does (measured on Ray 2.60, its OpenTelemetry export): a gauge tag set that is not set again ages
+out of the export after ~20 s, and one set to NaN is dropped at the next report (every
+``metrics_report_interval_ms``). So each export sets every live series (refreshing it) and sets
+NaN once on each series the registry no longer has (``tests/deploy/test_ray_serve.py`` shows such
+series leaving a real cluster's export).
 """
 
 from __future__ import annotations
@@ -33,9 +33,6 @@ import math
 
 log = logging.getLogger("lmstack.ray.metrics")
 
-UNBOUNDED_LABELS = frozenset({"job_id", "request_id"})
-
-
 class RayMetricsExport:
     """Mirror a ``prometheus_client.CollectorRegistry`` into ``ray.util.metrics`` gauges."""
 
@@ -43,8 +40,7 @@ class RayMetricsExport:
         self.registry = registry
         self.interval_s = interval_s
         self._gauges: dict[str, object] = {}
-        self._last: dict[tuple, object] = {}  # (name, labels) -> gauge, of the previous export
-        self._skipped: set[str] = set()
+        self._last: dict[tuple, object] = {}  # (name, labels) -> Ray gauge, of the series last exported
         self._task: asyncio.Task | None = None
 
     def export_once(self) -> None:
@@ -55,12 +51,6 @@ class RayMetricsExport:
             for sample in family.samples:
                 if sample.name.endswith("_created"):  # prometheus_client's creation timestamps
                     continue
-                if UNBOUNDED_LABELS & sample.labels.keys():
-                    if family.name not in self._skipped:
-                        self._skipped.add(family.name)
-                        log.info("%s is not exported on Ray: its %s label is unbounded", family.name,
-                                 sorted(UNBOUNDED_LABELS & sample.labels.keys()))
-                    continue
                 gauge = self._gauges.get(sample.name)
                 if gauge is None:
                     gauge = Gauge(sample.name, family.documentation or sample.name,
@@ -69,9 +59,8 @@ class RayMetricsExport:
                 gauge.set(float(sample.value), tags=dict(sample.labels) or None)
                 now[(sample.name, tuple(sorted(sample.labels.items())))] = gauge
         for (name, labels), gauge in self._last.items():
-            if (name, labels) not in now:  # gone from the registry: Ray would repeat its last value
+            if (name, labels) not in now:  # gone from the registry: NaN drops it from Ray's export
                 gauge.set(math.nan, tags=dict(labels) or None)
-        # A series set to NaN stays NaN until it comes back; it needs no further update.
         self._last = now
 
     async def _run(self) -> None:

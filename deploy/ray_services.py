@@ -137,10 +137,10 @@ def _metrics_export(registry):
 
 
 def _job_store_export(settings):
-    """The job-store gauges (jobs by status, oldest queued job, workers alive, store up), read from
-    Redis at every export as ``python -m services.finetune`` reads them at every scrape. Their
-    running-job series (label ``job_id``) stay off Ray (``deploy/ray_metrics.py``): the workers
-    export the job each of them runs instead."""
+    """The job-store gauges (jobs by status, oldest queued job, workers alive, store up, and each
+    running job's ``job_id`` series), read from Redis at every export as ``python -m
+    services.finetune`` reads them at every scrape; a job's series leave Ray's export when it stops
+    running (``deploy/ray_metrics.py``)."""
     from prometheus_client import CollectorRegistry
 
     from services.finetune.metrics import register_job_store_metrics
@@ -306,12 +306,6 @@ class Inference:
                 continue
             resp.models.append(pb.ModelInfo(name=spec.name, source="store", base_model=base, tenant=spec.owner))
         return resp
-
-    async def delete_model(self, tenant, request):
-        """DeleteModel: out of the shared store and unloaded here; a replica that still holds it
-        unloads it at its next ListModels rescan, and meanwhile answers NOT_FOUND for it (``_use``
-        checks the store first)."""
-        return await _answer(self.handler.delete_model, tenant, request, errors=self.errors)
 
     # --- what the OpenAI-compatible HTTP API needs beyond the RPCs (deploy/ray_http.py) --------
     async def tokenize(self, tenant, model: str, text: str, allow_special: bool):

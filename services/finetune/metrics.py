@@ -14,8 +14,7 @@ on them: ``docs/monitoring.md``):
   ``..._job_tokens_per_second``.
 * every **worker** exports :class:`WorkerMetrics` on its own port: jobs it finished by outcome and
   how long they took, the jobs it reclaimed from dead workers, its optimizer steps, trained tokens
-  and lease heartbeats, whether it is busy, and the job it runs (``lmstack_finetune_worker_job_step``
-  and the other running-job gauges, labelled ``worker``, present only while the job runs).
+  and lease heartbeats, and whether it is busy.
 
 "Alive" means heard from through Redis: a worker records itself in ``P:workers`` at every queue
 poll (every ``poll_s``) and every lease heartbeat while it trains (``JobStore.worker_seen``), so a
@@ -74,11 +73,6 @@ class WorkerMetrics:
         self.steps = Counter(f"{p}_optimizer_steps", "optimizer steps run", registry=self.registry)
         self.tokens = Counter(f"{p}_trained_tokens", "input tokens trained on", registry=self.registry)
         self.busy = Gauge(f"{p}_busy", "1 while a job runs", registry=self.registry)
-        # The job this worker runs, by worker (one series per process, present only while it runs):
-        # the running-job view where the job store's job_id series cannot go (Ray, deploy/ray_metrics.py).
-        self.current_job = {field: Gauge(f"{p}_{name}", f"{doc} (the job this worker runs)", ["worker"],
-                                         registry=self.registry)
-                            for field, (name, doc) in RUNNING_JOB_FIELDS.items()}
         # Every known label value exported from the start (at 0), so the first job's end is an
         # increase Prometheus sees rather than a series that appears already at 1.
         for outcome in OUTCOMES:
@@ -86,16 +80,6 @@ class WorkerMetrics:
             self.job_duration.labels(outcome)
         for result in ("ok", "lost", "error"):
             self.heartbeats.labels(result)
-
-    def job_progress(self, worker: str, **fields: float) -> None:
-        """The running job's latest values (``RUNNING_JOB_FIELDS`` keys: step, train_loss, ...)."""
-        for field, value in fields.items():
-            self.current_job[field].labels(worker).set(value)
-
-    def job_stopped(self) -> None:
-        """The attempt is over: the current-job series go, as the job store's do."""
-        for gauge in self.current_job.values():
-            gauge.clear()
 
     def job_ended(self, outcome: str, started_at: float) -> None:
         self.jobs.labels(outcome).inc()

@@ -187,10 +187,7 @@ class JobRun:
                          "tokens_per_s": e.tokens_per_s, "trained_tokens": e.trained_tokens, "epoch": e.epoch},
                         {"step": e.step, "total_steps": e.total_steps, "trained_tokens": e.trained_tokens,
                          "train_loss": e.loss, "learning_rate": e.lr, "tokens_per_s": e.tokens_per_s})
-            self.w.metrics.job_progress(self.w.id, step=e.step, total_steps=e.total_steps, train_loss=e.loss,
-                                        learning_rate=e.lr, tokens_per_s=e.tokens_per_s)
         elif e.kind == "eval":
-            self.w.metrics.job_progress(self.w.id, eval_loss=e.eval_loss)
             self._event("EVAL", f"step {e.step}: held-out loss {e.eval_loss:.4f}",
                         {"step": e.step, "eval_loss": e.eval_loss}, {"eval_loss": e.eval_loss})
         elif e.kind == "checkpoint":
@@ -230,7 +227,6 @@ class JobRun:
             self._hb_stop.set()
             hb.join()
             w.metrics.busy.set(0)
-            w.metrics.job_stopped()
 
     def _finish(self, status: str, message: str, error: tuple[str, str] | None = None,
                 fields: dict | None = None, data: dict | None = None) -> bool:

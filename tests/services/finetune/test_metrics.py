@@ -45,23 +45,3 @@ def test_workers_heard_from_within_the_window_count_as_alive(redis_server):
 def test_redis_down_keeps_the_scrape_alive_and_says_so():
     got = scrape(f"redis://127.0.0.1:{free_port()}/0")
     assert got == {("lmstack_finetune_job_store_up", ()): 0.0}
-
-
-def test_the_workers_current_job_series_exist_only_while_it_runs():
-    from services.finetune.metrics import RUNNING_JOB_FIELDS, WorkerMetrics
-
-    def current(m: WorkerMetrics) -> dict:
-        families = text_string_to_metric_families(generate_latest(m.registry).decode())
-        return {s.name: (s.labels, s.value) for f in families for s in f.samples
-                if s.name.startswith("lmstack_finetune_worker_job_") and "duration" not in s.name}
-
-    m = WorkerMetrics()
-    assert current(m) == {}  # idle: no series, as the job store has none for a job not running
-    m.job_progress("w1", step=3, total_steps=10, train_loss=2.5, learning_rate=1e-3, tokens_per_s=100.0)
-    m.job_progress("w1", eval_loss=2.75)
-    got = current(m)
-    assert set(got) == {f"lmstack_finetune_worker_{name}" for name, _ in RUNNING_JOB_FIELDS.values()}
-    assert got["lmstack_finetune_worker_job_step"] == ({"worker": "w1"}, 3.0)
-    assert got["lmstack_finetune_worker_job_eval_loss"] == ({"worker": "w1"}, 2.75)
-    m.job_stopped()
-    assert current(m) == {}
