@@ -165,7 +165,9 @@ def pycode_rows(n_new: int, repeats: int, prompt_len: int = 128) -> dict:
     fp32 = load_model(PYCODE_DIR)
     int8 = load_model(PYCODE_DIR, quantize="int8")
     draft_dir = ROOT / "models" / "pycode-draft"
-    draft = load_model(draft_dir) if (draft_dir / "config.json").is_file() else None
+    draft = draft8 = None
+    if (draft_dir / "config.json").is_file():
+        draft, draft8 = load_model(draft_dir), load_model(draft_dir, quantize="int8")
     windows = heldout_windows(fp32.tokenizer)
     step = len(windows) // 8
     prompts = [windows[i * step, :prompt_len].tolist() for i in range(8)]  # 8 held-out code prompts
@@ -178,8 +180,8 @@ def pycode_rows(n_new: int, repeats: int, prompt_len: int = 128) -> dict:
         refs = {}
         systems = [("fp32", fp32, "off", None), ("fp32 + prompt lookup", fp32, "prompt_lookup", None),
                    ("int8", int8, "off", None), ("int8 + prompt lookup", int8, "prompt_lookup", None)]
-        if draft is not None:
-            systems.append(("fp32 + draft model", fp32, "draft", draft))
+        if draft is not None:  # the draft at the target's precision
+            systems += [("fp32 + draft model", fp32, "draft", draft), ("int8 + draft model", int8, "draft", draft8)]
         for name, model, mode, d in systems:
             params = SamplingParams(**greedy, speculation=mode)
             cpu, wall, (toks, stats) = clocks(lambda m=model, p=params, d=d, ps=ps: engine_generate(m, ps, p, draft=d),

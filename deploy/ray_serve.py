@@ -150,6 +150,9 @@ class Gateway:
     async def ListModels(self, request, grpc_context=None):
         return await self._unary(self.inference.list_models, request, grpc_context)
 
+    async def DeleteModel(self, request, grpc_context=None):  # to a replica that holds it, if one does
+        return await self._unary(self._inference_for(request.name).delete_model, request, grpc_context)
+
     # --- lmstack.v1.TokenizerService -------------------------------------------------------------
     async def Encode(self, request, grpc_context=None):
         return await self._unary(self.tokenizer.encode, request, grpc_context)

@@ -307,6 +307,12 @@ class Inference:
             resp.models.append(pb.ModelInfo(name=spec.name, source="store", base_model=base, tenant=spec.owner))
         return resp
 
+    async def delete_model(self, tenant, request):
+        """DeleteModel: out of the shared store and unloaded here; a replica that still holds it
+        unloads it at its next ListModels rescan, and meanwhile answers NOT_FOUND for it (``_use``
+        checks the store first)."""
+        return await _answer(self.handler.delete_model, tenant, request, errors=self.errors)
+
     # --- what the OpenAI-compatible HTTP API needs beyond the RPCs (deploy/ray_http.py) --------
     async def tokenize(self, tenant, model: str, text: str, allow_special: bool):
         return await self._call(self.handler.tokenize, tenant, model, model, text, allow_special)

@@ -163,7 +163,10 @@ class Engine:
                                   prefix_blocks, block, config.prepack_weights, constraints=self.constraints)
         matcher = self._match_prefix if self.prefix_cache is not None else None
         self.scheduler = Scheduler(config.max_batch_size, config.prefill_chunk_size, matcher)
-        draft = DraftModel(config.draft_model.to(device), model.config.vocab_size) if config.draft_model else None
+        draft = None
+        if config.draft_model is not None:
+            draft = DraftModel(config.draft_model.to(device), model.config.vocab_size, config.max_batch_size,
+                               self.max_seq_len)
         self.speculator = Speculator(config.speculation, config.speculative_tokens, self.max_seq_len, draft)
         self._gens: dict[str, _Generation] = {}
         self._prompt_lp = PromptLogprobs()  # echo's figures, gathered over a prompt's prefill chunks

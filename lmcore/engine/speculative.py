@@ -12,8 +12,9 @@ one token of its own: between 1 and ``k + 1`` tokens per forward pass, never few
   tokens (``n`` = 3, 2, 1) in the prompt and the text so far, and propose what followed it. No
   second model; it wins where output copies input (code edits, quoting, repetitive structure).
 * *a draft model* (:class:`DraftModel`): a smaller model with the same tokenizer proposes ``k``
-  tokens, one forward pass each. Here the draft runs its plain forward on the recent context (no
-  KV cache of its own), which is right for small drafts and says what its cost is.
+  tokens, one cached forward step each. It keeps a KV cache of its own, one slot per engine slot,
+  so a proposal costs the tokens the draft has not seen yet (the last verify step's kept ones)
+  plus ``k - 1`` one-token steps, not a forward over the whole context per proposed token.
 
 **Verification keeps the output distribution exact** (:func:`verify`, Leviathan et al. 2023 /
 Chen et al. 2023). With ``p`` the target's probabilities at a row (after temperature, top-k and
@@ -48,8 +49,11 @@ from __future__ import annotations
 
 import torch
 
+from lmcore.model.kv_cache import CacheBatch, KVCache, PrefillSegment
+
 from .sampling import SamplingParams, logits_to_probs, sample_from_probs, top_logprobs
 from .scheduler import SchedulerOutput, VerifyChunk
+from .weight_layout import DecodeWeights
 
 SPECULATION_MODES = ("auto", "off", "prompt_lookup", "draft")
 MAX_SPECULATIVE_TOKENS = 16
@@ -122,31 +126,90 @@ def verify(logits: torch.Tensor, draft: list[int], draft_probs: torch.Tensor | N
 
 
 class DraftModel:
-    """A smaller model with the target's vocabulary proposing ``k`` tokens, one forward each."""
+    """A smaller model with the target's vocabulary proposing ``k`` tokens, one cached step each.
 
-    def __init__(self, model, vocab_size: int):
+    Its KV cache has one slot per engine slot; ``cached[slot]`` lists the tokens whose keys and
+    values that slot holds, at positions ``0..len - 1``. A proposal compares them with the
+    sequence's tokens: the common prefix is reused (after a verify step it is everything up to the
+    first rejected draft token; a new request in the slot simply shares nothing, or a prompt
+    prefix), the rest is fed as one segment, then each proposed token is fed on its own. Entries
+    past the common prefix are stale, invisible to attention (it reads only positions up to the
+    fed one) and overwritten as the slot advances: the same rollback as the target's cache.
+    """
+
+    def __init__(self, model, vocab_size: int, n_slots: int, max_seq_len: int):
         if model.config.vocab_size != vocab_size:
             raise ValueError(f"the draft model's vocabulary ({model.config.vocab_size}) differs from the "
                              f"target's ({vocab_size}): a draft must share the target's tokenizer")
         self.model = model.eval()
-        self.context = model.config.block_size
+        cfg, dev = model.config, model.device
+        self.max_seq_len = T = min(cfg.block_size, max_seq_len)  # a longer sequence gets no proposal
+        self.cache = KVCache(cfg.n_layer, n_slots, cfg.n_head, T, cfg.head_dim, dev, model.dtype)
+        self.k_layers, self.v_layers = list(self.cache.k), list(self.cache.v)
+        # A draft is small, so its steps are per-call overhead: the engine's addmm layouts, and every
+        # index tensor a step needs is a view or one addition (row of position 0 per slot and head,
+        # in a layer's buffer viewed as (n_slots * nh * T, hs); a position adds to it).
+        weights = DecodeWeights(model, dev, model.dtype, max_rows=1)
+        self.layers, self.head = weights.layers(1), weights.head(1)
+        self.row_base = (torch.arange(n_slots * cfg.n_head, device=dev) * T).view(n_slots, cfg.n_head)
+        self.positions = torch.arange(T, device=dev)
+        self.cached: list[list[int]] = [[] for _ in range(n_slots)]
 
     @torch.inference_mode()
-    def propose(self, tokens: list[int], k: int, params: SamplingParams, rng) -> tuple[list[int], torch.Tensor | None]:
-        ctx = list(tokens[-(self.context - k):])
+    def propose(self, slot: int, tokens: list[int], k: int, params: SamplingParams,
+                rng) -> tuple[list[int], torch.Tensor | None]:
+        """Up to ``k`` tokens continuing ``tokens`` (the sequence so far), and their distributions
+        ``(k, V)`` for a sampled request (None when greedy)."""
+        k = min(k, self.max_seq_len - len(tokens) + 1)  # the last fed token sits at len(tokens) + k - 2
+        if k <= 0:
+            return [], None
+        cached = self.cached[slot]
+        start = min(_common_prefix(cached, tokens), len(tokens) - 1)  # feed at least the last token
+        feed = tokens[start:]
         out: list[int] = []
         qs = []
         for _ in range(k):
-            logits = self.model(torch.tensor([ctx], device=self.model.device))[0, -1:].float()  # (1, V)
+            logits = self._step(slot, feed, start)  # (1, V): after the last fed token
             if params.greedy:
-                tok = int(logits.argmax(-1))
+                tok = int(logits.max(-1)[1])  # first maximum on ties, as argmax (and the runner)
             else:
                 q = _probs(logits, params)[0]
                 tok = _draw(q, rng)
                 qs.append(q)
             out.append(tok)
-            ctx.append(tok)
+            start += len(feed)
+            feed = [tok]
+        self.cached[slot] = tokens + out[:-1]  # the last proposed token was never fed
         return out, (torch.stack(qs) if qs else None)
+
+    def _step(self, slot: int, feed: list[int], start: int) -> torch.Tensor:
+        """Feed ``feed`` at positions ``start..`` of ``slot`` (keys and values written to the
+        draft's cache); the logits ``(1, V)`` after its last token."""
+        n = len(feed)
+        positions = self.positions[start:start + n]
+        write = (self.row_base[slot][None, :] + positions[:, None]).view(-1)  # (n * nh,)
+        slots = self.row_base.new_full((n,), slot)
+        if n == 1:  # one token: the decode path, attending to every cached position up to its own
+            batch = CacheBatch(slots=slots, positions=positions, write_index=write, num_decode=1, decode_lo=slot,
+                               decode_hi=slot + 1, decode_len=start + 1)
+        else:  # a segment from position 0 is plainly causal; a later one also sees the past
+            mask = None if start == 0 else self.positions[:start + n][None, :] <= positions[:, None]
+            batch = CacheBatch(slots=slots, positions=positions, write_index=write, num_decode=0,
+                               prefill=(PrefillSegment(0, n, slot, start, mask),))
+        idx = torch.tensor(feed, device=self.positions.device)
+        hidden = self.model.forward_cached(idx, batch, self.k_layers, self.v_layers, self.layers)
+        return self.head(hidden[-1:]).float()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """The length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the usual case after a fully accepted proposal: one C-speed comparison
+        return n
+    i = 0
+    while a[i] == b[i]:
+        i += 1
+    return i
 
 
 class Speculator:
@@ -193,7 +256,7 @@ class Speculator:
                 if mode == "prompt_lookup":
                     draft = prompt_lookup(tokens, room)
                 else:
-                    draft, probs = self.draft.propose(tokens, room, p, rngs[seq.request_id])
+                    draft, probs = self.draft.propose(seq.slot, tokens, room, p, rngs[seq.request_id])
             if draft:
                 plan.verify.append(VerifyChunk(seq, draft, probs))
             else:

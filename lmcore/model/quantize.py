@@ -9,24 +9,31 @@ GEMM does the arithmetic on those bytes directly (no fp32 copy is ever made).
 * *Weights*: symmetric int8 **per output channel**: row ``c`` of ``W`` is stored as
   ``round(W[c] / s[c])`` in [-127, 127] with ``s[c] = max|W[c]| / 127``. One scale per row keeps a
   row of small weights from being crushed by another row's large ones.
-* *Activations*: quantized on the fly (dynamic), **per token row**: each row ``x_i`` is divided by
-  its own ``max|x_i|`` before the GEMM and the output row multiplied back. fbgemm's dynamic linear
-  picks *one* scale for the whole input tensor, so on its own a row's result would depend on the
-  other rows of the batch (measured: up to 0.17 in a logit between a row alone and in a batch of
-  2). With every row scaled to ``[-1, 1]`` and one constant **fence row** ``(-1, 1, 0, ...)``
-  appended, the tensor's range is always exactly ``[-1, 1]``, fbgemm always picks the same scale,
-  and the integer GEMM is exact: a row's output is **bit-identical alone or in any batch** (tested),
-  a stronger batch invariance than fp32's (whose BLAS blocking changes with the row count).
+* *Activations*: quantized on the fly, **per token row**: each row ``x_i`` is divided by its own
+  ``max|x_i|``, so every row lies in ``[-1, 1]``, and that range is quantized at one **fixed**
+  scale (``1/63`` around zero point 64: codes 1..127) by fbgemm's int8 GEMM with fp32 output
+  (``quantized.linear_with_input_q_dq_qweight_dq_output_fp32``); the output row is multiplied
+  back by ``max|x_i|``. No scale is computed from the batch, so a row's output is **bit-identical
+  alone or in any batch** (tested), a stronger batch invariance than fp32's (whose BLAS blocking
+  changes with the row count). 7-bit codes, as fbgemm's own dynamic linear uses on this CPU
+  (``reduce_range``): its AVX2 kernel adds pairs of u8 x s8 products in int16, which 8-bit codes
+  could saturate.
 * *What stays fp32*: biases, LayerNorms, the embeddings (a lookup reads one row per token, not the
   whole matrix) and everything between the GEMMs. The tied output head gets its own int8 copy of
   ``wte`` (it is the largest single GEMM of a step: 50257 x 768 for GPT-2).
 
 **Which kernel** (``bench/generate.py`` and the closing note of issue 15 have the numbers; one
-torch thread on this AVX2 CPU, no AVX-512/AMX): fbgemm's dynamic int8 linear
-(``torch.ops.quantized.linear_dynamic``) took 1.3 ms for the 768 x 50257 head at one row vs
-5.6 ms for fp32 ``addmm`` and 27 ms for ``torch._weight_int8pack_mm`` (weight-only int8, which has
-no fast kernel without AVX-512); ``torch._int_mm`` (int8 x int8) took 4.2 ms. fbgemm won at every
-shape measured, so it is the kernel; nothing here is hand-written C++.
+torch thread on this AVX2 CPU, no AVX-512/AMX): fbgemm's int8 linear took 1.3 ms for the
+768 x 50257 head at one row vs 5.6 ms for fp32 ``addmm`` and 27 ms for ``torch._weight_int8pack_mm``
+(weight-only int8, which has no fast kernel without AVX-512); ``torch._int_mm`` (int8 x int8) took
+4.2 ms. fbgemm won at every shape measured, so it is the kernel; nothing here is hand-written C++.
+
+**Per-call overhead** (profiled: ``torch.profiler`` over batch-1 GPT-2-small decode steps, 49 int8
+GEMMs a step). The first version called fbgemm's *dynamic* linear, which picks one scale for the
+whole input tensor, so it needed a constant fence row appended to every input (a ``cat``), a slice
+to drop its output, and fbgemm's own min/max pass: nine tensor ops around each GEMM, ~4 us each,
+more time than the GEMM itself for a 768 x 768 weight. The fixed-scale GEMM needs none of that:
+a row maximum (one ``vector_norm``), a division, the GEMM and one ``addcmul``.
 
 Error: logits within a few hundredths of fp32 on GPT-2 shapes (``tests/lmcore/model/test_quantize.py``
 states the tolerance), and the shipped ``pycode`` model's held-out perplexity within 1% (the same
@@ -41,6 +48,12 @@ import torch
 import torch.nn as nn
 
 QUANTIZATIONS = ("int8",)
+
+# Rows scaled into [-1, 1] are quantized at this fixed scale: codes 64 +- 63 (7 bits, see the module).
+ACTIVATION_SCALE, ACTIVATION_ZERO_POINT = 1.0 / 63.0, 64
+# fbgemm's int8 GEMM for an fp32 input quantized at given parameters, fp32 output (the OpOverload:
+# calling it skips the op packet's per-call Python checks of its arguments).
+_int8_linear = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default
 
 
 class Int8Linear(nn.Module):
@@ -61,9 +74,6 @@ class Int8Linear(nn.Module):
         # fbgemm's prepacked weight (an opaque handle, not in the state dict); bias added separately
         # so it is not scaled by the per-row factor.
         self._packed = torch.ops.quantized.linear_prepack(qw, None)
-        fence = torch.zeros(1, self.in_features)
-        fence[0, 0], fence[0, min(1, self.in_features - 1)] = -1.0, 1.0
-        self._fence = fence
 
     @property
     def weight(self) -> torch.Tensor:
@@ -72,12 +82,11 @@ class Int8Linear(nn.Module):
         return self.weight_int8.float() * self.weight_scales[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        shape = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)  # (N, in)
-        s = x2.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)  # (N, 1): each row's own scale
-        y = torch.ops.quantized.linear_dynamic(torch.cat([x2 / s, self._fence]), self._packed, True)[:-1]
-        y = torch.addcmul(self.bias, y, s) if self.bias is not None else y * s  # (N, out)
-        return y.view(*shape, self.out_features)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (N, in); the decode step's is 2-D already
+        s = torch.linalg.vector_norm(x2, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30)  # (N, 1)
+        y = _int8_linear(x2 / s, ACTIVATION_SCALE, ACTIVATION_ZERO_POINT, self._packed)  # (N, out)
+        y = torch.addcmul(self.bias, y, s, out=y) if self.bias is not None else y.mul_(s)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):
         probe = fn(torch.zeros(1))

@@ -3,7 +3,8 @@
 The whole pipeline in one function, :func:`train_from_scratch` (``lmstack train`` calls it):
 
 1. **Tokenizer**: learn a byte-level BPE vocabulary of ``vocab_size`` ids from the same text
-   (``Tokenizer.train``), so the model's vocabulary fits its data.
+   (``Tokenizer.train``), so the model's vocabulary fits its data; or reuse a given one (a draft
+   model for speculative decoding must share its target's tokenizer exactly).
 2. **Data**: tokenize every file, join files with ``<|endoftext|>``, cut the stream into
    ``block_size + 1`` windows, hold a seeded ``eval_fraction`` of them out.
 3. **Model**: a fresh GPT of the given ``GPTConfig`` (or preset: ``tiny``, ``small``, ``gpt2`` ...),
@@ -82,6 +83,7 @@ def train_from_scratch(
     device: str = "cpu",
     num_threads: int | None = None,
     callback: Callable[[TrainEvent], None] | None = None,
+    tokenizer: Tokenizer | str | Path | None = None,
 ) -> ScratchResult:
     """Train a tokenizer and a GPT on text files; write a model directory to ``out_dir``.
 
@@ -94,7 +96,9 @@ def train_from_scratch(
     uses); its ``seed`` also fixes the held-out split and the initial weights. With
     ``checkpoint_interval`` > 0 checkpoints go to ``out_dir/checkpoints`` and an interrupted run
     resumes from them. ``callback`` receives the trainer's events (``lmstack train`` draws its
-    progress bar from them; lmcore prints nothing).
+    progress bar from them; lmcore prints nothing). ``tokenizer`` (a :class:`Tokenizer`, or a
+    tokenizer file or model directory for ``Tokenizer.from_file``) is used as it is instead of
+    training one; ``model_config.vocab_size`` is then ignored (the model gets the tokenizer's size).
     """
     if num_threads:
         torch.set_num_threads(num_threads)
@@ -105,7 +109,11 @@ def train_from_scratch(
     preset = model_config if isinstance(model_config, str) else preset_name(model_config)
     seed = train_config.seed
 
-    tokenizer = Tokenizer.train(list(files), requested.vocab_size, special_tokens=["<|endoftext|>"])
+    tokenizer_source = None if tokenizer is None or isinstance(tokenizer, Tokenizer) else str(tokenizer)
+    if tokenizer is None:
+        tokenizer = Tokenizer.train(list(files), requested.vocab_size, special_tokens=["<|endoftext|>"])
+    elif tokenizer_source is not None:
+        tokenizer = Tokenizer.from_file(tokenizer_source)
     tokens = encode_documents(tokenizer, read_text_files(files))
     blocks = TokenBlocks(tokens, requested.block_size)
     train_set, eval_set = train_eval_split(blocks, eval_fraction, seed)
@@ -139,7 +147,9 @@ def train_from_scratch(
     record = {
         "arguments": {
             "data": [str(f) for f in files][:50] + (["..."] if len(files) > 50 else []), "preset": preset,
-            "vocab_size": requested.vocab_size, "block_size": requested.block_size, "steps": result.total_steps,
+            "vocab_size": tokenizer.vocab_size if tokenizer_source else requested.vocab_size,
+            "tokenizer": tokenizer_source, "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
+            "block_size": requested.block_size, "steps": result.total_steps,
             "batch_size": tc.batch_size, "grad_accum_steps": tc.grad_accum_steps, "learning_rate": tc.learning_rate,
             "warmup_steps": tc.warmup_steps, "weight_decay": tc.weight_decay, "dropout": requested.dropout,
             "eval_fraction": eval_fraction, "seed": seed, "glob": glob, "device": device,

@@ -2,6 +2,7 @@
 
     lmstack train --data corpus.txt --preset tiny --out models/mine --steps 2000
     lmstack train --data /usr/lib/python3.11 --glob '*.py' --preset small --out models/stdlib
+    lmstack train --data ... --tokenizer models/pycode --n-layer 2 --n-embd 128 --out models/draft
 
 A non-empty ``--out`` is refused unless it is an earlier resumable run (``--overwrite`` replaces it);
 ``$LMSTACK_MAX_STEPS`` caps ``--steps``.
@@ -28,6 +29,12 @@ def add_arguments(p) -> None:
     p.add_argument("--glob", default="*.txt", help="file pattern inside --data directories (default: *.txt)")
     p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default: the preset's)")
     p.add_argument("--block-size", type=int, default=None, help="context length (default: the preset's)")
+    p.add_argument("--n-layer", type=int, default=None, help="transformer blocks (default: the preset's)")
+    p.add_argument("--n-head", type=int, default=None, help="attention heads (default: the preset's)")
+    p.add_argument("--n-embd", type=int, default=None, help="model width (default: the preset's)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="reuse this tokenizer (a model directory or tokenizer file) instead of training one: "
+                        "a draft model must share its target's tokenizer; excludes --vocab-size")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: 1000)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (default: 16)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
@@ -72,7 +79,11 @@ def configs(args):
     from lmcore.model import GPTConfig
     from lmcore.training import TrainConfig
 
-    shape = {k: v for k, v in (("vocab_size", args.vocab_size), ("block_size", args.block_size)) if v is not None}
+    if args.tokenizer is not None and args.vocab_size is not None:
+        raise ValueError("--vocab-size and --tokenizer exclude each other: the vocabulary is the tokenizer's")
+    flags = (("vocab_size", args.vocab_size), ("block_size", args.block_size), ("n_layer", args.n_layer),
+             ("n_head", args.n_head), ("n_embd", args.n_embd))
+    shape = {k: v for k, v in flags if v is not None}
     model_config = GPTConfig.from_preset(args.preset, dropout=args.dropout, **shape)
     steps = args.steps
     cap = os.environ.get(MAX_STEPS_ENV)
@@ -97,6 +108,7 @@ def run(args) -> int:
             result = train_from_scratch(
                 args.data, args.out, model_config, train_config, eval_fraction=args.eval_fraction,
                 glob=args.glob, device=args.device, num_threads=args.threads, callback=bar.update,
+                tokenizer=args.tokenizer,
             )
     except (ValueError, OSError) as e:
         print(f"lmstack train: {e}", file=sys.stderr)

@@ -519,15 +519,20 @@ def test_tenants_on_ray_authenticate_scope_and_hide(stack):
             assert rpc_error(lambda: me.encode("hi", model=theirs))[0] == grpc.StatusCode.NOT_FOUND  # noqa: B023
         for m in (MODEL_A, MODEL_B):
             assert ops.complete("hi", model=m, max_tokens=2).usage.completion_tokens == 2
+        # DeleteModel: another's is NOT_FOUND (and stays), the owner's goes from the store and the lists
+        assert rpc_error(lambda: b.delete_model(MODEL_A))[0] == grpc.StatusCode.NOT_FOUND
+        assert a.delete_model(MODEL_A).name == MODEL_A and not (stack.store / MODEL_A).exists()
+        assert MODEL_A not in {m.name for m in ops.list_models()}
+        assert rpc_error(lambda: a.complete("hi", model=MODEL_A, max_tokens=2))[0] == grpc.StatusCode.NOT_FOUND
     finally:
         for c in clients.values():
             c.close()
 
     # HTTP: /v1/models per key; another tenant's model is a 404
-    assert {m.id for m in openai_client(stack, "team-a").models.list().data} == shared | {MODEL_A}
+    assert {m.id for m in openai_client(stack, "team-b").models.list().data} == shared | {MODEL_B}
     assert {m.owned_by for m in openai_client(stack, "ops").models.list().data if m.id == MODEL_B} == {"team-b"}
     with pytest.raises(openai.NotFoundError):
-        openai_client(stack, "team-b").completions.create(model=MODEL_A, prompt="hi", max_tokens=2)
+        openai_client(stack, "team-a").completions.create(model=MODEL_B, prompt="hi", max_tokens=2)
     assert openai_client(stack, "team-b").completions.create(model=MODEL_B, prompt="hi", max_tokens=2).choices
 
     # Fine-tuning: datasets and jobs are their owner's (and the admin's)

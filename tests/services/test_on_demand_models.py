@@ -5,6 +5,7 @@ metadata (``application``, ``multiplexed_model_id``) as a real gRPC server recei
 from __future__ import annotations
 
 import asyncio
+import json
 from concurrent import futures
 
 import grpc
@@ -13,7 +14,10 @@ import pytest
 from services.config import InferenceSettings
 from services.errors import InvalidArgument, NotFound
 from services.inference.handler import inference_registry
+from services.tenants import Tenant
 from tests.services.test_adapters import POEM, SQL, publish_adapter
+
+OWNED = "ft:tiny:owned:ccc333"  # team-a's
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +25,8 @@ def store(tmp_path_factory, tiny_models):
     store = tmp_path_factory.mktemp("on-demand-store")
     publish_adapter(store, SQL, tiny_models["tiny"], "tiny", seed=1, rank=4, targets=("attn.c_attn",))
     publish_adapter(store, POEM, tiny_models["tiny"], "tiny", seed=2, rank=2, targets=("attn.c_attn",))
+    publish_adapter(store, OWNED, tiny_models["tiny"], "tiny", seed=3, rank=2, targets=("attn.c_attn",))
+    (store / OWNED / "finetune.json").write_text(json.dumps({"tenant": "team-a"}))
     (store / "ft:tiny:broken:000").mkdir()
     (store / "ft:tiny:broken:000" / "adapter_config.json").write_text("{not json")
     return store
@@ -43,45 +49,25 @@ def test_registry_loads_and_unloads_store_entries_only_when_asked(tiny_models, s
                 await registry.load_store_entry("../tiny")
             with pytest.raises(NotFound, match="could not be loaded"):
                 await registry.load_store_entry("ft:tiny:broken:000")
+            # What a Ray replica checks before loading a fine-tune for a caller: another tenant's model
+            # is NOT_FOUND with a missing one's message; a loaded entry carries its owner.
+            a, b, admin = Tenant("team-a"), Tenant("team-b"), Tenant("ops", "admin")
+            assert registry.check_store_model(OWNED, a) == store / OWNED == registry.check_store_model(OWNED, admin)
+            assert registry.check_store_model(SQL, b) == store / SQL  # no owner: everyone's
+            with pytest.raises(NotFound) as theirs:
+                registry.check_store_model(OWNED, b)
+            with pytest.raises(NotFound) as missing:
+                registry.check_store_model("ft:tiny:nope:1", b)
+            assert str(theirs.value) == str(missing.value).replace("ft:tiny:nope:1", OWNED)
+            owned = await registry.load_store_entry(OWNED)
+            assert owned.spec.owner == "team-a" and entry.spec.owner == ""
+            assert registry.names(b) == ["tiny", SQL] and registry.names(a) == ["tiny", OWNED, SQL]
+            assert await registry.unload(OWNED)
             assert not await registry.unload("tiny")  # a configured model stays
             assert await registry.unload(SQL)
             assert registry.names() == ["tiny"] and registry.lookup("tiny").obj.engine.adapters() == []
         finally:
             await registry.close()
-
-    asyncio.run(main())
-
-
-def test_store_entries_on_demand_belong_to_their_tenant(tiny_models, store):
-    """What a Ray replica checks before loading a fine-tune for a caller: another tenant's model is
-    NOT_FOUND with the message a missing one gets; a loaded entry carries its owner."""
-    import json
-    import shutil
-
-    from services.tenants import Tenant
-
-    owned = store / "ft:tiny:owned:ccc"
-    shutil.copytree(store / SQL, owned)
-    (owned / "finetune.json").write_text(json.dumps({"tenant": "team-a"}))
-
-    async def main():
-        settings = InferenceSettings(models=[f"tiny={tiny_models['tiny']}"], model_store=str(store))
-        registry = inference_registry(settings, autoload_store=False)
-        await registry.load_all()
-        try:
-            a, b, admin = Tenant("team-a"), Tenant("team-b"), Tenant("ops", "admin")
-            assert registry.check_store_model(owned.name, a) == owned == registry.check_store_model(owned.name, admin)
-            assert registry.check_store_model(SQL, b) == store / SQL  # no owner: everyone's
-            with pytest.raises(NotFound) as theirs:
-                registry.check_store_model(owned.name, b)
-            with pytest.raises(NotFound) as missing:
-                registry.check_store_model("ft:tiny:nope:1", b)
-            assert str(theirs.value) == str(missing.value).replace("ft:tiny:nope:1", owned.name)
-            entry = await registry.load_store_entry(owned.name)
-            assert entry.spec.owner == "team-a" and registry.names(b) == ["tiny"]
-        finally:
-            await registry.close()
-            shutil.rmtree(owned)
 
     asyncio.run(main())
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmcore import Engine, SamplingParams, generate
-from lmcore.engine.speculative import prompt_lookup, verify
+from lmcore.engine.speculative import DraftModel, prompt_lookup, verify
 from tests.helpers.models import SHAPES, gpt2_vocab_model, greedy_without_cache, random_model, random_prompts
 
 
@@ -66,6 +66,29 @@ def test_greedy_speculation_on_the_shipped_model_with_code_prompts():
     assert [c.text for c in on] == [c.text for c in off]
 
 
+def test_the_shipped_draft_on_the_shipped_model_is_exact_and_accepted():
+    """models/pycode-draft shares pycode's tokenizer file for file, and drafting for pycode on code
+    prompts gives plain greedy decoding's tokens, most proposals accepted."""
+    from bench.pycode_data import PYCODE_DIR
+    from lmcore import load_model
+
+    draft_dir = PYCODE_DIR.parent / "pycode-draft"
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        assert (draft_dir / name).read_bytes() == (PYCODE_DIR / name).read_bytes(), name
+    model, draft = load_model(PYCODE_DIR), load_model(draft_dir)
+    tok = model.tokenizer
+    texts = ["    def __init__(self, data):\n        self.data = data\n\n    def __len__(self):\n        return len(self.",
+             "import os\nimport sys\n\ndef main(argv):\n    parser = argparse.ArgumentParser()\n", "class Stack:\n"]
+    prompts = [tok.encode(t) for t in texts]
+    params = [SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, speculation=m)
+              for m in ("draft", "off", "draft")]
+    e = Engine(model, max_batch_size=3, draft_model=draft, speculative_tokens=4)
+    got, _ = run(e, prompts, params)
+    assert got == [greedy_without_cache(model, p, 32) for p in prompts]
+    s = e.stats()
+    assert s["spec_accepted_tokens"] > s["spec_proposed_tokens"] / 3
+
+
 def test_draft_model_speculation_is_exact_and_a_perfect_draft_is_always_accepted():
     model = random_model(21)
     prompts = random_prompts(512, [5, 9, 14], seed=22)
@@ -82,6 +105,26 @@ def test_draft_model_speculation_is_exact_and_a_perfect_draft_is_always_accepted
         Engine(model).add_request([1], greedy)
     with pytest.raises(ValueError, match="vocabulary"):
         Engine(model, draft_model=random_model(1, **SHAPES["one-head"]))
+
+
+def test_draft_model_kv_cache_proposes_what_the_uncached_draft_would():
+    """The draft's own KV cache: after partial acceptance (rollback), a full one, a new request in
+    the slot sharing only part of the prompt, and at the end of its context, every greedy proposal
+    equals the argmax loop that re-runs the whole sequence."""
+    draft = random_model(23, **(SHAPES["tiny"] | dict(block_size=32)))
+    d = DraftModel(draft, 512, n_slots=2, max_seq_len=32)
+    greedy = SamplingParams(temperature=0.0)
+    seq = random_prompts(512, [7], seed=24)[0]
+    other = seq[:3] + random_prompts(512, [6], seed=25)[0]  # shares a 3-token prefix with seq
+    for slot, tokens, kept in ((0, seq, 1), (0, None, 4), (0, None, 0), (1, other, 2), (0, other, 4)):
+        tokens = tokens if tokens is not None else seq
+        proposal, probs = d.propose(slot, tokens, 4, greedy, random.Random(0))
+        assert proposal == greedy_without_cache(draft, tokens, 4) and probs is None
+        if tokens is seq:  # the verify step kept `kept` proposed tokens and one of its own
+            seq = seq + proposal[:kept] + [(proposal[kept] + 1) % 512 if kept < 4 else 5]
+    long = random_prompts(512, [30], seed=26)[0]
+    assert d.propose(1, long, 4, greedy, random.Random(0))[0] == greedy_without_cache(draft, long, 3)  # 32 - 30 + 1
+    assert d.propose(1, long + [1, 2, 3], 4, greedy, random.Random(0)) == ([], None)
 
 
 def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:

@@ -104,6 +104,26 @@ def test_lmstack_train_cli(tmp_path, capsys):
     code = main(["train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "missing.txt" in err
+    # A draft model: its own shape, the first model's tokenizer as it is (other data would train another).
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(p.read_text() for p in CORPUS[3:5]))
+    code = main(["train", "--data", str(other), "--out", str(tmp_path / "draft"), "--preset", "tiny", "--steps", "2",
+                 "--tokenizer", str(tmp_path / "m"), "--n-layer", "1", "--n-embd", "32", "--batch-size", "4",
+                 "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        assert (tmp_path / "draft" / name).read_bytes() == (tmp_path / "m" / name).read_bytes(), name
+    draft = json.loads((tmp_path / "draft" / "config.json").read_text())
+    target = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (draft["n_layer"], draft["n_embd"], draft["vocab_size"]) == (1, 32, target["vocab_size"])
+    record = json.loads((tmp_path / "draft" / "training.json").read_text())["arguments"]
+    assert record["tokenizer"] == str(tmp_path / "m") and record["n_layer"] == 1
+    capsys.readouterr()
+    for bad, message in ((["--tokenizer", str(tmp_path / "m"), "--vocab-size", "300"], "exclude each other"),
+                         (["--tokenizer", str(tmp_path / "nowhere")], "nowhere")):
+        code = main(["train", "--data", str(other), "--out", str(tmp_path / "y"), "--steps", "1", *bad])
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1 and message in err, err
 
 
 def test_train_from_scratch_is_reproducible(tmp_path):
