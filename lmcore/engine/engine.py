@@ -319,7 +319,8 @@ class Engine:
         for chunk in plan.prefill:
             rid = chunk.seq.request_id
             params[rid], rngs[rid] = self._gens[rid].params, self._gens[rid].rng
-        self.speculator.propose(plan, params, rngs)  # speculating decodes move to plan.verify
+        # speculating decodes move to plan.verify, a constrained one's proposal cut at the first token its grammar refuses
+        self.speculator.propose(plan, params, rngs, self.constraints.allowed_prefix)
         try:
             samplers, token_ids, logprobs = self.runner.execute(plan, params, rngs)
             failures = {}
@@ -352,7 +353,9 @@ class Engine:
                 chosen, values, ids = logprobs
                 lp = [TokenLogprob(tok, chosen[i], list(zip(ids[i][:n], values[i][:n])))]
             outputs.append(self._append(seq, tok, lp))
-        outputs += [self._emit_verified(chunk, logits) for chunk, logits in zip(plan.verify, self.runner.verify_logits)]
+        masked = self.runner.verify_masked or [None] * len(plan.verify)
+        outputs += [self._emit_verified(chunk, logits, m)
+                    for chunk, logits, m in zip(plan.verify, self.runner.verify_logits, masked)]
         if self._stats_listener is not None:
             n_verify = sum(len(v.tokens) for v in plan.verify)  # speculating decodes: their fed tokens
             self._stats_listener.on_step(StepStats(len(plan.decode) + len(plan.prefill) + len(plan.verify),
@@ -361,11 +364,13 @@ class Engine:
                                                    time.perf_counter() - started))
         return outputs
 
-    def _emit_verified(self, chunk, logits) -> StepOutput:
-        """A verify step's kept tokens, appended one by one (stop strings, eos and max_tokens end the
-        request at the exact token), as one StepOutput; the cache keeps only what was fed and kept."""
+    def _emit_verified(self, chunk, logits, masked) -> StepOutput:
+        """A verify step's kept tokens, appended one by one (stop strings, eos, max_tokens and the
+        grammar's end stop the request at the exact token; a constrained request's matcher advances
+        by exactly these), as one StepOutput; the cache keeps only what was fed and kept.
+        ``masked``: the logits under the request's grammar (None: unconstrained)."""
         seq, gen = chunk.seq, self._gens[chunk.seq.request_id]
-        tokens, lps = self.speculator.verify(chunk, logits, gen.params, gen.rng)
+        tokens, lps = self.speculator.verify(chunk, logits, gen.params, gen.rng, masked)
         self.scheduler.accept(seq, len(tokens))  # the fed last token + the accepted draft tokens
         merged = None
         for i, tok in enumerate(tokens):

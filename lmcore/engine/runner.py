@@ -76,6 +76,8 @@ class ModelRunner:
         self.last_draws: tuple | None = None  # the latest step's (samplers, uniforms), see prepare
         self._prompt_logprobs: dict = {}  # this step's prompt figures (take_prompt_logprobs)
         self.verify_logits: list[torch.Tensor] = []  # the latest step's raw logits per VerifyChunk, (k+1, V) each
+        # ... and the same masked by each constrained chunk's grammar (None: no chunk is constrained)
+        self.verify_masked: list[torch.Tensor] | None = None
 
     # --- admission --------------------------------------------------------------------------------
     def admit(self, seq: Sequence, params: SamplingParams) -> None:
@@ -286,7 +288,15 @@ class ModelRunner:
         """Run one step: ``(samplers, token_ids, logprobs)``, the latter two on the host."""
         self.last_draws = None  # (samplers, uniforms) once drawn: a failed step replays them
         step = self.prepare(out, params, rngs)
-        masks = self._begin_masks(step)  # filled on a worker thread while the forward runs
+        masks = self._begin_masks(step, out)  # large ones filled on a worker thread while the forward runs
+        try:
+            return self._execute(out, params, step, masks)
+        except BaseException:
+            if masks is not None:  # the filler walks the matchers: let it finish before anyone else does
+                masks.wait()
+            raise
+
+    def _execute(self, out: SchedulerOutput, params: dict[str, SamplingParams], step: StepInputs, masks) -> tuple:
         layers = self.weights.layers(step.tokens.size(0))
         if step.adapters is None:
             hidden = self.model.forward_cached(step.tokens, step.batch, self.k_layers, self.v_layers, layers)
@@ -298,12 +308,12 @@ class ModelRunner:
                 self.bank.route(None)
         if any(params[c.seq.request_id].prompt_logprobs is not None for c in out.prefill):
             self._prompt_logprobs.update(prompt_logprobs.compute(self.logits, hidden, out, params))
-        self.verify_logits = []
+        self.verify_logits, self.verify_masked = [], None
         if out.verify:  # the verify segments are the last rows: their logits, all in one head call
             n_verify = sum(len(v.tokens) for v in out.verify)
             hidden, verify_hidden = hidden[:hidden.size(0) - n_verify], hidden[hidden.size(0) - n_verify:]
             if not step.samplers:
-                self.verify_logits = list(self.logits(verify_hidden).float().split([len(v.tokens) for v in out.verify]))
+                self._keep_verify_logits(out, self.logits(verify_hidden).float(), masks)
                 return [], [], None
         if not step.samplers:
             return [], [], None
@@ -311,18 +321,26 @@ class ModelRunner:
         hidden = hidden[:R] if step.rows is None else hidden.index_select(0, step.rows)  # (R, C)
         if out.verify:
             logits = self.logits(torch.cat([hidden, verify_hidden])).float()
-            self.verify_logits = list(logits[R:].split([len(v.tokens) for v in out.verify]))
+            self._keep_verify_logits(out, logits[R:], masks)
             logits = logits[:R]
         else:
             logits = self.logits(hidden).float()  # (R, V)
         ids, lp = self.sample(logits, step, masks)
         return step.samplers, ids, lp
 
-    def _begin_masks(self, step: StepInputs):
+    def _keep_verify_logits(self, out: SchedulerOutput, logits: torch.Tensor, masks) -> None:
+        """Split the verify rows' logits per chunk, raw and (constrained chunks) grammar-masked."""
+        sizes = [len(v.tokens) for v in out.verify]
+        self.verify_logits = list(logits.split(sizes))
+        if masks is not None and masks.verify_rows:
+            self.verify_masked = list(masks.apply_verify(logits).split(sizes))
+
+    def _begin_masks(self, step: StepInputs, out: SchedulerOutput):
         """The structured-output masks of this step's constrained rows (None: no row is)."""
-        if self.constraints is None or not self.constraints.active or not step.samplers:
+        if self.constraints is None or not self.constraints.active or not (step.samplers or out.verify):
             return None
-        return self.constraints.begin_masks([s.request_id for s in step.samplers])
+        return self.constraints.begin_masks([s.request_id for s in step.samplers],
+                                            [(v.seq.request_id, v.draft) for v in out.verify])
 
     def take_prompt_logprobs(self) -> dict:
         """The prompt log-probabilities the steps since the last call computed, by request id

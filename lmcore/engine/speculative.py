@@ -40,9 +40,20 @@ construction, and a proposal is made only when an n-gram matches, so text that n
 nothing); sampled requests decode plainly unless they ask (their seeded streams then change: the
 same distribution, different draws). The inference service's default is ``"auto"``; a bare
 ``Engine`` defaults to ``"off"`` (one token per request per step, what library callers and their
-step-counting code expect). Requests with repetition/presence/frequency penalties or structured
-output (:mod:`lmcore.engine.constraints`) never speculate: their penalty state and grammar matcher
-advance token by token.
+step-counting code expect). Requests with repetition/presence/frequency penalties never speculate:
+their penalty state advances token by token.
+
+**Structured output** (:mod:`lmcore.engine.constraints`) speculates like any request, with the
+grammar in the loop: a proposal is cut at the first token the request's grammar refuses (its
+matcher walks the proposal and rolls back); the verify step's logits at each position are masked
+with the grammar's mask after the proposal's prefix up to there, and acceptance runs on those
+masked distributions, so a constrained greedy request emits exactly its plain constrained greedy
+tokens and a sampled one keeps the masked distribution. The matcher then advances by exactly the
+emitted tokens. A cut point proposal (prompt lookup) stays exact as it is: the refused token has
+probability 0 under the mask, so the residual there is the masked distribution itself. A cut
+*sampled* draft keeps its distribution at the cut position (``draft_probs`` has one row more than
+the draft): the refused token would have been rejected with certainty, so the token there is drawn
+from the residual ``max(p - q, 0)``, exactly as the uncut proposal would have had it.
 """
 
 from __future__ import annotations
@@ -97,8 +108,10 @@ def verify(logits: torch.Tensor, draft: list[int], draft_probs: torch.Tensor | N
            rng) -> list[int]:
     """The tokens a verify step emits: the accepted prefix of ``draft`` plus one token.
 
-    ``logits`` ``(k + 1, V)``: the target's raw logits after the last sampled token and after each
-    draft token; ``draft_probs`` ``(k, V)`` the proposer's distributions (None: point proposals).
+    ``logits`` ``(k + 1, V)``: the target's logits after the last sampled token and after each
+    draft token (under a constraint: masked by the grammar); ``draft_probs`` ``(k, V)`` the
+    proposer's distributions (None: point proposals), or ``(k + 1, V)`` when the proposal was cut
+    before a refused ``k + 1``-th token (then drawn from the residual there, as if rejected).
     """
     k = len(draft)
     if params.greedy:
@@ -108,21 +121,28 @@ def verify(logits: torch.Tensor, draft: list[int], draft_probs: torch.Tensor | N
             n += 1
         return draft[:n] + [best[n]]
     p = _probs(logits, params)  # (k + 1, V)
-    idx = torch.tensor(draft, device=p.device)
+    idx = torch.tensor(draft, device=p.device, dtype=torch.long)
     p_x = p[:k].gather(1, idx[:, None]).squeeze(1).tolist()  # p(x_j) at each row: one host sync
     q_x = [1.0] * k if draft_probs is None else draft_probs.gather(1, idx[:, None]).squeeze(1).tolist()
     for j in range(k):
         if rng.random() * q_x[j] < p_x[j]:  # accept with probability min(1, p/q)
             continue
-        residual = p[j].clone()
-        if draft_probs is None:
-            residual[draft[j]] = 0.0  # max(p - onehot, 0): p with the rejected token removed
-        else:
-            residual = (residual - draft_probs[j]).clamp_(min=0.0)
-        if float(residual.sum()) <= 0.0:  # p == q up to rounding: any draw from p is exact
-            residual = p[j]
-        return draft[:j] + [_draw(residual, rng)]
+        return draft[:j] + [_draw(_residual(p[j], draft[j], draft_probs, j), rng)]
+    if draft_probs is not None and draft_probs.size(0) > k:  # cut before a refused token: rejected there
+        return draft + [_draw(_residual(p[k], None, draft_probs, k), rng)]
     return draft + [_draw(p[k], rng)]
+
+
+def _residual(p: torch.Tensor, rejected: int | None, draft_probs: torch.Tensor | None, j: int) -> torch.Tensor:
+    """The distribution a rejected position draws from: ``max(p - q, 0)`` (renormalised by the draw)."""
+    if draft_probs is None:
+        residual = p.clone()
+        residual[rejected] = 0.0  # max(p - onehot, 0): p with the rejected token removed
+    else:
+        residual = (p - draft_probs[j]).clamp_(min=0.0)
+    if float(residual.sum()) <= 0.0:  # p == q up to rounding: any draw from p is exact
+        residual = p
+    return residual
 
 
 class DraftModel:
@@ -235,14 +255,17 @@ class Speculator:
 
     def mode_for(self, params: SamplingParams) -> str | None:
         mode = params.speculation or self.mode
-        if mode == "off" or params.uses_penalties or params.constrained:
+        if mode == "off" or params.uses_penalties:
             return None
         if mode == "auto":
             return "prompt_lookup" if params.greedy else None
         return mode
 
-    def propose(self, plan: SchedulerOutput, params: dict[str, SamplingParams], rngs: dict) -> None:
-        """Move the decode sequences that get a proposal this step into ``plan.verify``."""
+    def propose(self, plan: SchedulerOutput, params: dict[str, SamplingParams], rngs: dict,
+                allowed_prefix=None) -> None:
+        """Move the decode sequences that get a proposal this step into ``plan.verify``.
+        ``allowed_prefix(request_id, draft)``: how many leading draft tokens a constrained
+        request's grammar accepts (:meth:`lmcore.engine.constraints.Constraints.allowed_prefix`)."""
         keep = []
         for seq in plan.decode:
             p = params[seq.request_id]
@@ -257,7 +280,11 @@ class Speculator:
                     draft = prompt_lookup(tokens, room)
                 else:
                     draft, probs = self.draft.propose(seq.slot, tokens, room, p, rngs[seq.request_id])
-            if draft:
+                if draft and p.constrained:
+                    n = allowed_prefix(seq.request_id, draft)
+                    # a cut sampled draft keeps q at the cut (verify draws the residual there)
+                    draft, probs = draft[:n], (probs[:n + 1] if probs is not None and n < len(draft) else probs)
+            if draft or probs is not None:
                 plan.verify.append(VerifyChunk(seq, draft, probs))
             else:
                 keep.append(seq)
@@ -269,10 +296,12 @@ class Speculator:
             plan.decode = sorted(plan.decode + [v.seq for v in plan.verify], key=lambda s: s.slot)
             plan.verify = []
 
-    def verify(self, chunk: VerifyChunk, logits: torch.Tensor, params: SamplingParams, rng):
+    def verify(self, chunk: VerifyChunk, logits: torch.Tensor, params: SamplingParams, rng,
+               masked: torch.Tensor | None = None):
         """``(tokens, logprobs)`` a verify step emits for ``chunk`` (logprobs: ``(chosen, values,
-        ids)`` lists per token when the request asked for them, else None)."""
-        tokens = verify(logits, chunk.draft, chunk.draft_probs, params, rng)
+        ids)`` lists per token when the request asked for them, else None). ``masked``: the logits
+        under the request's grammar, which acceptance uses; logprobs stay the raw ``logits``' (pre-mask)."""
+        tokens = verify(logits if masked is None else masked, chunk.draft, chunk.draft_probs, params, rng)
         self.steps += 1
         self.proposed += len(chunk.draft)
         self.accepted += len(tokens) - 1

@@ -225,12 +225,13 @@ def test_stop_strings_max_tokens_and_logprobs_are_exact_across_accepted_runs(tok
     a = generate(model, [prompt], SamplingParams(speculation="prompt_lookup", **kw), tokenizer=tokenizer)[0]
     b = generate(model, [prompt], SamplingParams(speculation="off", **kw), tokenizer=tokenizer)[0]
     assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, "stop")
-    # structured output never speculates (its matcher advances token by token): same constrained text
+    # structured output speculates too, its proposals checked against the grammar: the same constrained
+    # tokens (tests/lmcore/engine/test_constraints.py covers it in depth)
     kw = dict(max_tokens=12, temperature=0.0, regex="( the cat| sat| on| mat\\.)+")
     e = Engine(model, tokenizer=tokenizer)
     got, outs = run(e, [prompt], [SamplingParams(speculation="prompt_lookup", **kw)])
     b = generate(model, [prompt], SamplingParams(speculation="off", **kw), tokenizer=tokenizer)[0]
-    assert got[0] == b.token_ids and e.stats()["spec_decode_steps"] == 0
+    assert got[0] == b.token_ids and e.stats()["spec_decode_steps"] > 0
 
 
 def test_cancel_mid_speculation_frees_the_slot_and_the_cache_rolls_back():
