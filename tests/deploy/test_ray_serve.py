@@ -40,8 +40,10 @@ APP = "lmstack"
 SQL, POEM, FULL = "ft:tiny:sql:aaa111", "ft:tiny:poem:bbb222", "ft:tiny:full:ccc333"
 MODEL_A, MODEL_B = "ft:tiny:a:aaaaaa", "ft:tiny:b:bbbbbb"  # adapters owned by team-a and team-b
 PROMPT = "The quick brown fox"
-KEYS = {"ops": "lmsk-ray-test-ops", "team-a": "lmsk-ray-test-team-a", "team-b": "lmsk-ray-test-team-b"}
-ROLES = {"ops": "admin", "team-a": "member", "team-b": "member"}
+KEYS = {"ops": "lmsk-ray-test-ops", "team-a": "lmsk-ray-test-team-a", "team-b": "lmsk-ray-test-team-b",
+        "team-q": "lmsk-ray-test-team-q"}
+ROLES = {"ops": "admin", "team-a": "member", "team-b": "member", "team-q": "member"}
+QUOTAS = {"team-q": {"concurrent_requests": 1}}
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
@@ -76,6 +78,8 @@ def overlay_config(grpc_port: int, http_port: int, args: dict) -> dict:
     worker = deployment(config, "FineTuneWorker")
     worker["ray_actor_options"] = {"num_cpus": 1, "resources": {"second_node": 1}}
     worker["health_check_period_s"] = 1
+    for d in config["applications"][0]["deployments"]:  # a stopping replica is checked for idleness
+        d["graceful_shutdown_wait_loop_s"] = 0.2         # every 0.2 s, not 2 s (scale-down, teardown)
     return config
 
 
@@ -120,7 +124,7 @@ def stack(tmp_path_factory):
     config = json.loads((base / "tokenizer_config.json").read_text())
     (base / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
     keys_file = root / "api-keys.yaml"
-    keys_file.write_text(yaml.safe_dump({"keys": {hash_key(k): {"tenant": t, "role": ROLES[t]}
+    keys_file.write_text(yaml.safe_dump({"keys": {hash_key(k): {"tenant": t, "role": ROLES[t], "quotas": QUOTAS.get(t, {})}
                                                   for t, k in KEYS.items()}}))
     (root / "redis").mkdir()
     redis = RedisServer(root / "redis")
@@ -474,6 +478,15 @@ def test_fine_tuning_on_ray_survives_a_killed_worker_and_is_served(stack):
 
 
 # --- tenants: the standalone servers' keys and rules, on Ray ---------------------------------------
+def a_complete_works(c: Client) -> bool:
+    try:
+        return c.complete("hi", max_tokens=2).usage.completion_tokens == 2
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise
+        return False
+
+
 def test_tenants_on_ray_authenticate_scope_and_hide(stack):
     """The keys file of the application args: no valid key is UNAUTHENTICATED (HTTP 401); members see
     the shared models plus their own, another tenant's model, job or dataset is NOT_FOUND with the
@@ -534,6 +547,19 @@ def test_tenants_on_ray_authenticate_scope_and_hide(stack):
     with pytest.raises(openai.NotFoundError):
         openai_client(stack, "team-a").completions.create(model=MODEL_B, prompt="hi", max_tokens=2)
     assert openai_client(stack, "team-b").completions.create(model=MODEL_B, prompt="hi", max_tokens=2).choices
+
+    # A quota: the tenant reaches the replica with its quotas, and the handler counts them (per replica)
+    with ray_client(stack.addr, "team-q") as q:
+        stream = q.complete_stream(PROMPT, max_tokens=1000, ignore_eos=True)
+        next(stream)
+        code, details = rpc_error(lambda: q.complete("hi", max_tokens=2))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "concurrent_requests" in details, details
+        with pytest.raises(openai.RateLimitError, match="concurrent_requests"):
+            openai_client(stack, "team-q").completions.create(model="tiny", prompt="hi", max_tokens=2)
+        with ray_client(stack.addr, "team-b") as other:
+            assert a_complete_works(other)  # another tenant is not limited
+        stream.cancel()
+        wait_until(lambda: a_complete_works(q), 30, "team-q's quota to free after its stream was cancelled")
 
     # Fine-tuning: datasets and jobs are their owner's (and the admin's)
     data = "".join(json.dumps({"prompt": f"Q{i}:", "completion": f" {i}"}) + "\n" for i in range(8)).encode()
