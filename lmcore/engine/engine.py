@@ -159,8 +159,12 @@ class Engine:
             self.prefix_cache = PrefixCache(prefix_blocks, block)
         # Structured output: compiled grammars and per-request matchers (lmcore.engine.constraints).
         self.constraints = Constraints(tokenizer, model.config.vocab_size)
+        # An engine that speculates by default verifies up to k proposed tokens per sequence a step.
+        speculating = config.speculation != "off" or config.draft_model is not None
+        max_rows = config.max_batch_size * (1 + config.speculative_tokens) if speculating else None
         self.runner = ModelRunner(self.model, config.max_batch_size, self.max_seq_len, device, dtype,
-                                  prefix_blocks, block, config.prepack_weights, constraints=self.constraints)
+                                  prefix_blocks, block, config.prepack_weights, constraints=self.constraints,
+                                  max_rows=max_rows)
         matcher = self._match_prefix if self.prefix_cache is not None else None
         self.scheduler = Scheduler(config.max_batch_size, config.prefill_chunk_size, matcher)
         draft = None

@@ -47,7 +47,7 @@ class StepInputs:
 class ModelRunner:
     def __init__(self, model: GPT, n_slots: int, max_seq_len: int, device: torch.device,
                  dtype: torch.dtype, prefix_blocks: int = 0, prefix_block_size: int = 16,
-                 prepack_weights: bool = True, constraints=None):
+                 prepack_weights: bool = True, constraints=None, max_rows: int | None = None):
         self.model = model
         self.constraints = constraints  # lmcore.engine.constraints.Constraints: masks of constrained rows
         self.device = device
@@ -57,7 +57,8 @@ class ModelRunner:
         self.cache = KVCache(cfg.n_layer, n_slots, cfg.n_head, max_seq_len, cfg.head_dim, device, dtype)
         self.n_head = cfg.n_head
         self.k_layers, self.v_layers = list(self.cache.k), list(self.cache.v)  # per-layer views, made once
-        self.weights = DecodeWeights(model, device, dtype, n_slots, prepack_weights)
+        # max_rows: the most rows of a decode step (a verify segment adds up to k rows per sequence)
+        self.weights = DecodeWeights(model, device, dtype, max_rows or n_slots, prepack_weights)
         self.bank: LoRABank | None = None  # LoRA adapters, every row picking its own (add_adapter)
         self.pool = None  # keys/values of cached prompt blocks (see lmcore.engine.prefix_cache)
         if prefix_blocks > 0:

@@ -18,7 +18,10 @@ So an engine keeps (a) for one-row steps the modules themselves plus a contiguou
 head (:class:`PackedLinear`), and (b) for steps of several rows oneDNN's prepacked layout
 (:class:`OneDNNLinear`, CPU only; elsewhere the modules: cuBLAS reads either layout at speed).
 Small models (block weights under ``SMALL_MODEL_BYTES``) are bound by per-call overhead instead,
-where ``addmm`` is cheapest: one set of :class:`PackedLinear` copies serves every step.
+where ``addmm`` is cheapest: :class:`PackedLinear` copies serve their one-row steps, and their
+steps of several rows too for weights under ``ONEDNN_MIN_ELEMENTS`` (above it, e.g. ``pycode``'s
+head, oneDNN reads several rows' worth 3x faster). An engine that may speculate sizes the layouts
+for its verify segments (``max_rows`` counts ``1 + speculative_tokens`` rows per sequence).
 The copies are made when an engine is built (so an engine built after a fine-tune or a LoRA merge
 sees the new weights; build a new engine after changing weights) and live outside the model: the
 state dict is untouched. Only plain ``nn.Linear`` modules are copied; anything else (a LoRA
@@ -32,9 +35,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Below this many bytes of block weights, every step uses PackedLinear copies: a call costs ~5.7 us
+# Below this many bytes of block weights, one-row steps use PackedLinear copies: a call costs ~5.7 us
 # through addmm vs ~9 us through F.linear at tiny shapes, and the copies are cheap.
 SMALL_MODEL_BYTES = 64 << 20
+# Steps of several rows (a batch, a verify segment of speculative decoding) use oneDNN's layout for
+# weights of at least this many elements and addmm below it. Measured at 5 rows, one thread, cpu
+# clock: a 64x512 weight 11 us through addmm vs 27 us through oneDNN (per-call overhead); a 256x768
+# one 59 vs 48 us; pycode's 256x4096 head 500 vs 150 us (addmm reads a wide (in, out) copy poorly).
+ONEDNN_MIN_ELEMENTS = 128 * 1024
 
 
 class PackedLinear:
@@ -98,17 +106,23 @@ class DecodeWeights:
                           if i in linear and plain(m))
         if block_bytes <= SMALL_MODEL_BYTES:
             # Small weights: per-call overhead dominates and addmm's is the lowest (oneDNN's is higher:
-            # 0.59 vs 0.44 ms per 8-row step at the tiny shape), so one set of PackedLinear serves all.
+            # 0.59 vs 0.44 ms per 8-row step at the tiny shape).
             self.one_row = [tuple(PackedLinear(m) if i in linear and plain(m) else m for i, m in enumerate(block))
                             for block in modules]
             self.many_rows, self.head_many_rows = self.one_row, self.head_one_row
-        elif max_rows > 1:
-            if _onednn_works(device, dtype):
-                make = lambda m: OneDNNLinear(m, max_rows) if plain(m) else m  # noqa: E731
-            else:
-                make = lambda m: PackedLinear(m) if plain(m) else m  # noqa: E731
-            self.many_rows = [tuple(make(m) if i in linear else m for i, m in enumerate(block)) for block in modules]
-            self.head_many_rows = make(model.lm_head)
+        if max_rows > 1:
+            onednn = _onednn_works(device, dtype)
+
+            def make(m, one_row):  # one_row: this Linear's one-row callable, reused when it is a copy
+                if not plain(m):
+                    return m
+                if onednn and m.weight.numel() >= ONEDNN_MIN_ELEMENTS:
+                    return OneDNNLinear(m, max_rows)
+                return one_row if isinstance(one_row, PackedLinear) else PackedLinear(m)
+
+            self.many_rows = [tuple(make(m, fast) if i in linear else m for i, (m, fast) in enumerate(zip(block, ours)))
+                              for block, ours in zip(modules, self.one_row)]
+            self.head_many_rows = make(model.lm_head, self.head_one_row)
 
     def wrap_blocks(self, wrap) -> None:
         """Replace each set of block callables by ``wrap(set)`` (a LoRA bank adding its updates:
