@@ -60,6 +60,20 @@ def run_all(engine: Engine, prompts_params) -> dict[str, dict]:
     return [out[rid] for rid in ids]
 
 
+def assert_all_follow(kind: str, results) -> None:
+    """Every sampled completion ended with its grammar and follows its constraint; not all alike."""
+    texts = [r["text"] for r in results]
+    assert all(r["reason"] == "stop" for r in results), [(r["reason"], r["text"]) for r in results]
+    if kind == "json_schema":
+        for t in texts:
+            jsonschema.validate(json.loads(t), SCHEMA)
+    elif kind == "regex":
+        assert all(re.fullmatch(REGEX, t) for t in texts), texts
+    else:
+        assert set(texts) <= set(CHOICES)
+    assert len(set(texts)) > 1  # sampled, not one fixed answer
+
+
 @pytest.fixture(scope="module")
 def pycode():
     return load_model(ROOT / "models" / "pycode")
@@ -97,16 +111,7 @@ def test_50_sampled_completions_follow_the_constraint(served, kind):
     prompt = tok.encode("data = ")
     results = run_all(engine, [(prompt, SamplingParams(max_tokens=160, temperature=1.0, seed=s, **constraint))
                                for s in range(N)])
-    texts = [r["text"] for r in results]
-    assert all(r["reason"] == "stop" for r in results), [(r["reason"], r["text"]) for r in results]
-    if kind == "json_schema":
-        for t in texts:
-            jsonschema.validate(json.loads(t), SCHEMA)
-    elif kind == "regex":
-        assert all(re.fullmatch(REGEX, t) for t in texts), texts
-    else:
-        assert set(texts) <= set(CHOICES)
-    assert len(set(texts)) > 1  # sampled, not one fixed answer
+    assert_all_follow(kind, results)
     assert engine.constraints.compiles == 1  # one compile, reused by the other 49 requests
     assert not engine.constraints.active  # every matcher released
 
@@ -312,16 +317,7 @@ def test_50_sampled_speculative_constrained_completions_follow_the_constraint(se
     results = run_all(engine, [(tok.encode(prompt), SamplingParams(
         max_tokens=140, temperature=1.0, seed=s, speculation="draft" if with_draft and s % 5 == 0 else "prompt_lookup",
         **constraint)) for s in range(N)])
-    texts = [r["text"] for r in results]
-    assert all(r["reason"] == "stop" for r in results), [(r["reason"], r["text"]) for r in results]
-    if kind == "json_schema":
-        for t in texts:
-            jsonschema.validate(json.loads(t), SCHEMA)
-    elif kind == "regex":
-        assert all(re.fullmatch(REGEX, t) for t in texts), texts
-    else:
-        assert set(texts) <= set(CHOICES)
-    assert len(set(texts)) > 1  # sampled, not one fixed answer
+    assert_all_follow(kind, results)
     assert engine.stats()["spec_proposed_tokens"] > 0
     assert not engine.constraints.active
 
