@@ -120,8 +120,11 @@ class DecodeWeights:
                     return OneDNNLinear(m, max_rows)
                 return one_row if isinstance(one_row, PackedLinear) else PackedLinear(m)
 
-            self.many_rows = [tuple(make(m, fast) if i in linear else m for i, (m, fast) in enumerate(zip(block, ours)))
-                              for block, ours in zip(modules, self.one_row)]
+            many_rows = [tuple(make(m, fast) if i in linear else m for i, (m, fast) in enumerate(zip(block, ours)))
+                         for block, ours in zip(modules, self.one_row)]
+            # One set when no block weight changed layout: a LoRA bank then wraps it once (wrap_blocks).
+            same = all(a is b for new, old in zip(many_rows, self.one_row) for a, b in zip(new, old))
+            self.many_rows = self.one_row if same else many_rows
             self.head_many_rows = make(model.lm_head, self.head_one_row)
 
     def wrap_blocks(self, wrap) -> None:

@@ -75,6 +75,7 @@ def test_small_model_uses_one_set_of_packed_copies():
 
 def test_larger_model_keeps_modules_for_one_row_and_prepacks_for_several(monkeypatch):
     monkeypatch.setattr(weight_layout, "SMALL_MODEL_BYTES", 0)  # the tiny model takes the large-model path
+    monkeypatch.setattr(weight_layout, "ONEDNN_MIN_ELEMENTS", 0)  # and its small weights count as large
     model = random_model(41)
     w = DecodeWeights(model, CPU, torch.float32, max_rows=8)
     assert w.one_row == model.decode_layers()  # one row: the modules themselves ...
@@ -88,6 +89,28 @@ def test_larger_model_keeps_modules_for_one_row_and_prepacks_for_several(monkeyp
     prompts = random_prompts(model.config.vocab_size, [5, 9, 3], seed=41)
     out = generate(model, prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
     assert [c.token_ids for c in out] == [greedy_without_cache(model, p, 6) for p in prompts]
+
+
+def test_small_model_prepacks_only_its_large_weights_for_several_rows(monkeypatch):
+    """A small model's steps of several rows use oneDNN for weights of ONEDNN_MIN_ELEMENTS or more
+    (pycode's head) and keep the one-row copies for the rest (one shared block set if none changed)."""
+    model = random_model(44)
+    head = model.lm_head.weight.numel()
+    monkeypatch.setattr(weight_layout, "ONEDNN_MIN_ELEMENTS", head)  # the head qualifies, no block weight does
+    w = DecodeWeights(model, CPU, torch.float32, max_rows=8)
+    fast = OneDNNLinear if _onednn_works(CPU, torch.float32) else PackedLinear
+    assert isinstance(w.head_many_rows, fast) and isinstance(w.head_one_row, PackedLinear)
+    assert w.many_rows is w.one_row  # no block weight changed layout: one set
+    for rows in (1, 5):
+        _assert_same_outputs(model, w, rows)
+    big = model.transformer.h[0].mlp.c_fc.weight.numel()
+    monkeypatch.setattr(weight_layout, "ONEDNN_MIN_ELEMENTS", big)  # now the MLP's weights (and the head) too
+    w = DecodeWeights(model, CPU, torch.float32, max_rows=8)
+    assert w.many_rows is not w.one_row
+    assert all(isinstance(block[i], fast) for block in w.many_rows for i in (4, 5))
+    assert all(block[1] is one[1] for block, one in zip(w.many_rows, w.one_row))  # attention's copies shared
+    for rows in (1, 5):
+        _assert_same_outputs(model, w, rows)
 
 
 def test_disabled_or_wrapped_modules_are_used_as_they_are():
