@@ -78,7 +78,9 @@ def test_train_from_scratch_writes_a_loadable_model(tmp_path):
                                 callback=events.append)
     assert events[0].kind == "start" and events[0].parameters == result.n_parameters
     steps = [e for e in events if e.kind == "step"]
-    assert len(steps) == 30 and steps[-1].loss < steps[0].loss - 1.0
+    # It learns: 30 steps drop the loss by 0.96-1.03 nats on this corpus (lmcore's own source, so it
+    # changes with every commit: the bound leaves room for that, a model that learns nothing fails it).
+    assert len(steps) == 30 and steps[-1].loss < steps[0].loss - 0.7
     assert result.eval_loss is not None and result.eval_loss < steps[0].loss
     model = load_model(tmp_path / "model")
     assert model.tokenizer is not None and model.config.vocab_size == model.tokenizer.vocab_size <= 400

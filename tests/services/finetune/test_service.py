@@ -184,7 +184,9 @@ def test_upload_train_watch_and_serve_the_result(stack):
     dataset = RecordDataset.from_records(read_records(data.decode().splitlines()), base.tokenizer, 128)
     tuned = load_adapter_model(base, adapter_dir)
     base_loss, tuned_loss = evaluate_loss(base, dataset), evaluate_loss(tuned, dataset)
-    assert tuned_loss < base_loss - 1.0, (base_loss, tuned_loss)  # nats per completion token
+    # nats per completion token: 0.8-1.1 measured (the base is trained on lmcore's own source, which
+    # changes with every commit); an adapter that learned nothing is ~0.
+    assert tuned_loss < base_loss - 0.5, (base_loss, tuned_loss)
 
     full_job = ft.wait(full.id)
     assert full_job.status == pb.JOB_STATUS_SUCCEEDED
