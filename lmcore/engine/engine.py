@@ -425,11 +425,7 @@ class Engine:
         if reason is not None:
             if gen.text is not None and (reason != "stop" or not gen.text.stopped):
                 delta += gen.text.finish()
-            self.scheduler.finish(seq)
-            self.constraints.remove(seq.request_id)
-            del self._gens[seq.request_id]
-            self._stats["requests_finished"] += 1
-            self._request_finished(gen, reason)
+            self._finish(seq, gen, reason)
         prompt_lp = self._prompt_lp.take(seq.request_id) if len(seq.output_ids) == 1 else None
         return StepOutput(seq.request_id, [tok], delta, reason is not None, reason, lp,
                           seq.prompt_len, len(seq.output_ids), prompt_logprobs=prompt_lp)
@@ -437,13 +433,17 @@ class Engine:
     def _finish_scored(self, seq: Sequence, gen) -> StepOutput:
         """End a ``max_tokens=0`` request after its prefill: its prompt figures, no tokens, "length"
         (so a prompt may fill the whole context: nothing after it is ever fed)."""
+        self._finish(seq, gen, "length")
+        return StepOutput(seq.request_id, [], "", True, "length", None, seq.prompt_len, 0,
+                          prompt_logprobs=self._prompt_lp.take(seq.request_id))
+
+    def _finish(self, seq: Sequence, gen, reason: str) -> None:
+        """A request ended normally: its slot, matcher and bookkeeping go."""
         self.scheduler.finish(seq)
         self.constraints.remove(seq.request_id)
         del self._gens[seq.request_id]
         self._stats["requests_finished"] += 1
-        self._request_finished(gen, "length")
-        return StepOutput(seq.request_id, [], "", True, "length", None, seq.prompt_len, 0,
-                          prompt_logprobs=self._prompt_lp.take(seq.request_id))
+        self._request_finished(gen, reason)
 
     def _fail(self, request_id: str, error: Exception) -> StepOutput:
         """End one request with ``error`` (finish_reason "error"); the rest of the batch goes on."""
