@@ -154,12 +154,14 @@ class InferenceSettings(ModelServiceSettings):
 
     speculation: str = Field("auto", description="speculative decoding default (lmcore.engine.speculative): "
                                                  "auto (prompt lookup for greedy requests), off, prompt_lookup, draft")
-    speculative_tokens: int = Field(4, ge=1, le=16, description="most tokens proposed per step")
+    speculative_tokens: int = Field(8, ge=1, le=16, description="most tokens proposed per step")
     draft_models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="draft models for speculation as TARGET=PATH pairs (a smaller model with the "
                     "target's tokenizer; comma-separated)",
     )
+    draft_min_confidence: float = Field(0.5, ge=0.0, le=1.0, description="a draft's proposal stops before "
+                                        "the first token it gives less probability than this (0: never)")
 
     @field_validator("quantize", "draft_models", mode="before")
     @classmethod

@@ -92,6 +92,8 @@ class EngineConfig:
             ``"prompt_lookup"`` or ``"draft"``; a request's ``SamplingParams.speculation`` overrides it.
         speculative_tokens: most tokens proposed per verify step.
         draft_model: a smaller GPT with the same vocabulary, for ``"draft"`` speculation.
+        draft_min_confidence: a draft's proposal stops before the first token it gives less
+            probability than this (:class:`lmcore.engine.speculative.DraftModel`); 0 = never.
     """
 
     max_batch_size: int = 16
@@ -106,8 +108,9 @@ class EngineConfig:
     device: str | torch.device | None = None
     dtype: torch.dtype | None = None
     speculation: str = "off"
-    speculative_tokens: int = 4
+    speculative_tokens: int = 8
     draft_model: GPT | None = None
+    draft_min_confidence: float = 0.5
 
     def __post_init__(self):
         for name in ("max_batch_size", "prefill_chunk_size", "prefix_block_size"):
@@ -170,7 +173,7 @@ class Engine:
         draft = None
         if config.draft_model is not None:
             draft = DraftModel(config.draft_model.to(device), model.config.vocab_size, config.max_batch_size,
-                               self.max_seq_len)
+                               self.max_seq_len, config.draft_min_confidence)
         self.speculator = Speculator(config.speculation, config.speculative_tokens, self.max_seq_len, draft)
         self._gens: dict[str, _Generation] = {}
         self._prompt_lp = PromptLogprobs()  # echo's figures, gathered over a prompt's prefill chunks

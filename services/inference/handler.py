@@ -121,7 +121,8 @@ def make_loader(settings: InferenceSettings):
         draft = settings.draft_model_of(spec.name)
         config = EngineConfig(max_batch_size=settings.max_batch_size, max_waiting=settings.max_waiting,
                               speculation=settings.speculation, speculative_tokens=settings.speculative_tokens,
-                              draft_model=load_model(draft, device=settings.device) if draft else None)
+                              draft_model=load_model(draft, device=settings.device) if draft else None,
+                              draft_min_confidence=settings.draft_min_confidence)
         engine = Engine(model, config, tokenizer=model.tokenizer)
         return ServedModel(spec.name, model, model.tokenizer, engine)
 

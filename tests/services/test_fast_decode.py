@@ -17,7 +17,7 @@ from tests.helpers.servers import ServerThread
 def server(tiny_models):
     settings = InferenceSettings(models=[f"tiny={tiny_models['tiny']}", f"tiny-b={tiny_models['tiny-b']}"],
                                  quantize=["tiny=int8"], draft_models=[f"tiny={tiny_models['tiny-b']}"],
-                                 speculative_tokens=3, port=0)
+                                 speculative_tokens=3, draft_min_confidence=0.0, port=0)  # a random draft: never sure
     s = ServerThread(settings, "inference", setup).start()
     yield s
     s.stop()

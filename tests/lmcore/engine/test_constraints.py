@@ -290,7 +290,8 @@ def test_speculative_constrained_greedy_is_plain_constrained_greedy(served, prop
         draft = copy.deepcopy(model)
         requests = [requests[i] for i in (2, 6, 12, 13, 14)]  # its plain forward per proposed token is slow here
     plain = run_all(Engine(model, max_batch_size=16, tokenizer=tok), requests)
-    engine = Engine(model, max_batch_size=16, tokenizer=tok, speculative_tokens=4, draft_model=draft)
+    engine = Engine(model, max_batch_size=16, tokenizer=tok, speculative_tokens=4, draft_model=draft,
+                    draft_min_confidence=0.0)
     spec = run_all(engine, [(p, SamplingParams(**sp.model_dump(exclude_unset=True), speculation=proposer))
                             for p, sp in requests])
     for a, b in zip(spec, plain):
@@ -310,7 +311,8 @@ def test_50_sampled_speculative_constrained_completions_follow_the_constraint(se
     model, tok = served
     with_draft = model.config.vocab_size < 10_000  # a draft's plain forward over 50k logits per token is too slow for CI
     engine = Engine(model, max_batch_size=N, tokenizer=tok, speculative_tokens=3,
-                    draft_model=tiny_draft(model.config.vocab_size) if with_draft else None)
+                    draft_model=tiny_draft(model.config.vocab_size) if with_draft else None,
+                    draft_min_confidence=0.0)
     constraint, prompt = {"json_schema": (dict(json_schema=SCHEMA), SPEC_PROMPT),
                           "regex": (dict(regex=REGEX), "id = AB-123 beta\nid = CD-4567\nid = "),
                           "choice": (dict(choice=CHOICES), "|".join(CHOICES * 2) + "|")}[kind]

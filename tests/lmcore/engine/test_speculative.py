@@ -31,6 +31,15 @@ def test_prompt_lookup_proposes_what_followed_the_latest_longest_match():
     assert prompt_lookup([7, 7, 7], 5) == [7]  # a match at the end proposes what there is
 
 
+def test_prompt_lookup_proposes_two_tokens_per_matched_token():
+    text = [9, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13]
+    assert prompt_lookup(text + [8], 8) == [10, 11]  # a 1-gram match: weak evidence, 2 tokens
+    assert prompt_lookup(text + [7, 8], 8) == [10, 11, 12, 13]  # a 2-gram match: 4
+    assert prompt_lookup(text + [2, 3, 4, 5], 16) == [6, 7, 8, 10, 11, 12, 13, 2]  # a 4-gram: 8 (it runs on into the text that followed)
+    assert prompt_lookup(text + [2, 3, 4, 5], 3) == [6, 7, 8]  # never more than k
+    assert prompt_lookup(text + [3, 4], 8, tokens_per_match=1) == [5, 6]
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_greedy_speculation_equals_plain_decoding_batched_with_plain_requests(shape):
     dims = SHAPES[shape]
@@ -82,7 +91,8 @@ def test_the_shipped_draft_on_the_shipped_model_is_exact_and_accepted():
     prompts = [tok.encode(t) for t in texts]
     params = [SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, speculation=m)
               for m in ("draft", "off", "draft")]
-    e = Engine(model, max_batch_size=3, draft_model=draft, speculative_tokens=4)
+    e = Engine(model, max_batch_size=3, draft_model=draft, speculative_tokens=4,
+               draft_min_confidence=0.0)
     got, _ = run(e, prompts, params)
     assert got == [greedy_without_cache(model, p, 32) for p in prompts]
     s = e.stats()
@@ -95,7 +105,8 @@ def test_draft_model_speculation_is_exact_and_a_perfect_draft_is_always_accepted
     greedy = SamplingParams(max_tokens=16, temperature=0.0, speculation="draft", ignore_eos=True)
     want = [greedy_without_cache(model, p, 16) for p in prompts]
     for draft, perfect in ((random_model(23), False), (random_model(21), True)):
-        e = Engine(model, max_batch_size=3, draft_model=draft, speculative_tokens=3)
+        e = Engine(model, max_batch_size=3, draft_model=draft, speculative_tokens=3,
+                   draft_min_confidence=0.0)
         got, _ = run(e, prompts, [greedy] * 3)
         assert got == want
         s = e.stats()
@@ -112,7 +123,7 @@ def test_draft_model_kv_cache_proposes_what_the_uncached_draft_would():
     the slot sharing only part of the prompt, and at the end of its context, every greedy proposal
     equals the argmax loop that re-runs the whole sequence."""
     draft = random_model(23, **(SHAPES["tiny"] | dict(block_size=32)))
-    d = DraftModel(draft, 512, n_slots=2, max_seq_len=32)
+    d = DraftModel(draft, 512, n_slots=2, max_seq_len=32, min_confidence=0.0)  # never cut short
     greedy = SamplingParams(temperature=0.0)
     seq = random_prompts(512, [7], seed=24)[0]
     other = seq[:3] + random_prompts(512, [6], seed=25)[0]  # shares a 3-token prefix with seq
@@ -125,6 +136,27 @@ def test_draft_model_kv_cache_proposes_what_the_uncached_draft_would():
     long = random_prompts(512, [30], seed=26)[0]
     assert d.propose(1, long, 4, greedy, random.Random(0))[0] == greedy_without_cache(draft, long, 3)  # 32 - 30 + 1
     assert d.propose(1, long + [1, 2, 3], 4, greedy, random.Random(0)) == ([], None)
+
+
+def test_draft_proposal_stops_at_the_first_token_the_draft_doubts():
+    """A proposal ends before the first token the draft gives less than ``min_confidence`` (no
+    proposal at all when it doubts the first), and the draft's cache stays right for the next one."""
+    draft = random_model(29, **(SHAPES["tiny"] | dict(block_size=32)))
+    seq = random_prompts(512, [7], seed=28)[0]
+    full = greedy_without_cache(draft, seq, 4)
+    with torch.inference_mode():
+        logits = draft(torch.tensor([seq + full]))[0, len(seq) - 1:len(seq) + 3].log_softmax(-1)
+    confidence = logits.exp().max(-1).values.tolist()  # the draft's probability of each greedy token
+    cut = min(range(1, 4), key=lambda j: confidence[j])  # stop before the least sure of tokens 2..4
+    greedy = SamplingParams(temperature=0.0)
+    d = DraftModel(draft, 512, n_slots=1, max_seq_len=32, min_confidence=confidence[cut] + 1e-6)
+    first_doubt = next(j for j in range(4) if confidence[j] < d.min_confidence)
+    assert first_doubt > 0  # this seed's draft is sure of its first token: a cut mid-proposal
+    assert d.propose(0, seq, 4, greedy, random.Random(0)) == (full[:first_doubt], None)
+    d.min_confidence = 1.01  # doubts everything: proposes nothing
+    assert d.propose(0, seq, 4, greedy, random.Random(0)) == ([], None)
+    d.min_confidence = 0.0
+    assert d.propose(0, seq + full[:2], 4, greedy, random.Random(0))[0] == greedy_without_cache(draft, seq + full[:2], 4)
 
 
 def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
