@@ -169,6 +169,8 @@ class DraftModel:
         if model.config.vocab_size != vocab_size:
             raise ValueError(f"the draft model's vocabulary ({model.config.vocab_size}) differs from the "
                              f"target's ({vocab_size}): a draft must share the target's tokenizer")
+        if not 0.0 <= min_confidence <= 1.0:
+            raise ValueError(f"draft_min_confidence must be a probability in [0, 1], got {min_confidence}")
         self.model = model.eval()
         self.min_confidence = min_confidence  # a proposal stops before a token the draft gives less
         cfg, dev = model.config, model.device
@@ -202,12 +204,13 @@ class DraftModel:
             start += len(feed)
             if params.greedy:
                 best, tok = logits.max(-1)  # first maximum on ties, as argmax (and the runner)
-                tok, confidence = int(tok), float(torch.exp(best - logits.logsumexp(-1)))
+                tok = int(tok)
+                doubt = self.min_confidence > 0 and float(torch.exp(best - logits.logsumexp(-1))) < self.min_confidence
             else:
                 q = _probs(logits, params)[0]
                 tok = _draw(q, rng)
-                confidence = float(q[tok])
-            if confidence < self.min_confidence:
+                doubt = float(q[tok]) < self.min_confidence
+            if doubt:
                 break  # the draft doubts this token: a verify row it would likely waste
             if not params.greedy:
                 qs.append(q)

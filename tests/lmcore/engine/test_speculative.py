@@ -91,8 +91,7 @@ def test_the_shipped_draft_on_the_shipped_model_is_exact_and_accepted():
     prompts = [tok.encode(t) for t in texts]
     params = [SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, speculation=m)
               for m in ("draft", "off", "draft")]
-    e = Engine(model, max_batch_size=3, draft_model=draft, speculative_tokens=4,
-               draft_min_confidence=0.0)
+    e = Engine(model, max_batch_size=3, draft_model=draft, speculative_tokens=4)  # the default confidence stop
     got, _ = run(e, prompts, params)
     assert got == [greedy_without_cache(model, p, 32) for p in prompts]
     s = e.stats()
@@ -116,6 +115,8 @@ def test_draft_model_speculation_is_exact_and_a_perfect_draft_is_always_accepted
         Engine(model).add_request([1], greedy)
     with pytest.raises(ValueError, match="vocabulary"):
         Engine(model, draft_model=random_model(1, **SHAPES["one-head"]))
+    with pytest.raises(ValueError, match=r"probability in \[0, 1\]"):
+        Engine(model, draft_model=random_model(23), draft_min_confidence=1.5)
 
 
 def test_draft_model_kv_cache_proposes_what_the_uncached_draft_would():
@@ -153,7 +154,7 @@ def test_draft_proposal_stops_at_the_first_token_the_draft_doubts():
     first_doubt = next(j for j in range(4) if confidence[j] < d.min_confidence)
     assert first_doubt > 0  # this seed's draft is sure of its first token: a cut mid-proposal
     assert d.propose(0, seq, 4, greedy, random.Random(0)) == (full[:first_doubt], None)
-    d.min_confidence = 1.01  # doubts everything: proposes nothing
+    d.min_confidence = 1.0  # doubts everything short of certainty: proposes nothing
     assert d.propose(0, seq, 4, greedy, random.Random(0)) == ([], None)
     d.min_confidence = 0.0
     assert d.propose(0, seq + full[:2], 4, greedy, random.Random(0))[0] == greedy_without_cache(draft, seq + full[:2], 4)
