@@ -298,6 +298,7 @@ class Engine:
             "spec_decode_steps": self.speculator.steps,
             "spec_proposed_tokens": self.speculator.proposed,
             "spec_accepted_tokens": self.speculator.accepted,
+            "spec_draft_forwards": self.speculator.draft.forwards if self.speculator.draft is not None else 0,
         }
 
     def set_stats_listener(self, listener: StatsListener | None) -> None:

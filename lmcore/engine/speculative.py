@@ -9,7 +9,7 @@ one token of its own: between 1 and ``k + 1`` tokens per forward pass, never few
 **Proposers** (per request, inside continuous batching; :class:`Speculator` picks one):
 
 * *prompt lookup* (:func:`prompt_lookup`): find the latest earlier occurrence of the last ``n``
-  tokens (``n`` = 3, 2, 1) in the prompt and the text so far, and propose what followed it. No
+  tokens (``n`` = 4, 3, 2, 1) in the prompt and the text so far, and propose what followed it. No
   second model; it wins where output copies input (code edits, quoting, repetitive structure).
 * *a draft model* (:class:`DraftModel`): a smaller model with the same tokenizer proposes ``k``
   tokens, one cached forward step each. It keeps a KV cache of its own, one slot per engine slot,
@@ -58,9 +58,11 @@ from the residual ``max(p - q, 0)``, exactly as the uncut proposal would have ha
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
-from lmcore.model.kv_cache import CacheBatch, KVCache, PrefillSegment
+from lmcore.model.kv_cache import CacheBatch, KVCache, PrefillSegment, decode_mask, segment_mask
 
 from .sampling import SamplingParams, logits_to_probs, sample_from_probs, top_logprobs
 from .scheduler import SchedulerOutput, VerifyChunk
@@ -68,6 +70,7 @@ from .weight_layout import DecodeWeights
 
 SPECULATION_MODES = ("auto", "off", "prompt_lookup", "draft")
 MAX_SPECULATIVE_TOKENS = 16
+MAX_DRAFT_REST = 8  # steps: the longest a draft sits out for a sequence it keeps doubting (Speculator)
 
 
 def prompt_lookup(tokens: list[int], k: int, max_ngram: int = 4, min_ngram: int = 1,
@@ -163,6 +166,10 @@ class DraftModel:
     prefix), the rest is fed as one segment, then each proposed token is fed on its own. Entries
     past the common prefix are stale, invisible to attention (it reads only positions up to the
     fed one) and overwritten as the slot advances: the same rollback as the target's cache.
+
+    The sequences of one engine step propose together (:meth:`propose_many`): each draft step is
+    one forward over every sequence still proposing, as an engine step batches its decode rows, so
+    a batch of 8 costs the draft's per-call overhead once per step instead of 8 times.
     """
 
     def __init__(self, model, vocab_size: int, n_slots: int, max_seq_len: int, min_confidence: float = 0.5):
@@ -178,64 +185,109 @@ class DraftModel:
         self.cache = KVCache(cfg.n_layer, n_slots, cfg.n_head, T, cfg.head_dim, dev, model.dtype)
         self.k_layers, self.v_layers = list(self.cache.k), list(self.cache.v)
         # A draft is small, so its steps are per-call overhead: the engine's addmm layouts, and every
-        # index tensor a step needs is a view or one addition (row of position 0 per slot and head,
-        # in a layer's buffer viewed as (n_slots * nh * T, hs); a position adds to it).
-        weights = DecodeWeights(model, dev, model.dtype, max_rows=1)
-        self.layers, self.head = weights.layers(1), weights.head(1)
+        # index tensor a step needs is one upload plus views and additions (row of position 0 per
+        # slot and head, in a layer's buffer viewed as (n_slots * nh * T, hs); a position adds to it).
+        self.weights = DecodeWeights(model, dev, model.dtype, max_rows=n_slots)
         self.row_base = (torch.arange(n_slots * cfg.n_head, device=dev) * T).view(n_slots, cfg.n_head)
-        self.positions = torch.arange(T, device=dev)
         self.cached: list[list[int]] = [[] for _ in range(n_slots)]
+        self.forwards = 0  # forward passes run (one per draft step, whatever its batch)
 
-    @torch.inference_mode()
     def propose(self, slot: int, tokens: list[int], k: int, params: SamplingParams,
                 rng) -> tuple[list[int], torch.Tensor | None]:
         """Up to ``k`` tokens continuing ``tokens`` (the sequence so far), and their distributions
         ``(k, V)`` for a sampled request (None when greedy)."""
-        k = min(k, self.max_seq_len - len(tokens) + 1)  # the last fed token sits at len(tokens) + k - 2
-        if k <= 0:
-            return [], None
-        cached = self.cached[slot]
-        start = min(_common_prefix(cached, tokens), len(tokens) - 1)  # feed at least the last token
-        feed = tokens[start:]
-        out: list[int] = []
-        qs = []
-        for _ in range(k):
-            logits = self._step(slot, feed, start)  # (1, V): after the last fed token
-            start += len(feed)
-            if params.greedy:
-                best, tok = logits.max(-1)  # first maximum on ties, as argmax (and the runner)
-                tok = int(tok)
-                doubt = self.min_confidence > 0 and float(torch.exp(best - logits.logsumexp(-1))) < self.min_confidence
-            else:
-                q = _probs(logits, params)[0]
-                tok = _draw(q, rng)
-                doubt = float(q[tok]) < self.min_confidence
-            if doubt:
-                break  # the draft doubts this token: a verify row it would likely waste
-            if not params.greedy:
-                qs.append(q)
-            out.append(tok)
-            feed = [tok]
-        self.cached[slot] = (tokens + out)[:start]  # what was fed (the last proposed token never is)
-        return out, (torch.stack(qs) if qs else None)
+        return self.propose_many([(slot, tokens, k, params, rng)])[0]
 
-    def _step(self, slot: int, feed: list[int], start: int) -> torch.Tensor:
-        """Feed ``feed`` at positions ``start..`` of ``slot`` (keys and values written to the
-        draft's cache); the logits ``(1, V)`` after its last token."""
-        n = len(feed)
-        positions = self.positions[start:start + n]
-        write = (self.row_base[slot][None, :] + positions[:, None]).view(-1)  # (n * nh,)
-        slots = self.row_base.new_full((n,), slot)
-        if n == 1:  # one token: the decode path, attending to every cached position up to its own
-            batch = CacheBatch(slots=slots, positions=positions, write_index=write, num_decode=1, decode_lo=slot,
-                               decode_hi=slot + 1, decode_len=start + 1)
-        else:  # a segment from position 0 is plainly causal; a later one also sees the past
-            mask = None if start == 0 else self.positions[:start + n][None, :] <= positions[:, None]
-            batch = CacheBatch(slots=slots, positions=positions, write_index=write, num_decode=0,
-                               prefill=(PrefillSegment(0, n, slot, start, mask),))
-        idx = torch.tensor(feed, device=self.positions.device)
-        hidden = self.model.forward_cached(idx, batch, self.k_layers, self.v_layers, self.layers)
-        return self.head(hidden[-1:]).float()
+    @torch.inference_mode()
+    def propose_many(self, asks: list[tuple]) -> list[tuple[list[int], torch.Tensor | None]]:
+        """:meth:`propose` for several sequences at once, ``asks`` of ``(slot, tokens, k, params,
+        rng)`` with distinct slots: one draft forward per step over all of them (the first feeds
+        each sequence's unseen tokens, the later ones each proposed token), a sequence leaving
+        the batch when it has its ``k`` tokens or doubts the next one."""
+        n = len(asks)
+        out: list[list[int]] = [[] for _ in range(n)]
+        qs: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        feeds, starts, ks = [], [], []
+        for slot, tokens, k, _, _ in asks:
+            ks.append(min(k, self.max_seq_len - len(tokens) + 1))  # the last fed token sits at len(tokens) + k - 2
+            starts.append(min(_common_prefix(self.cached[slot], tokens), len(tokens) - 1))  # feed at least the last
+            feeds.append(tokens[starts[-1]:])
+        live = sorted((i for i in range(n) if ks[i] > 0), key=lambda i: asks[i][0])  # slot order, as decode rows
+        fed = [0] * n
+        while live:
+            logits = self._step([(asks[i][0], feeds[i], starts[i] + fed[i]) for i in live])  # (len(live), V)
+            still = []
+            for i, (tok, doubt, q) in zip(live, self._choose(logits, [asks[i] for i in live])):
+                fed[i] += len(feeds[i])
+                if doubt:
+                    continue  # the draft doubts this token: a verify row it would likely waste
+                out[i].append(tok)
+                if q is not None:
+                    qs[i].append(q)
+                feeds[i] = [tok]
+                if len(out[i]) < ks[i]:
+                    still.append(i)
+            live = still
+        for i, (slot, tokens, _, _, _) in enumerate(asks):
+            if ks[i] > 0:
+                self.cached[slot] = (tokens + out[i])[:starts[i] + fed[i]]  # what was fed (never the last proposed token)
+        return [(out[i], torch.stack(qs[i]) if qs[i] else None) for i in range(n)]
+
+    def _choose(self, logits: torch.Tensor, asks: list[tuple]) -> list[tuple[int, bool, torch.Tensor | None]]:
+        """Per row of ``logits`` ``(R, V)``: the draft's token, whether it doubts it (its probability
+        under ``min_confidence``), and its distribution for a sampled request (None when greedy)."""
+        best, ids = logits.max(-1)  # first maximum on ties, as argmax (and the runner)
+        greedy = [a[3].greedy for a in asks]
+        sure = None  # the greedy tokens' probabilities, one host sync for all rows
+        if any(greedy) and self.min_confidence > 0:
+            sure = torch.exp(best - logits.logsumexp(-1)).tolist()
+        ids = ids.tolist()
+        chosen = []
+        for j, (_, _, _, params, rng) in enumerate(asks):
+            if greedy[j]:
+                chosen.append((ids[j], sure is not None and sure[j] < self.min_confidence, None))
+            else:
+                q = _probs(logits[j:j + 1], params)[0]
+                tok = _draw(q, rng)
+                chosen.append((tok, float(q[tok]) < self.min_confidence, q))
+        return chosen
+
+    def _step(self, rows: list[tuple[int, list[int], int]]) -> torch.Tensor:
+        """Feed each row's ``(slot, tokens, start)``, tokens at positions ``start..`` of the slot
+        (keys and values written to the draft's cache), rows in ascending slot order, in one
+        forward; the logits ``(len(rows), V)`` after each row's last token."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        last: list[int] = []
+        for slot, feed, start in rows:
+            tokens += feed
+            positions += range(start, start + len(feed))
+            slots += [slot] * len(feed)
+            last.append(len(tokens) - 1)
+        N, R = len(tokens), len(rows)
+        ints = torch.tensor(tokens + positions + slots, device=self.row_base.device)  # one upload
+        tok_t, pos_t, slot_t = ints[:N], ints[N:2 * N], ints[2 * N:]
+        write = (self.row_base[slot_t] + pos_t[:, None]).view(-1)  # (N * nh,)
+        if N == R:  # one token each: the decode path, one attention over the slots' range
+            lo, hi, L = rows[0][0], rows[-1][0] + 1, max(positions) + 1
+            index = None if hi - lo == R else slot_t - lo  # holes: slots in the range not proposing
+            row_pos = pos_t if index is None else pos_t.new_zeros(hi - lo).index_copy_(0, index, pos_t)
+            mask = None if index is None and min(positions) == L - 1 else decode_mask(row_pos, L, self.model.dtype)
+            batch = CacheBatch(slots=slot_t, positions=pos_t, write_index=write, num_decode=R, decode_lo=lo,
+                               decode_hi=hi, decode_len=L, decode_mask=mask, decode_index=index)
+        else:  # some row feeds a segment (tokens the draft has not seen): every row is one
+            segments, r0 = [], 0
+            for slot, feed, start in rows:
+                end = start + len(feed)
+                segments.append(PrefillSegment(r0, r0 + len(feed), slot, start, segment_mask(start, end, ints.device)))
+                r0 += len(feed)
+            batch = CacheBatch(slots=slot_t, positions=pos_t, write_index=write, num_decode=0, prefill=tuple(segments))
+        hidden = self.model.forward_cached(tok_t, batch, self.k_layers, self.v_layers, self.weights.layers(N))
+        self.forwards += 1
+        if N != R:
+            hidden = hidden[torch.tensor(last, device=ints.device)]  # (R, C): each row's last token
+        return self.weights.head(R)(hidden).float()
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -264,6 +316,8 @@ class Speculator:
         self.proposed = 0  # draft tokens fed to verify steps
         self.accepted = 0  # of those, kept
         self.steps = 0  # verify steps run
+        # per sequence (dropped with it): the draft's rest after proposing nothing (_draft_rests)
+        self._rest: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def check(self, params: SamplingParams) -> None:
         """The request-level rule (Engine.check_request runs it)."""
@@ -283,29 +337,59 @@ class Speculator:
         """Move the decode sequences that get a proposal this step into ``plan.verify``.
         ``allowed_prefix(request_id, draft)``: how many leading draft tokens a constrained
         request's grammar accepts (:meth:`lmcore.engine.constraints.Constraints.allowed_prefix`)."""
-        keep = []
-        for seq in plan.decode:
+        proposals: dict[int, tuple[list[int], torch.Tensor | None]] = {}  # by position in plan.decode
+        asks, askers = [], []  # the draft's, proposed together in one batch
+        for i, seq in enumerate(plan.decode):
             p = params[seq.request_id]
             mode = self.mode_for(p)
             # room: the tokens it may still emit (one comes from the verify itself) and the cache
             room = min(p.speculative_tokens or self.k, seq.max_tokens - len(seq.output_ids) - 1,
                        self.max_seq_len - seq.num_computed - 1)
-            draft, probs = [], None
-            if mode is not None and room > 0:
-                tokens = seq.prompt_ids + seq.output_ids
-                if mode == "prompt_lookup":
-                    draft = prompt_lookup(tokens, room)
-                else:
-                    draft, probs = self.draft.propose(seq.slot, tokens, room, p, rngs[seq.request_id])
-                if draft and p.constrained:
-                    n = allowed_prefix(seq.request_id, draft)
-                    # a cut sampled draft keeps q at the cut (verify draws the residual there)
-                    draft, probs = draft[:n], (probs[:n + 1] if probs is not None and n < len(draft) else probs)
+            if mode is None or room <= 0:
+                continue
+            tokens = seq.prompt_ids + seq.output_ids
+            if mode == "prompt_lookup":
+                proposals[i] = (prompt_lookup(tokens, room), None)
+            elif not self._draft_rests(seq):
+                asks.append((seq.slot, tokens, room, p, rngs[seq.request_id]))
+                askers.append(i)
+        if asks:
+            for i, (draft, probs) in zip(askers, self.draft.propose_many(asks)):
+                self._draft_proposed(plan.decode[i], draft)
+                proposals[i] = (draft, probs)
+        keep = []
+        for i, seq in enumerate(plan.decode):
+            draft, probs = proposals.get(i, ([], None))
+            if draft and params[seq.request_id].constrained:
+                n = allowed_prefix(seq.request_id, draft)
+                # a cut sampled draft keeps q at the cut (verify draws the residual there)
+                draft, probs = draft[:n], (probs[:n + 1] if probs is not None and n < len(draft) else probs)
             if draft or probs is not None:
                 plan.verify.append(VerifyChunk(seq, draft, probs))
             else:
                 keep.append(seq)
         plan.decode = keep
+
+    def _draft_rests(self, seq) -> bool:
+        """Whether the draft sits this step out for ``seq``: after a step where it doubted its very
+        first token (no proposal, one draft step wasted), it rests for 1 step, then after another
+        such step 2, 4, ... up to ``MAX_DRAFT_REST``; any proposal ends the rest. A resting sequence
+        decodes plainly, and the draft catches up on its next proposal in one segment. Output is
+        unchanged (whether a step speculates never changes the emitted tokens' distribution); the
+        rests depend on the sequence's own history only, so a seeded request stays reproducible."""
+        rest = self._rest.get(seq)
+        if rest is None or rest[0] == 0:
+            return False
+        rest[0] -= 1
+        return True
+
+    def _draft_proposed(self, seq, draft: list[int]) -> None:
+        if draft:
+            self._rest.pop(seq, None)
+        else:
+            last = self._rest.get(seq, (0, 0))[1]
+            n = min(2 * last or 1, MAX_DRAFT_REST)
+            self._rest[seq] = [n, n]  # [steps left to rest, this rest's length]
 
     def restore(self, plan: SchedulerOutput) -> None:
         """Undo :meth:`propose` (a failed step is re-run one request at a time, plainly)."""

@@ -139,6 +139,55 @@ def test_draft_model_kv_cache_proposes_what_the_uncached_draft_would():
     assert d.propose(1, long + [1, 2, 3], 4, greedy, random.Random(0)) == ([], None)
 
 
+def test_draft_proposals_batched_across_sequences_equal_each_sequence_alone():
+    """propose_many runs one draft forward per step for every sequence: its proposals are each
+    sequence's own (greedy: the uncached argmax loop), with slots out of order and holes between
+    them, one sequence catching up a segment while another feeds one token, one at the end of the
+    draft's context, and sampled rows drawing from their own streams as they would alone."""
+    draft = random_model(23, **(SHAPES["tiny"] | dict(block_size=32)))
+    greedy, sampled = SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_k=20)
+    a, b, c = random_prompts(512, [9, 6, 30], seed=27)
+    batched = DraftModel(draft, 512, n_slots=5, max_seq_len=32, min_confidence=0.0)
+    first = batched.propose_many([(4, a, 4, greedy, None), (0, b, 4, greedy, None), (2, c, 4, greedy, None)])
+    assert [p for p, _ in first] == [greedy_without_cache(draft, a, 4), greedy_without_cache(draft, b, 4),
+                                     greedy_without_cache(draft, c, 3)]  # c: 32 - 30 + 1 fit its context
+    assert batched.forwards == 4  # every sequence in each of the 4 steps (c leaving after 3)
+    # next step: a kept everything (one new token to feed), b kept 1 (a 2-token segment), plus sampled rows
+    a2, b2 = a + first[0][0] + [7], b + first[1][0][:1] + [8]
+    asks = [(4, a2, 3, sampled, random.Random(5)), (0, b2, 3, greedy, None), (1, a, 2, sampled, random.Random(6))]
+    together = batched.propose_many(asks)
+    alone = DraftModel(draft, 512, n_slots=5, max_seq_len=32, min_confidence=0.0)
+    alone.propose(4, a, 4, greedy, None)
+    alone.propose(0, b, 4, greedy, None)
+    for (slot, tokens, k, params, _), (got, probs) in zip(asks, together):
+        want, want_probs = alone.propose(slot, tokens, k, params, random.Random(5 if slot == 4 else 6))
+        assert got == want
+        assert (probs is None) == (want_probs is None)
+        if probs is not None:
+            torch.testing.assert_close(probs, want_probs, rtol=1e-4, atol=1e-6)
+    assert together[1][0] == greedy_without_cache(draft, b2, 3)
+
+
+def test_a_draft_that_keeps_doubting_rests_for_longer_and_longer():
+    """A draft that never proposes (it doubts every first token) sits out 1, 2, 4, 8, 8 ... steps
+    between tries, so it runs ~log(n) + n/8 forwards instead of one per token; output unchanged."""
+    model = random_model(21)
+    prompt = random_prompts(512, [6], seed=22)[0]
+    greedy = SamplingParams(max_tokens=40, temperature=0.0, speculation="draft", ignore_eos=True)
+    e = Engine(model, max_batch_size=2, draft_model=random_model(23), speculative_tokens=3,
+               draft_min_confidence=1.0)  # doubts everything short of certainty
+    got, _ = run(e, [prompt], [greedy])
+    assert got == [greedy_without_cache(model, prompt, 40)]
+    s = e.stats()
+    # decode steps 1..39 (the prefill samples the first token): tries at 1, 3, 6, 11, 20, 29, 38
+    assert s["spec_draft_forwards"] == 7 and s["spec_proposed_tokens"] == 0
+    e = Engine(model, max_batch_size=2, draft_model=random_model(21), speculative_tokens=3,
+               draft_min_confidence=0.0)  # a perfect draft never rests: every proposal is taken
+    got, _ = run(e, [prompt], [greedy])
+    assert got == [greedy_without_cache(model, prompt, 40)]
+    assert e.stats()["spec_accepted_tokens"] == e.stats()["spec_proposed_tokens"] > 0
+
+
 def test_draft_proposal_stops_at_the_first_token_the_draft_doubts():
     """A proposal ends before the first token the draft gives less than ``min_confidence`` (no
     proposal at all when it doubts the first), and the draft's cache stays right for the next one."""
