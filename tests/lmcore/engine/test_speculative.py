@@ -98,6 +98,28 @@ def test_the_shipped_draft_on_the_shipped_model_is_exact_and_accepted():
     assert s["spec_accepted_tokens"] > s["spec_proposed_tokens"] / 3
 
 
+def test_the_draft_corpus_is_pycodes_greedy_output_on_training_windows_only(tmp_path):
+    """The shipped draft's distillation corpus (bench/pycode_data.py): each sample is a training
+    window's prompt plus pycode's own greedy continuation; no held-out window is a prompt."""
+    from bench.pycode_data import PYCODE_DIR, heldout_windows, training_windows, write_draft_corpus
+    from lmcore import load_model
+
+    files = write_draft_corpus(tmp_path, prompt_len=16, new_tokens=5, limit=3, per_file=2)
+    assert [f.name for f in files] == ["distill_000.txt", "distill_001.txt"]
+    samples = "\n\n".join(f.read_text() for f in files).split("\n\n")
+    model = load_model(PYCODE_DIR)
+    tok = model.tokenizer
+    train, held = training_windows(tok), heldout_windows(tok)
+    assert len(train) + len(held) == 5056 and len(held) == 253
+    held_prompts = {tuple(w[:16].tolist()) for w in held}
+    want = []
+    for w in train[:3]:
+        prompt = w[:16].tolist()
+        assert tuple(prompt) not in held_prompts
+        want.append(tok.decode(prompt + greedy_without_cache(model, prompt, 5)))
+    assert "\n\n".join(want) == "\n\n".join(samples)
+
+
 def test_draft_model_speculation_is_exact_and_a_perfect_draft_is_always_accepted():
     model = random_model(21)
     prompts = random_prompts(512, [5, 9, 14], seed=22)
