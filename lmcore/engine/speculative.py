@@ -59,6 +59,7 @@ from the residual ``max(p - q, 0)``, exactly as the uncut proposal would have ha
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 
@@ -156,6 +157,16 @@ def _residual(p: torch.Tensor, rejected: int | None, draft_probs: torch.Tensor |
     return residual
 
 
+class DraftAsk(NamedTuple):
+    """One sequence's request for a draft proposal (:meth:`DraftModel.propose_many`)."""
+
+    slot: int
+    tokens: list[int]  # the sequence so far
+    k: int  # most tokens to propose
+    params: SamplingParams
+    rng: object  # the request's random stream (draws for a sampled request)
+
+
 class DraftModel:
     """A smaller model with the target's vocabulary proposing ``k`` tokens, one cached step each.
 
@@ -196,26 +207,25 @@ class DraftModel:
                 rng) -> tuple[list[int], torch.Tensor | None]:
         """Up to ``k`` tokens continuing ``tokens`` (the sequence so far), and their distributions
         ``(k, V)`` for a sampled request (None when greedy)."""
-        return self.propose_many([(slot, tokens, k, params, rng)])[0]
+        return self.propose_many([DraftAsk(slot, tokens, k, params, rng)])[0]
 
     @torch.inference_mode()
-    def propose_many(self, asks: list[tuple]) -> list[tuple[list[int], torch.Tensor | None]]:
-        """:meth:`propose` for several sequences at once, ``asks`` of ``(slot, tokens, k, params,
-        rng)`` with distinct slots: one draft forward per step over all of them (the first feeds
+    def propose_many(self, asks: list[DraftAsk]) -> list[tuple[list[int], torch.Tensor | None]]:
+        """:meth:`propose` for several sequences at once, ``asks`` with distinct slots: one draft forward per step over all of them (the first feeds
         each sequence's unseen tokens, the later ones each proposed token), a sequence leaving
         the batch when it has its ``k`` tokens or doubts the next one."""
         n = len(asks)
         out: list[list[int]] = [[] for _ in range(n)]
         qs: list[list[torch.Tensor]] = [[] for _ in range(n)]
         feeds, starts, ks = [], [], []
-        for slot, tokens, k, _, _ in asks:
-            ks.append(min(k, self.max_seq_len - len(tokens) + 1))  # the last fed token sits at len(tokens) + k - 2
-            starts.append(min(_common_prefix(self.cached[slot], tokens), len(tokens) - 1))  # feed at least the last
-            feeds.append(tokens[starts[-1]:])
-        live = sorted((i for i in range(n) if ks[i] > 0), key=lambda i: asks[i][0])  # slot order, as decode rows
+        for a in asks:
+            ks.append(min(a.k, self.max_seq_len - len(a.tokens) + 1))  # the last fed token sits at len(tokens) + k - 2
+            starts.append(min(_common_prefix(self.cached[a.slot], a.tokens), len(a.tokens) - 1))  # feed at least the last
+            feeds.append(a.tokens[starts[-1]:])
+        live = sorted((i for i in range(n) if ks[i] > 0), key=lambda i: asks[i].slot)  # slot order, as decode rows
         fed = [0] * n
         while live:
-            logits = self._step([(asks[i][0], feeds[i], starts[i] + fed[i]) for i in live])  # (len(live), V)
+            logits = self._step([(asks[i].slot, feeds[i], starts[i] + fed[i]) for i in live])  # (len(live), V)
             still = []
             for i, (tok, doubt, q) in zip(live, self._choose(logits, [asks[i] for i in live])):
                 fed[i] += len(feeds[i])
@@ -228,27 +238,27 @@ class DraftModel:
                 if len(out[i]) < ks[i]:
                     still.append(i)
             live = still
-        for i, (slot, tokens, _, _, _) in enumerate(asks):
+        for i, a in enumerate(asks):
             if ks[i] > 0:
-                self.cached[slot] = (tokens + out[i])[:starts[i] + fed[i]]  # what was fed (never the last proposed token)
+                self.cached[a.slot] = (a.tokens + out[i])[:starts[i] + fed[i]]  # what was fed (never the last proposed token)
         return [(out[i], torch.stack(qs[i]) if qs[i] else None) for i in range(n)]
 
-    def _choose(self, logits: torch.Tensor, asks: list[tuple]) -> list[tuple[int, bool, torch.Tensor | None]]:
+    def _choose(self, logits: torch.Tensor, asks: list[DraftAsk]) -> list[tuple[int, bool, torch.Tensor | None]]:
         """Per row of ``logits`` ``(R, V)``: the draft's token, whether it doubts it (its probability
         under ``min_confidence``), and its distribution for a sampled request (None when greedy)."""
         best, ids = logits.max(-1)  # first maximum on ties, as argmax (and the runner)
-        greedy = [a[3].greedy for a in asks]
+        greedy = [a.params.greedy for a in asks]
         sure = None  # the greedy tokens' probabilities, one host sync for all rows
         if any(greedy) and self.min_confidence > 0:
             sure = torch.exp(best - logits.logsumexp(-1)).tolist()
         ids = ids.tolist()
         chosen = []
-        for j, (_, _, _, params, rng) in enumerate(asks):
+        for j, a in enumerate(asks):
             if greedy[j]:
                 chosen.append((ids[j], sure is not None and sure[j] < self.min_confidence, None))
             else:
-                q = _probs(logits[j:j + 1], params)[0]
-                tok = _draw(q, rng)
+                q = _probs(logits[j:j + 1], a.params)[0]
+                tok = _draw(q, a.rng)
                 chosen.append((tok, float(q[tok]) < self.min_confidence, q))
         return chosen
 
@@ -351,7 +361,7 @@ class Speculator:
             if mode == "prompt_lookup":
                 proposals[i] = (prompt_lookup(tokens, room), None)
             elif not self._draft_rests(seq):
-                asks.append((seq.slot, tokens, room, p, rngs[seq.request_id]))
+                asks.append(DraftAsk(seq.slot, tokens, room, p, rngs[seq.request_id]))
                 askers.append(i)
         if asks:
             for i, (draft, probs) in zip(askers, self.draft.propose_many(asks)):

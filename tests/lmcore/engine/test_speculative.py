@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmcore import Engine, SamplingParams, generate
-from lmcore.engine.speculative import DraftModel, prompt_lookup, verify
+from lmcore.engine.speculative import DraftAsk, DraftModel, prompt_lookup, verify
 from tests.helpers.models import SHAPES, gpt2_vocab_model, greedy_without_cache, random_model, random_prompts
 
 
@@ -170,13 +170,15 @@ def test_draft_proposals_batched_across_sequences_equal_each_sequence_alone():
     greedy, sampled = SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_k=20)
     a, b, c = random_prompts(512, [9, 6, 30], seed=27)
     batched = DraftModel(draft, 512, n_slots=5, max_seq_len=32, min_confidence=0.0)
-    first = batched.propose_many([(4, a, 4, greedy, None), (0, b, 4, greedy, None), (2, c, 4, greedy, None)])
+    first = batched.propose_many([DraftAsk(4, a, 4, greedy, None), DraftAsk(0, b, 4, greedy, None),
+                                  DraftAsk(2, c, 4, greedy, None)])
     assert [p for p, _ in first] == [greedy_without_cache(draft, a, 4), greedy_without_cache(draft, b, 4),
                                      greedy_without_cache(draft, c, 3)]  # c: 32 - 30 + 1 fit its context
     assert batched.forwards == 4  # every sequence in each of the 4 steps (c leaving after 3)
     # next step: a kept everything (one new token to feed), b kept 1 (a 2-token segment), plus sampled rows
     a2, b2 = a + first[0][0] + [7], b + first[1][0][:1] + [8]
-    asks = [(4, a2, 3, sampled, random.Random(5)), (0, b2, 3, greedy, None), (1, a, 2, sampled, random.Random(6))]
+    asks = [DraftAsk(4, a2, 3, sampled, random.Random(5)), DraftAsk(0, b2, 3, greedy, None),
+            DraftAsk(1, a, 2, sampled, random.Random(6))]
     together = batched.propose_many(asks)
     alone = DraftModel(draft, 512, n_slots=5, max_seq_len=32, min_confidence=0.0)
     alone.propose(4, a, 4, greedy, None)
